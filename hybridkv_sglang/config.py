@@ -1,0 +1,150 @@
+"""HybridKVConfig: every knob of the method, validated once at start-up.
+
+The config reaches SGLang's spawned scheduler processes through the environment variable
+``HYBRIDKV_CONFIG`` (JSON text or a path to a JSON file), because SGLang has no generic custom
+server arguments and children inherit the environment. Policies never see this object: the
+runtime turns it into plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_VAR = "HYBRIDKV_CONFIG"
+
+PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"]
+StorageMode = Literal["in_place", "compact"]
+
+
+class HybridKVConfigError(ValueError):
+    """A configuration value is out of range; raised at start-up, before any request is served."""
+
+
+class HybridKVConfig(BaseModel):
+    """Per-request KV compression after multimodal prefill (DESIGN §2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(True, description="false serves every request dense (plugin idle)")
+    policy: PolicyName = Field(
+        "hybridkv",
+        description="hybridkv (the method) or a baseline run by the same machinery: snapkv, "
+        "streaming, all_static, all_dynamic",
+    )
+    budget: float = Field(
+        0.1, description="fraction of the prompt's KV entries kept per request, in (0, 1]"
+    )
+    budget_tokens: int | None = Field(
+        None, description="absolute per-head budget in tokens; overrides `budget` when set"
+    )
+    theta: float = Field(0.9, description="attention mass a window row's focus set must reach")
+    window: int = Field(32, description="observation window: last prompt tokens, always kept")
+    sink: int = Field(4, description="first prompt tokens, always kept")
+    chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
+    top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
+    max_dynamic_fraction: float = Field(
+        0.5, description="cap on the fraction of (layer, kv head) pairs classified dynamic"
+    )
+    pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
+    min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
+    visual_only: bool = Field(True, description="compress only requests that carry images/video")
+    storage: StorageMode = Field(
+        "in_place",
+        description="in_place: sparse reads over the dense prefix; compact: move kept KV into "
+        "compact entries and release the dense prefix to the radix tree",
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {v} (1.0 keeps every token)")
+        return v
+
+    @field_validator("budget_tokens")
+    @classmethod
+    def _budget_tokens_range(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"budget_tokens must be >= 1 when set, got {v}")
+        return v
+
+    @field_validator("theta")
+    @classmethod
+    def _theta_range(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"theta must be in (0, 1], got {v} (mass a focus set must cover)")
+        return v
+
+    @field_validator("max_dynamic_fraction")
+    @classmethod
+    def _fraction_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"max_dynamic_fraction must be in [0, 1], got {v}")
+        return v
+
+    @field_validator("window", "chunk_size", "top_k_chunks", "pool_kernel")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("sink", "min_prompt_tokens")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @field_validator("pool_kernel")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd (centred max-pool), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _storage_supported(self) -> HybridKVConfig:
+        if self.storage == "compact":
+            raise ValueError(
+                "storage='compact' is not available in this version; use storage='in_place'"
+            )
+        return self
+
+    def to_env(self) -> str:
+        """JSON text for ``HYBRIDKV_CONFIG``, inherited by SGLang's spawned processes."""
+        return self.model_dump_json()
+
+    @classmethod
+    def parse(cls, text: str, source: str = ENV_VAR) -> HybridKVConfig:
+        """Parse JSON text or a path to a JSON file; errors name the field and the allowed range."""
+        stripped = text.strip()
+        if not stripped.startswith("{"):
+            path = Path(stripped)
+            if not path.is_file():
+                raise HybridKVConfigError(
+                    f"{source} must be JSON text or a path to a JSON file; {stripped!r} is neither"
+                )
+            stripped = path.read_text()
+            source = f"{source} ({path})"
+        try:
+            return cls.model_validate(json.loads(stripped))
+        except json.JSONDecodeError as err:
+            raise HybridKVConfigError(f"{source} is not valid JSON: {err}") from None
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                for e in err.errors()
+            )
+            raise HybridKVConfigError(f"invalid hybridkv config in {source}: {problems}") from None
+
+    @classmethod
+    def from_env(cls) -> HybridKVConfig:
+        """The config of this process: ``HYBRIDKV_CONFIG`` if set, else the defaults."""
+        text = os.environ.get(ENV_VAR)
+        return cls() if text is None or not text.strip() else cls.parse(text)

@@ -1,0 +1,54 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``).
+
+SGLang calls ``register`` in every process it starts (launcher, scheduler, detokenizer; children
+are spawned), so registration depends on nothing but this package and the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
+from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
+from hybridkv_sglang.runtime.stats import add_to_internal_state
+
+logger = logging.getLogger("hybridkv_sglang")
+
+BACKEND_NAME = "hybridkv"
+_registered = False
+
+
+def register() -> None:
+    """Register the ``hybridkv`` attention backend and the scheduler-side hooks."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.arg_groups.choices import add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from hybridkv_sglang.runtime.backend import create_hybridkv_backend
+
+    register_attention_backend(BACKEND_NAME)(create_hybridkv_backend)
+    add_attention_backend_choices([BACKEND_NAME])
+    HookRegistry.register(
+        "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+        record_extend_batch,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController.get_internal_state",
+        add_to_internal_state,
+        HookType.AFTER,
+    )
+    _registered = True
+    try:
+        HybridKVConfig.from_env()
+    except HybridKVConfigError as err:
+        # SGLang logs and swallows plugin exceptions; the backend factory raises it again at
+        # scheduler start-up, which stops the server before it serves anything.
+        logger.error("hybridkv: %s", err)
+    logger.debug("hybridkv plugin registered in pid %d", os.getpid())
+

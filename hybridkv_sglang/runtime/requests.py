@@ -1,0 +1,110 @@
+"""The requests of an extend forward whose prompt KV is complete, and whether to compress them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.runtime.prefill_tracking import find_extend_batch
+
+HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
+
+
+@dataclass(frozen=True)
+class PrefillEnd:
+    """A request whose last prefill chunk runs in this forward: where compression hooks in.
+
+    Positions are token indices of the request's row (``req_to_token[req_pool_idx]``);
+    ``visual_spans`` are half-open ``[start, end)`` ranges, absolute in the full prompt.
+    """
+
+    batch_index: int
+    rid: str
+    req_pool_idx: int
+    prompt_len: int
+    extend_start: int
+    query_start: int
+    visual_spans: tuple[tuple[int, int], ...]
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(end - start for start, end in self.visual_spans)
+
+    @property
+    def extend_len(self) -> int:
+        return self.prompt_len - self.extend_start
+
+
+def visual_spans_of(mm_input: Any, prompt_len: int) -> tuple[tuple[int, int], ...]:
+    """Half-open visual spans from SGLang's inclusive ``mm_items[j].offsets``, clipped and merged.
+
+    Read from offsets, never from ``input_ids``: the multimodal embedding clamps those in place.
+    """
+    if mm_input is None:
+        return ()
+    spans = sorted(
+        (max(0, int(start)), min(prompt_len, int(end) + 1))
+        for item in mm_input.mm_items
+        for start, end in (item.offsets or ())
+    )
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def find_prefill_ends(forward_batch: Any) -> tuple[list[PrefillEnd], list[str]]:
+    """Requests finishing prefill in this extend forward, and the rids of every extended request.
+
+    Reads ``mm_inputs`` here, in metadata init: the model clears it before attention runs.
+    """
+    rids = forward_batch.rids or []
+    scheduled = find_extend_batch(forward_batch.rids)
+    prefix_lens = forward_batch.extend_prefix_lens_cpu
+    extend_lens = forward_batch.extend_seq_lens_cpu
+    seq_lens = forward_batch.seq_lens_cpu.tolist()
+    if scheduled is not None:
+        finishes = scheduled.finishes_prefill
+    else:
+        orig = forward_batch.orig_seq_lens
+        assert orig is not None, "extend batch without orig_seq_lens or a scheduler record"
+        finishes = tuple(s >= o for s, o in zip(seq_lens, orig.tolist(), strict=True))
+    req_pool_indices = forward_batch.req_pool_indices.tolist()
+    mm_inputs = forward_batch.mm_inputs or [None] * len(rids)
+
+    ends: list[PrefillEnd] = []
+    query_start = 0
+    for i, rid in enumerate(rids):
+        if finishes[i] and not rid.startswith(HEALTH_CHECK_PREFIX):
+            prompt_len = int(seq_lens[i])
+            ends.append(
+                PrefillEnd(
+                    batch_index=i,
+                    rid=rid,
+                    req_pool_idx=int(req_pool_indices[i]),
+                    prompt_len=prompt_len,
+                    extend_start=int(prefix_lens[i]),
+                    query_start=query_start,
+                    visual_spans=visual_spans_of(mm_inputs[i], prompt_len),
+                )
+            )
+        query_start += int(extend_lens[i])
+    extended = [r for r in rids if not r.startswith(HEALTH_CHECK_PREFIX)]
+    return ends, extended
+
+
+def dense_reason(request: PrefillEnd, config: HybridKVConfig) -> str | None:
+    """Why this request is served uncompressed, or None when the method applies."""
+    if not config.enabled:
+        return "disabled"
+    if config.visual_only and request.visual_tokens == 0:
+        return "no_visual_tokens"
+    if request.prompt_len < max(config.min_prompt_tokens, config.sink + config.window + 1):
+        return "short_prompt"
+    return None
