@@ -2,13 +2,13 @@
 
 SGLang imports ``sgl_kernel`` and resolves ``torch.ops.sgl_kernel.*`` names at import time even
 when it will never call them on a CPU without AMX. This module makes those imports succeed and
-makes every call fail loudly, so a silently wrong kernel can never run.
+makes every call fail loudly, so a silently wrong kernel can never run. Submodules
+(``sgl_kernel.scalar_type``, ...) deliberately do not exist: SGLang catches that ImportError and
+takes its own fallbacks.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
 import types
 from typing import Any, NoReturn
@@ -44,22 +44,4 @@ class _StubModule(types.ModuleType):
         return _unavailable(f"{self.__name__}.{name}")
 
 
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves any ``sgl_kernel.<sub>`` import as a stub module."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None):
-        if fullname.startswith("sgl_kernel.") and fullname != "sgl_kernel._op_names":
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        module = _StubModule(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        return None
-
-
-sys.meta_path.append(_StubFinder())
 sys.modules[__name__].__class__ = _StubModule

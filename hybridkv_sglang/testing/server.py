@@ -1,0 +1,147 @@
+"""Start and stop a real SGLang server on CPU, for tests, the demo and benchmarks.
+
+Launches either ``hybridkv-serve`` (compression on) or stock ``python -m
+sglang.launch_server --attention-backend torch_native``, waits until it answers, and always
+kills the whole process group on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from hybridkv_sglang.cli import CPU_ENVIRONMENT
+from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
+
+STARTUP_TIMEOUT_S = 240.0
+
+
+def cpu_server_args(
+    model_path: str | Path,
+    port: int,
+    *,
+    max_total_tokens: int = 8192,
+    context_length: int = 4096,
+    max_running_requests: int = 8,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """SGLang flags that serve a small float32 model on a CPU (see the project's notes)."""
+    return [
+        "--model-path", str(model_path),
+        "--device", "cpu",
+        "--disable-cuda-graph",
+        "--dtype", "float32",
+        "--max-total-tokens", str(max_total_tokens),
+        "--context-length", str(context_length),
+        "--max-running-requests", str(max_running_requests),
+        "--skip-server-warmup",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    """A live server: its base URL, its process and where its log goes."""
+
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def server_info(self) -> dict[str, Any]:
+        response = requests.get(f"{self.base_url}/server_info", timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def hybridkv_stats(self) -> dict[str, Any]:
+        """The hybridkv snapshot of the (single) scheduler."""
+        states = self.server_info()["internal_states"]
+        return states[0]["hybridkv"]
+
+
+def _wait_ready(server: RunningServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"SGLang server exited with {server.process.returncode} during start-up:\n"
+                + server.log()[-6000:]
+            )
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(1.0)
+    raise TimeoutError(f"SGLang server not ready after {timeout_s:.0f} s:\n{server.log()[-6000:]}")
+
+
+@contextlib.contextmanager
+def launch_server(
+    model_path: str | Path,
+    *,
+    hybridkv: HybridKVConfig | None,
+    log_path: Path,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+    **server_kwargs: Any,
+) -> Iterator[RunningServer]:
+    """Run a CPU server; ``hybridkv=None`` starts stock SGLang with ``torch_native``."""
+    port = port or free_port()
+    args = cpu_server_args(model_path, port, extra=extra_args, **server_kwargs)
+    process_env = {**os.environ, **CPU_ENVIRONMENT, **(env or {})}
+    if hybridkv is None:
+        command = [sys.executable, "-m", "sglang.launch_server", *args]
+        command += ["--attention-backend", "torch_native"]
+        process_env.pop(ENV_VAR, None)
+    else:
+        command = [sys.executable, "-m", "hybridkv_sglang.cli", *args]
+        process_env[ENV_VAR] = hybridkv.to_env()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=process_env,
+            start_new_session=True,
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        _wait_ready(server, timeout_s)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
