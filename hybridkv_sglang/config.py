@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -115,6 +115,22 @@ class HybridKVConfig(BaseModel):
                 "storage='compact' is not available in this version; use storage='in_place'"
             )
         return self
+
+    POLICY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "budget",
+        "budget_tokens",
+        "theta",
+        "window",
+        "sink",
+        "chunk_size",
+        "top_k_chunks",
+        "max_dynamic_fraction",
+        "pool_kernel",
+    )
+
+    def policy_values(self) -> dict[str, Any]:
+        """The policy's hyper-parameters as plain values (policies never see this object)."""
+        return {name: getattr(self, name) for name in self.POLICY_FIELDS}
 
     def to_env(self) -> str:
         """JSON text for ``HYBRIDKV_CONFIG``, inherited by SGLang's spawned processes."""

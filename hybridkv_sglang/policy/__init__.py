@@ -1,0 +1,76 @@
+"""Stages 1-3 of HybridKV in pure torch (never imports sglang).
+
+Entry points for the runtime: :func:`build_policy` -> a policy with ``observe_layer`` (per layer,
+end of prefill) and ``finalize`` (-> :class:`CompressionPlan`).
+"""
+
+from hybridkv_sglang.policy.allocate import (
+    BudgetAllocation,
+    TopDownAllocator,
+    uniform_head_budget,
+    water_fill,
+)
+from hybridkv_sglang.policy.baselines import (
+    AllDynamicPolicy,
+    AllStaticPolicy,
+    SnapKVPolicy,
+    StreamingPolicy,
+)
+from hybridkv_sglang.policy.chunk_retrieval import (
+    ChunkRetriever,
+    chunk_bounds,
+    dynamic_head_budget,
+    retrievable_chunk_range,
+    retrieved_mask,
+    select_chunks,
+)
+from hybridkv_sglang.policy.classify import FocusClassifier
+from hybridkv_sglang.policy.compressor import (
+    CompressionPolicy,
+    Geometry,
+    HybridKVPolicy,
+    LayerObservation,
+)
+from hybridkv_sglang.policy.head_stats import (
+    HeadStats,
+    HeadStatsReducer,
+    focus_set,
+    focus_size,
+    pooled_scores,
+)
+from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.policy.registry import POLICIES, build_policy
+from hybridkv_sglang.policy.text_prior import TextPriorSelector
+from hybridkv_sglang.policy.window_attention import window_attention
+
+__all__ = [
+    "POLICIES",
+    "AllDynamicPolicy",
+    "AllStaticPolicy",
+    "BudgetAllocation",
+    "ChunkRetriever",
+    "CompressionPlan",
+    "CompressionPolicy",
+    "FocusClassifier",
+    "Geometry",
+    "HeadStats",
+    "HeadStatsReducer",
+    "HybridKVPolicy",
+    "LayerObservation",
+    "SnapKVPolicy",
+    "StreamingPolicy",
+    "TextPriorSelector",
+    "TopDownAllocator",
+    "build_policy",
+    "chunk_bounds",
+    "dynamic_head_budget",
+    "focus_set",
+    "focus_size",
+    "pooled_scores",
+    "retrievable_chunk_range",
+    "retrieved_mask",
+    "select_chunks",
+    "uniform_head_budget",
+    "water_fill",
+    "window_attention",
+]

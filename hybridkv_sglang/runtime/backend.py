@@ -14,11 +14,17 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.policy import build_policy
+from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
+from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import PrefillEnd, dense_reason, find_prefill_ends
-from hybridkv_sglang.runtime.stats import STATS, RequestStats
+from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +66,10 @@ class HybridKVAttnBackend(AttentionBackend):
         self.dense = dense
         self.config = config
         self.num_layers = num_layers
+        self.policy = build_policy(config.policy, **config.policy_values())
         self.prefill_ends: list[PrefillEnd] = []
+        self.prefill_compression: PrefillCompression | None = None
+        self.decode_batch: DecodeBatchLayout | None = None
         self._delegate_base_api()
 
     def _delegate_base_api(self) -> None:
@@ -90,6 +99,7 @@ class HybridKVAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: Any) -> None:
         self.dense.init_forward_metadata(forward_batch)
         self.prefill_ends = []
+        self.decode_batch = None
         mode = forward_batch.forward_mode
         if mode == ForwardMode.EXTEND:
             self._on_extend_metadata(forward_batch)
@@ -107,7 +117,9 @@ class HybridKVAttnBackend(AttentionBackend):
     def forward_decode(
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
     ) -> torch.Tensor:
-        return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.decode_batch is None or not self.decode_batch.has_compressed:
+            return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self._sparse_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
     # Hook points ---------------------------------------------------------------------------
 
@@ -116,38 +128,66 @@ class HybridKVAttnBackend(AttentionBackend):
         for rid in extended:
             STATS.record_prefill_chunk(rid)
         self.prefill_ends = ends
-        self._layers_seen = 0
+        self.prefill_compression = PrefillCompression(
+            self.policy,
+            [(r, dense_reason(r, self.config)) for r in ends],
+            self.num_layers,
+        )
 
     def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any, forward_batch: Any) -> None:
         """Runs after every layer's dense attention of a forward holding last prefill chunks."""
-        self._layers_seen += 1
+        pool = self.dense.token_to_kv_pool
+        self.prefill_compression.observe(
+            layer,
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            pool.get_key_buffer(layer.layer_id),
+            self.dense.req_to_token_pool.req_to_token,
+        )
         if layer.layer_id != self.num_layers - 1:
             return
-        for request in self.prefill_ends:
-            reason = dense_reason(request, self.config) or "compression_not_wired"
-            STATS.record_prefill_end(
-                RequestStats(
-                    rid=request.rid,
-                    prompt_tokens=request.prompt_len,
-                    visual_tokens=request.visual_tokens,
-                    visual_spans=list(request.visual_spans),
-                    prefill_chunks=0,
-                    compressed=False,
-                    dense_reason=reason,
-                    extra={"layers_seen": self._layers_seen},
-                )
-            )
-            logger.info(
-                "hybridkv: %s prefill end, %d prompt tokens (%d visual), dense: %s",
-                request.rid,
-                request.prompt_len,
-                request.visual_tokens,
-                reason,
-            )
+        device = pool.get_key_buffer(layer.layer_id).device
+        for outcome in self.prefill_compression.finish(device):
+            request = outcome.request
+            if outcome.layout is not None:
+                COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
+            STATS.record_prefill_end(outcome.stats())
+            logger.info("hybridkv: %s", outcome.summary())
         self.prefill_ends = []
 
     def _on_decode_metadata(self, forward_batch: Any) -> None:
-        STATS.record_decode_step(list(forward_batch.rids or []))
+        rids = list(forward_batch.rids or [])
+        STATS.record_decode_step(rids)
+        pool_rows = forward_batch.req_pool_indices_cpu
+        if pool_rows is None:
+            pool_rows = forward_batch.req_pool_indices.cpu()
+        pool_rows = pool_rows.tolist()
+        layouts = [
+            COMPRESSED.layout_for(rid, row) for rid, row in zip(rids, pool_rows, strict=True)
+        ]
+        self.decode_batch = DecodeBatchLayout(
+            req_pool_indices=pool_rows,
+            seq_lens=forward_batch.seq_lens_cpu.tolist(),
+            layouts=layouts,
+            num_kv_heads=self.dense.token_to_kv_pool.head_num,
+        )
+
+    def _sparse_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+        """One sparse call over every (request, kv head) row of this layer."""
+        pool = self.dense.token_to_kv_pool
+        if save_kv_cache and k is not None and v is not None:
+            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        heads, dim = pool.head_num, layer.qk_head_dim
+        group = layer.tp_q_head_num // heads
+        q_rows = q.reshape(-1, heads, group, dim).reshape(-1, group, dim)
+        table = self.decode_batch.layer_table(
+            layer.layer_id, q_rows, self.dense.req_to_token_pool.req_to_token
+        )
+        k_entries = pool.get_key_buffer(layer.layer_id).view(-1, dim)
+        v_entries = pool.get_value_buffer(layer.layer_id).view(-1, layer.v_head_dim)
+        out = sparse_decode_reference(
+            q_rows, k_entries, v_entries, table.kv_indptr, table.kv_indices, layer.scaling
+        )
+        return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 
 def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:

@@ -10,6 +10,7 @@ import logging
 import os
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
+from hybridkv_sglang.runtime.compressed_requests import drop_on_release
 from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
 from hybridkv_sglang.runtime.stats import add_to_internal_state
 
@@ -43,6 +44,9 @@ def register() -> None:
         add_to_internal_state,
         HookType.AFTER,
     )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.common.release_kv_cache", drop_on_release, HookType.AFTER
+    )
     _registered = True
     try:
         HybridKVConfig.from_env()
@@ -51,4 +55,3 @@ def register() -> None:
         # scheduler start-up, which stops the server before it serves anything.
         logger.error("hybridkv: %s", err)
     logger.debug("hybridkv plugin registered in pid %d", os.getpid())
-

@@ -76,9 +76,10 @@ class HybridKVStats:
                 if record is not None:
                     record.decode_steps += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, live_compressed: int = 0) -> dict[str, Any]:
         with self._lock:
             return {
+                "live_compressed_requests": live_compressed,
                 "totals": dict(self._totals),
                 "requests": {rid: asdict(s) for rid, s in self._recent.items()},
             }
@@ -91,5 +92,7 @@ def add_to_internal_state(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of the scheduler's ``get_internal_state``: attach the hybridkv snapshot."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
-        state["hybridkv"] = STATS.snapshot()
+        from hybridkv_sglang.runtime.compressed_requests import COMPRESSED
+
+        state["hybridkv"] = STATS.snapshot(live_compressed=len(COMPRESSED))
     return result

@@ -1,0 +1,120 @@
+"""Baselines and ablations, run by the same machinery as the method (see ``compressor.py``).
+
+They share every hyper-parameter field with :class:`HybridKVPolicy` so the runtime can build any
+of them from one config; a baseline ignores the fields its idea does not use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator
+from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
+from hybridkv_sglang.policy.selection import keep_top_by_priority
+
+
+def _uniform(focus: Tensor, per_head: int) -> BudgetAllocation:
+    return BudgetAllocation(
+        is_dynamic=torch.zeros_like(focus, dtype=torch.bool),
+        budgets=torch.full_like(focus, per_head, dtype=torch.int64),
+        total=per_head * focus.numel(),
+    )
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(CompressionPolicy):
+    """Every head static with the uniform budget ``max(b_mean, w)``: the window plus the top
+    keys by pooled window votes, no text prior.
+
+    SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., 2024,
+    arXiv:2404.14469).
+    """
+
+    name: ClassVar[str] = "snapkv"
+    needs_chunk_bounds: ClassVar[bool] = False
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return torch.zeros_like(focus, dtype=torch.bool)
+
+    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+        return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.window)))
+
+    def select(
+        self,
+        scores: Tensor,
+        is_text: Tensor,
+        budgets: Tensor,
+        geo: Geometry,
+        focus_sets: Tensor | None = None,
+    ) -> Tensor:
+        n = geo.prompt_len
+        tier = (torch.arange(n, device=scores.device) >= n - geo.window).to(torch.int64)
+        return keep_top_by_priority(tier, scores.reshape(-1, n), budgets.reshape(-1))
+
+
+@dataclass(frozen=True)
+class StreamingPolicy(CompressionPolicy):
+    """Every head static with ``max(b_mean, sink)`` entries: the sink plus the most recent tokens.
+
+    StreamingLLM: Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2023,
+    arXiv:2309.17453).
+    """
+
+    name: ClassVar[str] = "streaming"
+    needs_chunk_bounds: ClassVar[bool] = False
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return torch.zeros_like(focus, dtype=torch.bool)
+
+    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+        return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.sink)))
+
+    def select(
+        self,
+        scores: Tensor,
+        is_text: Tensor,
+        budgets: Tensor,
+        geo: Geometry,
+        focus_sets: Tensor | None = None,
+    ) -> Tensor:
+        n = geo.prompt_len
+        pos = torch.arange(n, device=scores.device)
+        tier = (pos < geo.sink).to(torch.int64)
+        recency = pos.to(torch.float32).expand(scores.shape[0] * scores.shape[1], n)
+        return keep_top_by_priority(tier, recency, budgets.reshape(-1))
+
+
+@dataclass(frozen=True)
+class AllStaticPolicy(CompressionPolicy):
+    """Ablation: the method with every head static (text-prior pruning, budgets ∝ ``|U|``)."""
+
+    name: ClassVar[str] = "all_static"
+    needs_chunk_bounds: ClassVar[bool] = False
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return torch.zeros_like(focus, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class AllDynamicPolicy(CompressionPolicy):
+    """Ablation: every head dynamic (chunk retrieval everywhere, ``b_dyn`` per head whatever the
+    budget; Quest-like, Tang et al., ICML 2024)."""
+
+    name: ClassVar[str] = "all_dynamic"
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return torch.ones_like(focus, dtype=torch.bool)
+
+    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+        return TopDownAllocator(demote_unaffordable=False).allocate(
+            focus,
+            is_dynamic,
+            prompt_len=geo.prompt_len,
+            head_budget=geo.head_budget,
+            floor=geo.floor,
+            dynamic_budget=geo.dynamic_budget,
+        )

@@ -1,0 +1,173 @@
+"""Stage 3b: dynamic heads retrieve the prompt chunks each decode query needs.
+
+The prompt is cut into chunks of ``C`` tokens; per (layer, kv head, chunk) the element-wise min and
+max of the keys bound every key's logit (Quest: Query-Aware Sparsity for Efficient Long-Context
+LLM Inference, Tang et al., ICML 2024). At each decode step the runtime scores the chunks with
+``hybridkv_sglang.kernels.chunk_topk`` (the one implementation of the score) and attends over
+sink + window + the top-k chunks + the decode tail.
+
+Decision pinned here: a dynamic head retrieves only the chunks that overlap ``[sink, N - w)``,
+the part of the prompt not already resident, and a retrieved chunk contributes only its positions
+inside that range, so the attended set is the disjoint union
+``sink ∪ (retrieved ∩ [sink, N - w)) ∪ window ∪ tail`` with no position read twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def chunk_bounds(keys: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Element-wise min and max of the keys of each chunk.
+
+    Chunk ``c`` covers positions ``[c*C, min((c+1)*C, N))``; the last chunk may be partial.
+
+    Args:
+        keys: ``[N, H_kv, D]`` float, the prompt's keys of one layer.
+        chunk_size: ``C >= 1``.
+
+    Returns:
+        ``(kmin, kmax)``, each ``[H_kv, ceil(N / C), D]`` in the dtype of ``keys`` (min and max
+        are exact in any dtype).
+    """
+    if keys.dim() != 3:
+        raise ValueError(f"expected keys [N, H_kv, D], got {tuple(keys.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, num_heads, dim = keys.shape
+    k = keys.transpose(0, 1)  # [H, N, D]
+    full = n // chunk_size
+    body = k[:, : full * chunk_size].reshape(num_heads, full, chunk_size, dim)
+    kmin, kmax = body.amin(dim=2), body.amax(dim=2)
+    if full * chunk_size < n:
+        tail = k[:, full * chunk_size :]
+        kmin = torch.cat([kmin, tail.amin(dim=1, keepdim=True)], dim=1)
+        kmax = torch.cat([kmax, tail.amax(dim=1, keepdim=True)], dim=1)
+    return kmin.contiguous(), kmax.contiguous()
+
+
+def retrievable_chunk_range(
+    prompt_len: int, sink: int, window: int, chunk_size: int
+) -> tuple[int, int]:
+    """``[first, end)``: the chunks overlapping ``[sink, N - w)``; empty when that range is."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lo, hi = sink, prompt_len - window
+    first = lo // chunk_size
+    if hi <= lo:
+        return first, first
+    return first, math.ceil(hi / chunk_size)
+
+
+def dynamic_head_budget(
+    prompt_len: int, sink: int, window: int, chunk_size: int, top_k_chunks: int
+) -> int:
+    """``b_dyn``: entries a dynamic head reads per decode step from the prompt, at most ``N``.
+
+    ``sink + w + min(k, retrievable chunks) × C``, clipped to ``N`` (retrieved positions never
+    leave ``[sink, N - w)``).
+    """
+    first, end = retrievable_chunk_range(prompt_len, sink, window, chunk_size)
+    return min(prompt_len, sink + window + min(top_k_chunks, end - first) * chunk_size)
+
+
+def select_chunks(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    first_chunk: int,
+    num_chunks: Tensor,
+    k: int,
+    *,
+    use_kernel: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Top-k retrievable chunks of each dynamic row for one decode step.
+
+    Args:
+        q: ``[R, G, D]`` float, the decode query heads of each row's GQA group.
+        kmin, kmax: ``[R, n_chunks, D]`` float, the row's chunk bounds (chunk 0 = position 0).
+        first_chunk: first retrievable chunk (``retrievable_chunk_range(...)[0]``, the same for
+            every row since sink and chunk size are per-deployment).
+        num_chunks: ``[R]`` int32, retrievable chunks of each row counted from ``first_chunk``.
+        k: chunks per row.
+        use_kernel: Triton ``chunk_topk`` (CUDA) instead of the torch reference.
+
+    Returns:
+        ``scores [R, n_chunks - first_chunk]`` float32 and ``top [R, k]`` int32 absolute chunk
+        ids, ``-1`` padding.
+    """
+    from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
+
+    fn = chunk_topk if use_kernel else chunk_topk_ref
+    scores, top = fn(q, kmin[:, first_chunk:], kmax[:, first_chunk:], num_chunks, k)
+    return scores, torch.where(top >= 0, top + first_chunk, top)
+
+
+def retrieved_mask(top: Tensor, prompt_len: int, chunk_size: int, lo: int, hi: int) -> Tensor:
+    """Positions covered by the selected chunks, clipped to ``[lo, hi)``.
+
+    Args:
+        top: ``[R, k]`` int chunk ids, ``-1`` = none.
+
+    Returns:
+        ``[R, N]`` bool.
+    """
+    if top.dim() != 2:
+        raise ValueError(f"expected top [R, k], got {tuple(top.shape)}")
+    rows = top.shape[0]
+    n_chunks = math.ceil(prompt_len / chunk_size)
+    picked = torch.zeros(rows, n_chunks + 1, dtype=torch.bool, device=top.device)
+    # -1 lands in the spare last column, which no position maps to.
+    picked.scatter_(1, torch.where(top >= 0, top, n_chunks).to(torch.int64), True)
+    pos = torch.arange(prompt_len, device=top.device)
+    mask = picked[:, pos // chunk_size]
+    return mask & ((pos >= lo) & (pos < hi)).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class ChunkRetriever:
+    """Dynamic heads: Quest-bound scoring of ``C``-token chunks, top ``k`` per decode step."""
+
+    chunk_size: int = 16
+    top_k_chunks: int = 8
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.top_k_chunks < 1:
+            raise ValueError(f"top_k_chunks must be >= 1, got {self.top_k_chunks}")
+
+    def bounds(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """``keys [N, H_kv, D]`` -> ``(kmin, kmax)`` ``[H_kv, n_chunks, D]``."""
+        return chunk_bounds(keys, self.chunk_size)
+
+    def attended_mask(
+        self,
+        q: Tensor,
+        kmin: Tensor,
+        kmax: Tensor,
+        prompt_len: int,
+        sink: int,
+        window: int,
+        *,
+        use_kernel: bool = False,
+    ) -> Tensor:
+        """Prompt positions a dynamic row attends at one decode step (the decode tail aside).
+
+        Args:
+            q: ``[R, G, D]`` float; kmin, kmax: ``[R, n_chunks, D]`` of one request.
+
+        Returns:
+            ``[R, N]`` bool: sink ∪ retrieved chunks ∩ ``[sink, N - w)`` ∪ window.
+        """
+        first, end = retrievable_chunk_range(prompt_len, sink, window, self.chunk_size)
+        rows = q.shape[0]
+        num = torch.full((rows,), end - first, dtype=torch.int32, device=q.device)
+        _, top = select_chunks(q, kmin, kmax, first, num, self.top_k_chunks, use_kernel=use_kernel)
+        mask = retrieved_mask(top, prompt_len, self.chunk_size, sink, prompt_len - window)
+        pos = torch.arange(prompt_len, device=q.device)
+        return mask | ((pos < sink) | (pos >= prompt_len - window)).unsqueeze(0)

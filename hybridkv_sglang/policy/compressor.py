@@ -1,0 +1,304 @@
+"""The per-request driver: observe each layer at the end of prefill, then make the plan.
+
+The runtime calls :meth:`CompressionPolicy.observe_layer` inside the forward of the request's last
+prefill chunk, once per layer, and :meth:`CompressionPolicy.finalize` after the last layer. A
+layer is reduced at once to ``O(H_kv · N)`` numbers (focus sizes, pooled scores, chunk bounds),
+so no layer's ``[H_kv, w, N]`` window attention outlives its observation.
+
+Every policy (the method and its baselines) runs through the same machinery and differs only in
+three hooks: classify (stage 1), allocate (stage 2) and select (stage 3a). Policies are frozen
+dataclasses built from plain values, never from ``HybridKVConfig``; all of them accept the same
+hyper-parameters so the runtime can build any of them from one config.
+
+HybridKV: Hybrid KV Cache Compression for Efficient Multimodal LLM Inference (Zeng et al., 2026,
+arXiv:2604.05887): static heads pruned with a text prior, dynamic heads served by chunk retrieval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator, uniform_head_budget
+from hybridkv_sglang.policy.chunk_retrieval import chunk_bounds, dynamic_head_budget
+from hybridkv_sglang.policy.classify import FocusClassifier
+from hybridkv_sglang.policy.head_stats import HeadStatsReducer
+from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.policy.selection import mask_to_csr, sink_window_mask
+from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelector
+from hybridkv_sglang.policy.window_attention import window_attention
+
+
+@dataclass(frozen=True)
+class LayerObservation:
+    """What one layer leaves behind after :meth:`CompressionPolicy.observe_layer`.
+
+    Attributes:
+        layer_id: the layer's index in ``[0, L)``.
+        prompt_len: ``N``.
+        focus_size: ``[H_kv]`` int64, ``|U|`` per kv head.
+        scores: ``[H_kv, N]`` float32, pooled window-attention scores.
+        chunk_kmin: ``[H_kv, ceil(N / C), D]`` key dtype, or ``None`` when the policy never
+            makes dynamic heads.
+        chunk_kmax: same, chunk maxima.
+        focus_set: ``[H_kv, N]`` bool members of ``U``, kept only for
+            ``static_priority="focus"``, else ``None``.
+    """
+
+    layer_id: int
+    prompt_len: int
+    focus_size: Tensor
+    scores: Tensor
+    chunk_kmin: Tensor | None = None
+    chunk_kmax: Tensor | None = None
+    focus_set: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Request-level sizes shared by every stage (all clamped to the prompt).
+
+    Attributes:
+        prompt_len: ``N``.
+        window: ``min(window, N)``.
+        sink: ``min(sink, N - window)``.
+        head_budget: ``b_mean`` tokens.
+        dynamic_budget: ``b_dyn`` entries.
+    """
+
+    prompt_len: int
+    window: int
+    sink: int
+    head_budget: int
+    dynamic_budget: int
+
+    @property
+    def floor(self) -> int:
+        """``sink + window``: what every head keeps."""
+        return self.sink + self.window
+
+
+@dataclass(frozen=True)
+class CompressionPolicy:
+    """Shared machinery and hyper-parameters (defaults: DESIGN §2). Subclasses set the hooks.
+
+    Attributes:
+        budget: fraction of the prompt's KV entries kept per request, in ``(0, 1]``.
+        budget_tokens: absolute per-head budget in tokens; overrides ``budget`` when set.
+        theta: attention mass a window row's focus set must reach, in ``(0, 1]``.
+        window: observation window (last prompt tokens), always kept; clamped to ``N``.
+        sink: first prompt tokens, always kept; clamped to ``N - window``.
+        chunk_size: tokens per retrieval chunk of dynamic heads.
+        top_k_chunks: chunks a dynamic head retrieves per decode step.
+        max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
+        pool_kernel: odd max-pool width smoothing the static-head scores.
+        static_priority: ``"text"`` (DESIGN §2: sink/window, text, visual) or ``"focus"``
+            (opt-in: sink/window, the head's focus set, text, visual); see
+            :class:`TextPriorSelector`.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_chunk_bounds: ClassVar[bool] = True
+
+    budget: float = 0.1
+    budget_tokens: int | None = None
+    theta: float = 0.9
+    window: int = 32
+    sink: int = 4
+    chunk_size: int = 16
+    top_k_chunks: int = 8
+    max_dynamic_fraction: float = 0.5
+    pool_kernel: int = 7
+    static_priority: str = "text"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget} (1.0 keeps every token)")
+        if self.budget_tokens is not None and self.budget_tokens < 1:
+            raise ValueError(f"budget_tokens must be >= 1 when set, got {self.budget_tokens}")
+        if not 0.0 < self.theta <= 1.0:
+            raise ValueError(f"theta must be in (0, 1], got {self.theta}")
+        if not 0.0 <= self.max_dynamic_fraction <= 1.0:
+            raise ValueError(
+                f"max_dynamic_fraction must be in [0, 1], got {self.max_dynamic_fraction}"
+            )
+        for field in ("window", "chunk_size", "top_k_chunks", "pool_kernel"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd (centred max-pool), got {self.pool_kernel}")
+        if self.static_priority not in STATIC_PRIORITIES:
+            raise ValueError(
+                f"static_priority must be one of {STATIC_PRIORITIES}, got {self.static_priority!r}"
+            )
+
+    # ----------------------------------------------------------------- driver
+    def geometry(self, prompt_len: int) -> Geometry:
+        """Clamped window/sink and the two per-head budgets for a prompt of ``N`` tokens."""
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+        window = min(self.window, prompt_len)
+        sink = min(self.sink, prompt_len - window)
+        return Geometry(
+            prompt_len=prompt_len,
+            window=window,
+            sink=sink,
+            head_budget=uniform_head_budget(prompt_len, self.budget, self.budget_tokens),
+            dynamic_budget=dynamic_head_budget(
+                prompt_len, sink, window, self.chunk_size, self.top_k_chunks
+            ),
+        )
+
+    def observe_layer(
+        self, layer_id: int, q_window: Tensor, keys: Tensor, sm_scale: float
+    ) -> LayerObservation:
+        """Reduce one layer at the end of prefill.
+
+        Args:
+            layer_id: index of the layer in ``[0, L)``.
+            q_window: ``[w', H_q, D]`` float, queries of the last ``w'`` prompt tokens; the last
+                ``min(w', window)`` rows are the observation window (a last prefill chunk
+                shorter than the window gives fewer rows; the kept window is still ``window``).
+            keys: ``[N, H_kv, D]`` float, the prompt's keys in position order.
+            sm_scale: softmax scale of the layer.
+        """
+        if layer_id < 0:
+            raise ValueError(f"layer_id must be >= 0, got {layer_id}")
+        if q_window.dim() != 3 or q_window.shape[0] < 1:
+            raise ValueError(
+                f"expected q_window [w, H_q, D] with w >= 1, got {tuple(q_window.shape)}"
+            )
+        rows = min(q_window.shape[0], self.window, keys.shape[0])
+        attn = window_attention(q_window[-rows:], keys, sm_scale)
+        stats = HeadStatsReducer(self.theta, self.pool_kernel).reduce(attn)
+        kmin = kmax = None
+        if self.needs_chunk_bounds:
+            kmin, kmax = chunk_bounds(keys, self.chunk_size)
+        return LayerObservation(
+            layer_id=layer_id,
+            prompt_len=int(keys.shape[0]),
+            focus_size=stats.focus_size,
+            scores=stats.scores,
+            chunk_kmin=kmin,
+            chunk_kmax=kmax,
+            focus_set=stats.focus_set if self.static_priority == "focus" else None,
+        )
+
+    def finalize(
+        self, observations: Sequence[LayerObservation], is_text: Tensor
+    ) -> CompressionPlan:
+        """Stages 1-3 over all layers of one request.
+
+        Args:
+            observations: one per layer, layer ids ``0..L-1`` (any order).
+            is_text: ``[N]`` bool, ``True`` for text tokens (``False`` = visual).
+        """
+        if not observations:
+            raise ValueError("expected at least one layer observation, got none")
+        obs = sorted(observations, key=lambda o: o.layer_id)
+        ids = [o.layer_id for o in obs]
+        if ids != list(range(len(obs))):
+            raise ValueError(f"expected one observation per layer 0..{len(obs) - 1}, got ids {ids}")
+        n = obs[0].prompt_len
+        if any(o.prompt_len != n for o in obs):
+            raise ValueError(f"observations disagree on prompt_len: {[o.prompt_len for o in obs]}")
+        if is_text.shape != (n,) or is_text.dtype != torch.bool:
+            raise ValueError(
+                f"expected is_text [{n}] bool, got {tuple(is_text.shape)} {is_text.dtype}"
+            )
+        focus = torch.stack([o.focus_size for o in obs])  # [L, H]
+        scores = torch.stack([o.scores for o in obs])  # [L, H, N]
+        geo = self.geometry(n)
+        is_dynamic = self.classify(focus, geo)
+        alloc = self.allocate(focus, is_dynamic, geo)
+        dynamic = alloc.is_dynamic.to(scores.device)
+        budgets = alloc.budgets.to(scores.device)
+
+        focus_sets = None
+        if all(o.focus_set is not None for o in obs):
+            focus_sets = torch.stack([o.focus_set for o in obs])  # type: ignore[misc]
+        kept = self.select(scores, is_text.to(scores.device), budgets, geo, focus_sets)
+        resident = sink_window_mask(n, geo.sink, geo.window, scores.device)
+        kept[dynamic.reshape(-1)] = resident
+        indptr, positions = mask_to_csr(kept)
+
+        kmin = kmax = None
+        if bool(dynamic.any()):
+            if any(o.chunk_kmin is None or o.chunk_kmax is None for o in obs):
+                raise ValueError(f"policy {self.name!r} made dynamic heads without chunk bounds")
+            kmin = torch.stack([o.chunk_kmin for o in obs])  # type: ignore[misc]
+            kmax = torch.stack([o.chunk_kmax for o in obs])  # type: ignore[misc]
+        return CompressionPlan(
+            prompt_len=n,
+            is_dynamic=dynamic,
+            budgets=budgets,
+            focus_size=focus,
+            kept_indptr=indptr,
+            kept_positions=positions,
+            chunk_kmin=kmin,
+            chunk_kmax=kmax,
+            chunk_size=self.chunk_size,
+            top_k_chunks=self.top_k_chunks,
+            sink=geo.sink,
+            window=geo.window,
+            policy=self.name,
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        """Stage 1: ``focus [L, H_kv]`` int64 -> ``[L, H_kv]`` bool, ``True`` = dynamic."""
+        raise NotImplementedError
+
+    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+        """Stage 2: budgets per head (and the final classification)."""
+        return TopDownAllocator(demote_unaffordable=True).allocate(
+            focus,
+            is_dynamic,
+            prompt_len=geo.prompt_len,
+            head_budget=geo.head_budget,
+            floor=geo.floor,
+            dynamic_budget=geo.dynamic_budget,
+        )
+
+    def select(
+        self,
+        scores: Tensor,
+        is_text: Tensor,
+        budgets: Tensor,
+        geo: Geometry,
+        focus_sets: Tensor | None = None,
+    ) -> Tensor:
+        """Stage 3a: ``[L*H_kv, N]`` bool kept mask of the static rows (dynamic rows ignored).
+
+        ``scores [L, H_kv, N]`` float32, ``budgets [L, H_kv]`` int64, ``focus_sets`` ``[L, H_kv,
+        N]`` bool or ``None``.
+        """
+        return TextPriorSelector(self.static_priority).select_mask(
+            scores, is_text, budgets, geo.sink, geo.window, focus_sets
+        )
+
+
+@dataclass(frozen=True)
+class HybridKVPolicy(CompressionPolicy):
+    """The method: focus-based head types, top-down budgets, text-prior pruning + retrieval."""
+
+    name: ClassVar[str] = "hybridkv"
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return FocusClassifier(self.max_dynamic_fraction).classify(focus, geo.head_budget)
+
+
+def __getattr__(attr: str) -> object:
+    # The registry lives in registry.py (it needs the baselines, which need this module); keep
+    # ``from hybridkv_sglang.policy.compressor import POLICIES, build_policy`` working.
+    if attr in ("POLICIES", "build_policy"):
+        from hybridkv_sglang.policy import registry
+
+        return getattr(registry, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,0 +1,154 @@
+"""CompressionPlan: one request's decisions for every (layer, kv head), as the runtime reads them.
+
+The plan is the only thing that crosses from the policy to the runtime and the page-table builder.
+Rows are (layer, kv head) pairs in layer-major order: row ``l * H_kv + h``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.policy.chunk_retrieval import dynamic_head_budget, retrievable_chunk_range
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """One request's compression decisions for every (layer, kv head)."""
+
+    prompt_len: int
+    """``N``, the dense prompt length the plan was made for."""
+    is_dynamic: Tensor
+    """``[L, H_kv]`` bool, ``True`` = dynamic head (chunk retrieval at decode)."""
+    budgets: Tensor
+    """``[L, H_kv]`` int64, prompt entries each head reads per decode step (static: kept
+    positions; dynamic: ``b_dyn = sink + w + min(k, retrievable chunks)·C``, clipped to ``N``)."""
+    focus_size: Tensor
+    """``[L, H_kv]`` int64, ``|U|`` per head, for stats."""
+    kept_indptr: Tensor
+    """``[L*H_kv + 1]`` int64, CSR over rows (layer-major, then head)."""
+    kept_positions: Tensor
+    """``[nnz]`` int32, ascending within a row, in ``[0, N)``. Static head: its kept positions;
+    dynamic head: its sink + window positions (the retrieved chunks vary per step)."""
+    chunk_kmin: Tensor | None
+    """``[L, H_kv, n_chunks, D]`` key dtype, chunk minima (only dynamic rows are meaningful to
+    read); ``None`` when no head is dynamic."""
+    chunk_kmax: Tensor | None
+    """Same as ``chunk_kmin``, chunk maxima."""
+    chunk_size: int
+    top_k_chunks: int
+    sink: int = 0
+    """Sink actually kept (clamped so that ``sink + window <= N``)."""
+    window: int = 0
+    """Observation window actually kept (clamped to ``N``)."""
+    policy: str = "hybridkv"
+    """Name of the policy that made the plan (a key of ``POLICIES``)."""
+
+    def __post_init__(self) -> None:
+        num_layers, num_heads = self.is_dynamic.shape
+        rows = num_layers * num_heads
+        assert self.is_dynamic.dtype == torch.bool
+        assert self.budgets.shape == self.is_dynamic.shape == self.focus_size.shape
+        assert self.kept_indptr.shape == (rows + 1,)
+        assert self.kept_positions.dim() == 1
+        assert (self.chunk_kmin is None) == (self.chunk_kmax is None)
+        assert self.sink >= 0 and self.window >= 0 and self.sink + self.window <= self.prompt_len
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def num_layers(self) -> int:
+        return int(self.is_dynamic.shape[0])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.is_dynamic.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        """``L * H_kv``."""
+        return self.num_layers * self.num_kv_heads
+
+    @property
+    def has_dynamic(self) -> bool:
+        return bool(self.is_dynamic.any())
+
+    @property
+    def retrievable_chunks(self) -> tuple[int, int]:
+        """``[first, end)`` chunk ids a dynamic head may retrieve (those overlapping
+        ``[sink, N - window)``; a retrieved chunk contributes only its positions in that range)."""
+        return retrievable_chunk_range(self.prompt_len, self.sink, self.window, self.chunk_size)
+
+    # ------------------------------------------------------------------ rows
+    def row(self, layer: int, head: int) -> int:
+        """Row index of (layer, kv head)."""
+        if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
+            raise ValueError(
+                f"expected layer in [0, {self.num_layers}) and head in [0, {self.num_kv_heads}), "
+                f"got ({layer}, {head})"
+            )
+        return layer * self.num_kv_heads + head
+
+    def rows_for_layer(self, layer: int) -> slice:
+        """Slice of rows (into ``kept_indptr[:-1]``, ``budgets.view(-1)``...) of one layer."""
+        start = self.row(layer, 0)
+        return slice(start, start + self.num_kv_heads)
+
+    def layer_csr(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One layer's kept positions: ``indptr [H_kv + 1]`` int64 (rebased to 0) and
+        ``positions [nnz_l]`` int32."""
+        rows = self.rows_for_layer(layer)
+        bounds = self.kept_indptr[rows.start : rows.stop + 1]
+        start, stop = int(bounds[0]), int(bounds[-1])
+        return bounds - start, self.kept_positions[start:stop]
+
+    def kept_positions_of(self, layer: int, head: int) -> Tensor:
+        """``[n]`` int32 kept positions of one head (dynamic head: sink + window)."""
+        r = self.row(layer, head)
+        return self.kept_positions[int(self.kept_indptr[r]) : int(self.kept_indptr[r + 1])]
+
+    def kept_counts(self) -> Tensor:
+        """``[L, H_kv]`` int64 resident (always-attended) prompt positions per head."""
+        return (self.kept_indptr[1:] - self.kept_indptr[:-1]).view(
+            self.num_layers, self.num_kv_heads
+        )
+
+    def kept_entries(self) -> int:
+        """Resident prompt entries over all heads (static kept + dynamic sink/window)."""
+        return int(self.kept_positions.numel())
+
+    # ----------------------------------------------------------------- stats
+    def dynamic_read_per_step(self) -> int:
+        """Prompt entries one dynamic head reads per decode step (``b_dyn``)."""
+        return dynamic_head_budget(
+            self.prompt_len, self.sink, self.window, self.chunk_size, self.top_k_chunks
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers for logs and metrics.
+
+        ``read_fraction`` is the fraction of the dense prompt KV read per decode step:
+        ``(static kept + n_dyn · b_dyn) / (L · H_kv · N)``.
+        """
+        counts = self.kept_counts()
+        dyn = self.is_dynamic
+        n_dyn = int(dyn.sum())
+        static_kept = int(counts[~dyn].sum())
+        dense = self.num_rows * self.prompt_len
+        read = static_kept + n_dyn * self.dynamic_read_per_step()
+        return {
+            "policy": self.policy,
+            "prompt_len": self.prompt_len,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "static_heads": self.num_rows - n_dyn,
+            "dynamic_heads": n_dyn,
+            "kept_entries": self.kept_entries(),
+            "kept_entries_static": static_kept,
+            "kept_entries_dynamic": int(counts[dyn].sum()),
+            "read_entries_per_step": read,
+            "read_fraction": read / dense if dense else 0.0,
+            "dense_entries": dense,
+        }

@@ -1,0 +1,136 @@
+"""Stage 3b: chunk bounds bound every key; retrieval finds planted chunks inside [sink, N - w)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hybridkv_sglang.policy import (
+    ChunkRetriever,
+    chunk_bounds,
+    dynamic_head_budget,
+    retrievable_chunk_range,
+    retrieved_mask,
+    select_chunks,
+)
+
+
+@pytest.mark.parametrize(
+    "n,heads,dim,chunk",
+    [(37, 2, 8, 16), (5, 1, 3, 16), (48, 3, 4, 16), (13, 2, 5, 1), (101, 4, 7, 7)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bounds_are_exact_per_chunk(
+    n: int, heads: int, dim: int, chunk: int, dtype: torch.dtype
+) -> None:
+    keys = torch.randn(n, heads, dim, generator=torch.Generator().manual_seed(n)).to(dtype)
+    kmin, kmax = chunk_bounds(keys, chunk)
+    n_chunks = math.ceil(n / chunk)
+    assert kmin.shape == kmax.shape == (heads, n_chunks, dim)
+    assert kmin.dtype == kmax.dtype == dtype
+    for c in range(n_chunks):
+        block = keys[c * chunk : min((c + 1) * chunk, n)].transpose(0, 1)  # [H, len, D]
+        assert torch.all(block >= kmin[:, c : c + 1]) and torch.all(block <= kmax[:, c : c + 1])
+        # tight: each bound is attained by some key of the chunk
+        assert torch.equal(kmin[:, c], block.amin(1)) and torch.equal(kmax[:, c], block.amax(1))
+
+
+@pytest.mark.parametrize(
+    "n,sink,window,chunk,expected",
+    [
+        (100, 4, 32, 16, (0, 5)),  # [4, 68) touches chunks 0..4
+        (100, 16, 32, 16, (1, 5)),
+        (64, 0, 32, 16, (0, 2)),
+        (36, 4, 32, 16, (0, 0)),  # nothing between sink and window
+        (10, 0, 10, 16, (0, 0)),
+    ],
+)
+def test_retrievable_chunk_range(
+    n: int, sink: int, window: int, chunk: int, expected: tuple
+) -> None:
+    assert retrievable_chunk_range(n, sink, window, chunk) == expected
+
+
+@pytest.mark.parametrize(
+    "n,sink,window,chunk,k,expected",
+    [
+        (3000, 4, 32, 16, 8, 164),
+        (100, 4, 32, 16, 8, 100),  # 5 retrievable chunks = 80 > the 64 positions: clipped to N
+        (100, 4, 32, 16, 2, 68),
+        (36, 4, 32, 16, 8, 36),
+    ],
+)
+def test_dynamic_head_budget(
+    n: int, sink: int, window: int, chunk: int, k: int, expected: int
+) -> None:
+    assert dynamic_head_budget(n, sink, window, chunk, k) == expected
+
+
+def test_retrieved_mask_clips_to_the_retrievable_range() -> None:
+    top = torch.tensor([[0, 4, -1], [-1, -1, -1]], dtype=torch.int32)
+    mask = retrieved_mask(top, 80, 16, lo=4, hi=70)
+    assert mask[0].nonzero().flatten().tolist() == [*range(4, 16), *range(64, 70)]
+    assert not mask[1].any()
+
+
+def _planted_chunk_keys(
+    n: int, dim: int, hot: list[int], chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    keys = 0.1 * torch.randn(n, 1, dim, generator=gen)
+    direction = torch.randn(dim, generator=gen)
+    direction /= direction.norm()
+    for c in hot:
+        keys[c * chunk : (c + 1) * chunk, 0] += 2.0 * direction
+    return keys, direction
+
+
+def test_select_chunks_finds_planted_chunks_and_offsets_ids() -> None:
+    n, dim, chunk = 160, 16, 16
+    keys, direction = _planted_chunk_keys(n, dim, [3, 7], chunk)
+    kmin, kmax = chunk_bounds(keys, chunk)
+    q = (4.0 * direction).view(1, 1, dim).expand(1, 2, dim).clone()
+    q[0, 1] = -q[0, 1]  # the other query head of the group looks elsewhere
+    # sink = 16 -> retrieval starts at chunk 1; window = 32 -> 8 retrievable chunks (1..8)
+    first, end = retrievable_chunk_range(n, 16, 32, chunk)
+    assert (first, end) == (1, 8)
+    scores, top = select_chunks(
+        q, kmin, kmax, first, torch.tensor([end - first], dtype=torch.int32), 2
+    )
+    assert scores.shape == (1, kmin.shape[1] - first)
+    assert sorted(top[0].tolist()) == [3, 7]
+    # Every key's logit is below its chunk's score (the Quest bound), for both query heads.
+    for c in range(first, end):
+        block = keys[c * chunk : (c + 1) * chunk, 0]
+        logits = (q[0] @ block.T).amax()
+        assert logits <= scores[0, c - first] + 1e-5
+
+
+def test_select_chunks_pads_with_minus_one() -> None:
+    keys, direction = _planted_chunk_keys(64, 8, [1], 16)
+    kmin, kmax = chunk_bounds(keys, 16)
+    q = direction.view(1, 1, 8)
+    _, top = select_chunks(q, kmin, kmax, 0, torch.tensor([2], dtype=torch.int32), 4)
+    assert top[0, 0] == 1 and top[0, 2:].tolist() == [-1, -1]
+
+
+def test_attended_mask_is_sink_window_and_retrieved_chunks() -> None:
+    n, dim, chunk = 160, 16, 16
+    keys, direction = _planted_chunk_keys(n, dim, [5], chunk)
+    kmin, kmax = chunk_bounds(keys, chunk)
+    q = (4.0 * direction).view(1, 1, dim)
+    mask = ChunkRetriever(chunk_size=chunk, top_k_chunks=1).attended_mask(
+        q, kmin, kmax, n, sink=4, window=32
+    )
+    assert mask[0].nonzero().flatten().tolist() == [*range(4), *range(80, 96), *range(128, 160)]
+
+
+def test_retriever_rejects_bad_hyper_parameters() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        ChunkRetriever(chunk_size=0)
+    with pytest.raises(ValueError, match="top_k_chunks"):
+        ChunkRetriever(top_k_chunks=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_bounds(torch.randn(4, 1, 2), 0)

@@ -1,0 +1,268 @@
+"""The plan contract, the policy registry and each baseline's defining invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from policy_testlib import dense_attention
+
+from hybridkv_sglang.policy import (
+    POLICIES,
+    CompressionPlan,
+    LayerObservation,
+    build_policy,
+    dynamic_head_budget,
+    uniform_head_budget,
+)
+
+L, HKV, G, D = 3, 4, 2, 16
+
+
+def _request(
+    n: int, seed: int = 0, n_text: int = 40
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per layer: window queries [32, H_q, D] and keys [N, H_kv, D]; heads of mixed sharpness."""
+    gen = torch.Generator().manual_seed(seed)
+    qs, ks = [], []
+    for _ in range(L):
+        k = torch.randn(n, HKV, D, generator=gen)
+        q = torch.randn(32, HKV * G, D, generator=gen)
+        q[:, : G * 2] *= 6.0  # kv heads 0, 1: sharp -> small focus; 2, 3: diffuse
+        qs.append(q)
+        ks.append(k)
+    is_text = torch.zeros(n, dtype=torch.bool)
+    is_text[:n_text] = True
+    is_text[-32:] = True
+    return qs, ks, is_text
+
+
+def _plan(name: str, n: int = 400, **kw: object) -> CompressionPlan:
+    qs, ks, is_text = _request(n)
+    policy = build_policy(name, **kw)
+    obs = [policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5) for layer in range(L)]
+    return policy.finalize(obs[::-1], is_text)  # any order
+
+
+def _check_contract(plan: CompressionPlan) -> None:
+    rows, n = plan.num_rows, plan.prompt_len
+    assert plan.kept_indptr.shape == (rows + 1,) and plan.kept_indptr.dtype == torch.int64
+    assert plan.kept_positions.dtype == torch.int32
+    assert int(plan.kept_indptr[0]) == 0 and int(plan.kept_indptr[-1]) == plan.kept_entries()
+    resident = [*range(plan.sink), *range(n - plan.window, n)]
+    for layer in range(plan.num_layers):
+        for head in range(plan.num_kv_heads):
+            pos = plan.kept_positions_of(layer, head)
+            assert torch.all(pos.diff() > 0) and int(pos.min()) >= 0 and int(pos.max()) < n
+            if plan.is_dynamic[layer, head]:
+                assert pos.tolist() == resident
+                assert int(plan.budgets[layer, head]) == plan.dynamic_read_per_step()
+            else:
+                assert pos.numel() == int(plan.budgets[layer, head])
+    assert (plan.chunk_kmin is None) == (not plan.has_dynamic)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5])
+def test_every_policy_honours_the_contract(name: str, budget: float) -> None:
+    plan = _plan(name, budget=budget)
+    assert plan.policy == name
+    _check_contract(plan)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5])
+def test_hybridkv_within_budget_and_cap(budget: float) -> None:
+    n = 400
+    plan = _plan("hybridkv", n=n, budget=budget)
+    assert int(plan.budgets.sum()) <= uniform_head_budget(n, budget, None) * L * HKV
+    assert int(plan.is_dynamic.sum()) <= L * HKV // 2
+    assert plan.has_dynamic  # the diffuse heads exceed b_mean
+    assert plan.chunk_kmin is not None and plan.chunk_kmin.shape == (L, HKV, 25, D)
+    # The sharp heads (0, 1) are the static ones.
+    assert not plan.is_dynamic[:, :2].any()
+
+
+def test_streaming_keeps_exactly_sink_and_recent() -> None:
+    n = 400
+    plan = _plan("streaming", n=n, budget=0.1, sink=4)
+    recent = n - (40 - 4)
+    for r in range(plan.num_rows):
+        row = plan.kept_positions[plan.kept_indptr[r] : plan.kept_indptr[r + 1]]
+        assert row.tolist() == [*range(4), *range(recent, n)]
+
+
+def test_snapkv_uniform_budgets_window_plus_top_votes() -> None:
+    n = 400
+    plan = _plan("snapkv", n=n, budget=0.2)
+    assert torch.all(plan.budgets == 80) and not plan.has_dynamic
+    for layer in range(L):
+        for head in range(HKV):
+            assert set(range(n - 32, n)) <= set(plan.kept_positions_of(layer, head).tolist())
+
+
+def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
+    """Text tokens with zero votes: hybridkv keeps them before any visual token, snapkv never."""
+    n = 400
+    qs, ks, _ = _request(n)
+    is_text = torch.zeros(n, dtype=torch.bool)
+    is_text[100:140] = True
+    text = set(range(100, 140))
+    for name in ("hybridkv", "snapkv"):
+        policy = build_policy(name, budget=0.25, max_dynamic_fraction=0.0)
+        obs = []
+        for layer in range(L):
+            o = policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5)
+            scores = o.scores.clone()
+            scores[:, 100:140] = 0.0
+            obs.append(LayerObservation(layer, n, o.focus_size, scores))
+        plan = policy.finalize(obs, is_text)
+        for layer in range(L):
+            for h in range(HKV):
+                kept_text = len(text & set(plan.kept_positions_of(layer, h).tolist()))
+                b = int(plan.budgets[layer, h])
+                assert kept_text == (min(b - 36, 40) if name == "hybridkv" else 0)
+
+
+def test_all_static_and_all_dynamic_types() -> None:
+    static = _plan("all_static", budget=0.1)
+    assert not static.has_dynamic and static.chunk_kmin is None
+    dynamic = _plan("all_dynamic", budget=0.1)
+    assert dynamic.is_dynamic.all()
+    assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 8))
+    assert dynamic.kept_entries() == L * HKV * 36
+
+
+def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
+    """static_priority='focus' keeps each static head's focus set when its budget allows."""
+    plan = _plan("hybridkv", budget=0.2, static_priority="focus")
+    qs, ks, _ = _request(400)
+    policy = build_policy("hybridkv", budget=0.2, static_priority="focus")
+    for layer in range(L):
+        obs = policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5)
+        assert obs.focus_set is not None and torch.equal(obs.focus_set.sum(-1), obs.focus_size)
+        for h in range(HKV):
+            if plan.is_dynamic[layer, h]:
+                continue
+            kept = set(plan.kept_positions_of(layer, h).tolist())
+            members = set(obs.focus_set[h].nonzero().flatten().tolist())
+            resident = set(range(4)) | set(range(400 - 32, 400))
+            room = int(plan.budgets[layer, h]) - len(resident)
+            assert len(members - resident - kept) == max(0, len(members - resident) - room)
+
+
+def test_all_static_budgets_follow_focus() -> None:
+    plan = _plan("all_static", budget=0.3)
+    focus, budgets = plan.focus_size.flatten(), plan.budgets.flatten()
+    for i in range(plan.num_rows):
+        for j in range(plan.num_rows):
+            if focus[i] > focus[j]:
+                assert budgets[i] >= budgets[j]
+
+
+def test_full_budget_attention_over_kept_equals_dense() -> None:
+    """budget = 1: attention of decode queries over each head's kept set is dense attention."""
+    n = 300
+    plan = _plan("hybridkv", n=n, budget=1.0)
+    gen = torch.Generator().manual_seed(9)
+    keys = torch.randn(n, HKV, D, generator=gen)
+    values = torch.randn(n, HKV, D, generator=gen)
+    q = torch.randn(5, HKV, G, D, generator=gen)
+    for layer in range(L):
+        for h in range(HKV):
+            kept = plan.kept_positions_of(layer, h).long()
+            for t in range(5):
+                full = dense_attention(q[t, h], keys[:, h], values[:, h], D**-0.5)
+                sel = dense_attention(q[t, h], keys[kept, h], values[kept, h], D**-0.5)
+                torch.testing.assert_close(sel, full, atol=1e-10, rtol=0)
+
+
+def test_selected_attention_differs_when_compressed() -> None:
+    """The check above can fail: at 10 % the kept set misses mass and the output moves."""
+    n = 300
+    plan = _plan("streaming", n=n, budget=0.1)
+    gen = torch.Generator().manual_seed(9)
+    keys, values = torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen)
+    q = torch.randn(G, D, generator=gen)
+    kept = plan.kept_positions_of(0, 0).long()
+    full = dense_attention(q, keys, values, D**-0.5)
+    sel = dense_attention(q, keys[kept], values[kept], D**-0.5)
+    assert (sel - full).norm() > 1e-3 * full.norm()
+
+
+def test_window_longer_than_prompt_is_clamped() -> None:
+    policy = build_policy("hybridkv", budget=0.5, window=32, sink=4)
+    n = 10
+    gen = torch.Generator().manual_seed(0)
+    obs = policy.observe_layer(0, torch.randn(10, 2, 8, generator=gen), torch.randn(n, 1, 8), 1.0)
+    plan = policy.finalize([obs], torch.ones(n, dtype=torch.bool))
+    assert (plan.window, plan.sink) == (10, 0)
+    assert plan.kept_positions.tolist() == list(range(10))
+
+
+def test_layer_helpers_agree_with_rows() -> None:
+    plan = _plan("hybridkv", budget=0.2)
+    for layer in range(L):
+        rows = plan.rows_for_layer(layer)
+        indptr, pos = plan.layer_csr(layer)
+        assert indptr.shape == (HKV + 1,) and int(indptr[0]) == 0
+        assert torch.equal(indptr.diff(), plan.kept_counts().flatten()[rows])
+        for h in range(HKV):
+            assert torch.equal(pos[indptr[h] : indptr[h + 1]], plan.kept_positions_of(layer, h))
+
+
+def test_stats_read_fraction() -> None:
+    plan = _plan("hybridkv", budget=0.2)
+    s = plan.stats()
+    n_dyn = int(plan.is_dynamic.sum())
+    static_kept = int(plan.kept_counts()[~plan.is_dynamic].sum())
+    expected = (static_kept + n_dyn * dynamic_head_budget(400, 4, 32, 16, 8)) / (L * HKV * 400)
+    assert s["dynamic_heads"] == n_dyn and s["static_heads"] == L * HKV - n_dyn
+    assert s["read_fraction"] == pytest.approx(expected)
+    assert 0 < s["read_fraction"] <= 0.2 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "name,kw,match",
+    [
+        ("nope", {}, "unknown policy"),
+        ("hybridkv", {"bugdet": 0.1}, "unknown hyper-parameter"),
+        ("hybridkv", {"budget": 0.0}, "budget"),
+        ("snapkv", {"budget_tokens": 0}, "budget_tokens"),
+        ("streaming", {"pool_kernel": 4}, "pool_kernel"),
+        ("all_dynamic", {"window": 0}, "window"),
+        ("hybridkv", {"theta": 1.2}, "theta"),
+        ("hybridkv", {"max_dynamic_fraction": -0.1}, "max_dynamic_fraction"),
+        ("all_static", {"static_priority": "visual"}, "static_priority"),
+    ],
+)
+def test_build_policy_rejects_bad_values(name: str, kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_policy(name, **kw)
+
+
+def test_finalize_rejects_inconsistent_observations() -> None:
+    qs, ks, is_text = _request(100)
+    policy = build_policy("hybridkv")
+    o0 = policy.observe_layer(0, qs[0], ks[0], 1.0)
+    o2 = policy.observe_layer(2, qs[1], ks[1], 1.0)
+    with pytest.raises(ValueError, match="one observation per layer"):
+        policy.finalize([o0, o2], is_text)
+    with pytest.raises(ValueError, match="is_text"):
+        policy.finalize([o0], is_text[:-1])
+    with pytest.raises(ValueError, match="at least one"):
+        policy.finalize([], is_text)
+
+
+def test_registry_importable_from_compressor() -> None:
+    from hybridkv_sglang.policy.compressor import POLICIES as P2
+    from hybridkv_sglang.policy.compressor import build_policy as b2
+
+    assert P2 is POLICIES and b2 is build_policy
+    assert set(POLICIES) == {"hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"}
+
+
+def test_policy_package_does_not_import_sglang() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, hybridkv_sglang.policy; assert 'sglang' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
