@@ -1,0 +1,75 @@
+"""Real SGLang servers on CPU, one per configuration per test session.
+
+- ``stock_server``: stock ``sglang.launch_server --attention-backend torch_native``.
+- ``keep_all_server``: ``hybridkv-serve`` with a budget that keeps every token, so compression and
+  the sparse decode path run on every image request and outputs must equal stock's.
+- ``compressing_server``: ``hybridkv-serve`` at a 10 % budget, with SGLang's strict busy-time
+  memory check on.
+
+All three use chunked prefill (128-token chunks) so multi-image prompts span several chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.testing.server import RunningServer, launch_server
+from hybridkv_sglang.testing.tiny_model import build_tiny_qwen2_5_vl
+
+pytestmark = pytest.mark.integration
+
+IMAGE_SIDE = 448
+"""448 x 448 px = 16 x 16 merged patches = 256 visual tokens per image."""
+VISUAL_TOKENS_PER_IMAGE = (IMAGE_SIDE // 28) ** 2
+CHUNKED_PREFILL = 128
+SERVER_KWARGS = {
+    "max_total_tokens": 16384,
+    "context_length": 4096,
+    "max_running_requests": 8,
+    "extra_args": ["--chunked-prefill-size", str(CHUNKED_PREFILL)],
+}
+COMPRESSING = HybridKVConfig(budget=0.1, window=16, top_k_chunks=2, min_prompt_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl"
+    return build_tiny_qwen2_5_vl(out, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def stock_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    with launch_server(
+        tiny_model, hybridkv=None, log_path=server_logs / "stock.log", **SERVER_KWARGS
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def keep_all_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    config = HybridKVConfig(budget=1.0, min_prompt_tokens=64)
+    with launch_server(
+        tiny_model, hybridkv=config, log_path=server_logs / "keep_all.log", **SERVER_KWARGS
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def compressing_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    with launch_server(
+        tiny_model,
+        hybridkv=COMPRESSING,
+        log_path=server_logs / "compressing.log",
+        env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"},
+        **SERVER_KWARGS,
+    ) as server:
+        yield server
