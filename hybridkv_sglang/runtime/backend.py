@@ -17,7 +17,10 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
+from hybridkv_sglang.attention.sparse_decode import (
+    FlashInferFoldedDecode,
+    sparse_decode_reference,
+)
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
@@ -70,6 +73,7 @@ class HybridKVAttnBackend(AttentionBackend):
         self.prefill_ends: list[PrefillEnd] = []
         self.prefill_compression: PrefillCompression | None = None
         self.decode_batch: DecodeBatchLayout | None = None
+        self._folded_decode: FlashInferFoldedDecode | None = None
         self._delegate_base_api()
 
     def _delegate_base_api(self) -> None:
@@ -154,6 +158,14 @@ class HybridKVAttnBackend(AttentionBackend):
             logger.info("hybridkv: %s", outcome.summary())
         self.prefill_ends = []
 
+    def _flashinfer_decode(
+        self, group: int, head_dim: int, device: torch.device
+    ) -> FlashInferFoldedDecode:
+        """One FlashInfer folded-decode wrapper per backend, planned per layer and step."""
+        if self._folded_decode is None:
+            self._folded_decode = FlashInferFoldedDecode(group, head_dim, device)
+        return self._folded_decode
+
     def _on_decode_metadata(self, forward_batch: Any) -> None:
         rids = list(forward_batch.rids or [])
         STATS.record_decode_step(rids)
@@ -182,11 +194,23 @@ class HybridKVAttnBackend(AttentionBackend):
         table = self.decode_batch.layer_table(
             layer.layer_id, q_rows, self.dense.req_to_token_pool.req_to_token
         )
-        k_entries = pool.get_key_buffer(layer.layer_id).view(-1, dim)
-        v_entries = pool.get_value_buffer(layer.layer_id).view(-1, layer.v_head_dim)
-        out = sparse_decode_reference(
-            q_rows, k_entries, v_entries, table.kv_indptr, table.kv_indices, layer.scaling
-        )
+        k_buffer = pool.get_key_buffer(layer.layer_id)
+        v_buffer = pool.get_value_buffer(layer.layer_id)
+        if k_buffer.is_cuda:
+            decode = self._flashinfer_decode(group, dim, k_buffer.device)
+            decode.plan(
+                table, q_dtype=q_rows.dtype, kv_dtype=k_buffer.dtype, sm_scale=layer.scaling
+            )
+            out = decode.run(q_rows.contiguous(), k_buffer, v_buffer)
+        else:
+            out = sparse_decode_reference(
+                q_rows,
+                k_buffer.view(-1, dim),
+                v_buffer.view(-1, layer.v_head_dim),
+                table.kv_indptr,
+                table.kv_indices,
+                layer.scaling,
+            )
         return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 

@@ -47,9 +47,7 @@ def make_test_image(
     return Image.fromarray(pixels, mode="RGB")
 
 
-def image_png_bytes(
-    width: int, height: int, *, seed: int = 0, kind: ImageKind = "blocks"
-) -> bytes:
+def image_png_bytes(width: int, height: int, *, seed: int = 0, kind: ImageKind = "blocks") -> bytes:
     """The PNG encoding of :func:`make_test_image` (byte-identical for identical arguments)."""
     buffer = io.BytesIO()
     make_test_image(width, height, seed=seed, kind=kind).save(buffer, format="PNG")

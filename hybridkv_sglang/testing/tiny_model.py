@@ -20,7 +20,10 @@ same options returns at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,15 +123,28 @@ def main(argv: list[str]) -> int:
 Bonjour le monde. Hallo Welt. Hola mundo. Ciao mondo. Olá mundo.
 """
 
-_CORPUS_WORDS = ["image", "picture", "photo", "video", "frame", "pixel", "patch", "token", "key", "value", "query", "head", "layer", "cache", "budget", "attention", "window", "sink", "text", "visual", "vision", "language", "model", "server", "request", "response", "batch", "prefix", "tree", "radix", "memory", "compress", "select", "score", "keep", "drop", "static", "dynamic", "hybrid", "policy", "red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "gray", "small", "large", "tall", "short", "wide", "narrow", "bright", "dark", "left", "right", "top", "bottom", "center", "corner", "edge", "line", "circle", "square", "triangle", "person", "people", "man", "woman", "child", "dog", "cat", "bird", "horse", "car", "bus", "train", "boat", "plane", "tree", "flower", "house", "road", "street", "river", "mountain", "sky", "cloud", "sun", "moon", "star", "water", "fire", "table", "chair", "book", "read", "write", "look", "see", "show", "find", "count", "describe", "answer", "question", "explain", "think", "know", "make", "the", "a", "an", "of", "in", "on", "at", "to", "from", "with", "by", "for", "and", "or", "but", "not", "is", "are", "was", "were", "be", "been", "has", "have", "this", "that", "these", "those", "there", "here", "what", "which", "who", "where", "when", "why", "how", "many", "much", "some", "every", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "hundred", "thousand", "first", "second", "last", "next"]
+_CORPUS_WORDS_TEXT = """
+image picture photo video frame pixel patch token key value query head layer cache budget
+attention window sink text visual vision language model server request response batch prefix
+tree radix memory compress select score keep drop static dynamic hybrid policy red green blue
+yellow black white orange purple brown gray small large tall short wide narrow bright dark
+left right top bottom center corner edge line circle square triangle person people man woman
+child dog cat bird horse car bus train boat plane tree flower house road street river
+mountain sky cloud sun moon star water fire table chair book read write look see show find
+count describe answer question explain think know make the a an of in on at to from with by
+for and or but not is are was were be been has have this that these those there here what
+which who where when why how many much some every one two three four five six seven eight
+nine ten hundred thousand first second last next
+"""
 
 
 def _training_corpus(seed: int) -> list[str]:
     """The tokenizer's training text: fixed prose plus seeded sentences over a word list."""
     rng = random.Random(seed)
     lines = _CORPUS_SEED_TEXT.splitlines()
+    vocabulary = _CORPUS_WORDS_TEXT.split()
     for _ in range(2000):
-        words = [rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(4, 14))]
+        words = [rng.choice(vocabulary) for _ in range(rng.randint(4, 14))]
         if rng.random() < 0.5:
             words[0] = words[0].capitalize()
         lines.append(" ".join(words) + rng.choice(".?!,;:"))
@@ -150,7 +167,7 @@ class TinyQwen2_5_VLSpec:
     vision_window: int = 112  # pixels; 112 = 4x4 merged tokens per attention window
     min_pixels: int = PIXELS_PER_VISUAL_TOKEN * 4
     max_pixels: int = PIXELS_PER_VISUAL_TOKEN * 16
-    vocab: int = 1000  # size of the trained BPE vocabulary, before the special tokens
+    vocab: int = 1000  # trained BPE vocabulary before the special tokens (corpus allows ~1200)
     max_position_embeddings: int = 32768
     rope_theta: float = 1_000_000.0
     dtype: str = "float32"  # float32 | bfloat16 | float16: saved weights and config torch_dtype
@@ -158,7 +175,7 @@ class TinyQwen2_5_VLSpec:
 
     @property
     def head_dim(self) -> int:
-        """hidden // heads: transformers' Qwen2.5-VL attention requires heads * head_dim == hidden."""
+        """hidden // heads (transformers' Qwen2.5-VL requires heads * head_dim == hidden)."""
         return self.hidden // self.heads
 
     @property
@@ -170,10 +187,8 @@ class TinyQwen2_5_VLSpec:
         return [temporal, height, half - temporal - height]
 
     def validate(self) -> None:
-        positive = ["layers", "hidden", "heads", "kv_heads", "intermediate", "vision_depth", "vision_hidden", "vision_heads", "vision_intermediate", "min_pixels", "max_pixels", "max_position_embeddings"]
-        for name in positive:
-            value = getattr(self, name)
-            if value < 1:
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, int) and name != "seed" and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.heads % self.kv_heads:
             raise ValueError(
@@ -206,7 +221,9 @@ class TinyQwen2_5_VLSpec:
                 f"min_pixels must be <= max_pixels, got {self.min_pixels} > {self.max_pixels}"
             )
         if self.vocab < 300:
-            raise ValueError(f"vocab must be >= 300 (256 byte tokens plus merges), got {self.vocab}")
+            raise ValueError(
+                f"vocab must be >= 300 (256 byte tokens plus merges), got {self.vocab}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -258,17 +275,30 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> t
     return resized_h, resized_w
 
 
-def resolve_spec(preset: str = "tiny", **overrides: Any) -> TinyQwen2_5_VLSpec:
-    """The preset's spec with the non-None ``overrides`` applied, validated."""
+def resolve_spec(
+    preset: str = "tiny", *, head_dim: int | None = None, **overrides: Any
+) -> TinyQwen2_5_VLSpec:
+    """The preset's spec with the non-None ``overrides`` applied, validated.
+
+    ``head_dim`` is not a field (transformers' Qwen2.5-VL requires hidden == heads * head_dim):
+    giving it sets ``hidden = heads * head_dim``.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     fields = {f.name for f in dataclasses.fields(TinyQwen2_5_VLSpec)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; valid options: {sorted(fields)}")
-    spec = dataclasses.replace(
-        PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}
-    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if head_dim is not None:
+        heads = overrides.get("heads", PRESETS[preset].heads)
+        hidden = overrides.setdefault("hidden", heads * head_dim)
+        if hidden != heads * head_dim:
+            raise ValueError(
+                f"hidden must equal heads * head_dim, got hidden {hidden}, heads {heads}, "
+                f"head_dim {head_dim} (give either hidden or head_dim)"
+            )
+    spec = dataclasses.replace(PRESETS[preset], **overrides)
     spec.validate()
     return spec
 
@@ -304,16 +334,9 @@ def build_tiny_qwen2_5_vl(
     the same options (and ``force`` is False) nothing is rebuilt. An existing ``out_dir`` that is
     not empty and holds no build of ours is refused rather than overwritten.
     """
-    if head_dim is not None:
-        resolved_heads = heads if heads is not None else resolve_spec(preset).heads
-        if hidden is not None and hidden != resolved_heads * head_dim:
-            raise ValueError(
-                f"hidden must equal heads * head_dim, got hidden {hidden}, heads "
-                f"{resolved_heads}, head_dim {head_dim} (give either hidden or head_dim)"
-            )
-        hidden = resolved_heads * head_dim
     spec = resolve_spec(
         preset,
+        head_dim=head_dim,
         layers=layers,
         hidden=hidden,
         heads=heads,
@@ -351,43 +374,71 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 def build_from_spec(
     out_dir: str | os.PathLike[str], spec: TinyQwen2_5_VLSpec, *, force: bool = False
 ) -> Path:
-    """Like :func:`build_tiny_qwen2_5_vl`, from a resolved spec."""
+    """Like :func:`build_tiny_qwen2_5_vl`, from a resolved spec.
+
+    Concurrent builders of one ``out_dir`` (parallel test sessions sharing a cache) serialise on
+    a lock file beside it; the model is built in a staging directory and renamed into place, so
+    ``out_dir`` is either absent, a complete older build, or the complete new one.
+    """
     spec.validate()
     out = Path(out_dir).resolve()
     manifest = _manifest(spec)
     if not force and read_manifest(out) == manifest:
         logger.info("tiny model at %s is up to date", out)
         return out
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and read_manifest(out) is None)):
-        raise ValueError(
-            f"{out} exists and holds no tiny-model build; refusing to overwrite it "
-            "(choose an empty or new directory)"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        _write_model(staging, spec)
-        _make_world_readable(staging)
-        # The manifest is written last: its presence marks a complete build.
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _exclusive_lock(out.parent / f".{out.name}.lock"):
+        if not force and read_manifest(out) == manifest:  # built meanwhile by another process
+            return out
+        if out.exists() and (
+            not out.is_dir() or (any(out.iterdir()) and read_manifest(out) is None)
+        ):
+            raise ValueError(
+                f"{out} exists and holds no tiny-model build; refusing to overwrite it "
+                "(choose an empty or new directory)"
+            )
+        started = time.perf_counter()
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        try:
+            _write_model(staging, spec)
+            # The manifest is written last: its presence marks a complete build.
+            (staging / MANIFEST_NAME).write_text(
+                json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            )
+            staging.chmod(0o755)  # mkdtemp makes it 0700
+            for path in staging.iterdir():
+                path.chmod(0o644)
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     logger.info("built tiny Qwen2.5-VL at %s in %.1f s", out, time.perf_counter() - started)
     return out
 
 
-def _make_world_readable(directory: Path) -> None:
-    """mkdtemp makes 0700 dirs (and some writers 0600 files): give the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+def cached_build(
+    cache_root: str | os.PathLike[str], *, preset: str = "tiny", **options: Any
+) -> Path:
+    """Build (once) into ``cache_root/<preset>-<digest of the options>`` and return that path.
+
+    For fixtures shared across test sessions: every distinct set of options gets its own
+    directory, so differently-shaped models never evict each other.
+    """
+    spec = resolve_spec(preset, **options)
+    digest = hashlib.sha256(json.dumps(_manifest(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return build_from_spec(Path(cache_root) / f"{preset}-{digest}", spec)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _train_tokenizer(spec: TinyQwen2_5_VLSpec) -> Any:
@@ -420,10 +471,19 @@ def _train_tokenizer(spec: TinyQwen2_5_VLSpec) -> Any:
         special_tokens=[],
     )
     tokenizer.train_from_iterator(_training_corpus(spec.seed), trainer=trainer)
+    if tokenizer.get_vocab_size() < spec.vocab:
+        logger.warning(
+            "the built-in corpus supports %d BPE tokens, fewer than vocab=%d; using %d",
+            tokenizer.get_vocab_size(),
+            spec.vocab,
+            tokenizer.get_vocab_size(),
+        )
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
     )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS]
+    )
     return tokenizer
 
 
@@ -547,8 +607,9 @@ def _write_model(out: Path, spec: TinyQwen2_5_VLSpec) -> None:
         model = Qwen2_5_VLForConditionalGeneration(config)
     model = model.to_empty(device="cpu")
     state = {name: _init_tensor(name, p.shape, spec.seed) for name, p in model.state_dict().items()}
+    # Only persistent tensors are set: non-persistent buffers (rotary inverse frequencies) stay
+    # uninitialised, which is fine because this model is saved, never run.
     model.load_state_dict(state, strict=True, assign=False)
-    _reset_buffers(model)
     model = model.to(torch_dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
@@ -579,23 +640,6 @@ def _init_tensor(name: str, shape: Any, seed: int) -> Any:
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
 
 
-def _reset_buffers(model: Any) -> None:
-    """Recompute non-persistent buffers (rotary inverse frequencies) lost by ``to_empty``."""
-    import torch
-
-    for module in model.modules():
-        if hasattr(module, "inv_freq"):
-            if hasattr(module, "original_inv_freq") and hasattr(module, "rope_init_fn"):
-                inv_freq, _ = module.rope_init_fn(module.config, torch.device("cpu"))
-                module.inv_freq = inv_freq
-                module.original_inv_freq = inv_freq
-            else:  # the vision tower's VisionRotaryEmbedding(dim, theta=10000)
-                dim = module.inv_freq.shape[0] * 2
-                module.inv_freq = 1.0 / (
-                    10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
-                )
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hybridkv_sglang.testing.tiny_model",
@@ -604,6 +648,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="sets hidden = heads * head_dim (tiny: 16, bench7b: 128)",
+    )
     for field in dataclasses.fields(TinyQwen2_5_VLSpec):
         kind = float if field.name == "rope_theta" else str if field.name == "dtype" else int
         parser.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from hybridkv_sglang.testing.tiny_model import (
     QWEN_SPECIAL_TOKENS,
     TinyQwen2_5_VLSpec,
     build_tiny_qwen2_5_vl,
+    cached_build,
     main,
     resolve_spec,
 )
@@ -106,6 +108,13 @@ def test_bad_options_are_refused(overrides: dict, message: str) -> None:
         resolve_spec("tiny", **overrides)
 
 
+def test_head_dim_sets_hidden() -> None:
+    assert resolve_spec("tiny", head_dim=32).hidden == 4 * 32
+    assert resolve_spec("bench7b", heads=14, kv_heads=2, head_dim=128).hidden == 1792
+    with pytest.raises(ValueError, match="hidden must equal heads \\* head_dim"):
+        resolve_spec("tiny", hidden=64, head_dim=32)
+
+
 def test_unknown_preset_is_refused() -> None:
     with pytest.raises(ValueError, match="preset must be one of"):
         resolve_spec("huge")
@@ -138,6 +147,35 @@ def test_same_options_skip_the_build_and_force_rebuilds_identically(tiny_dir: Pa
     assert weights.stat().st_mtime_ns == before[0]
     rebuilt = build_tiny_qwen2_5_vl(tiny_dir, force=True)
     assert _digest(rebuilt / "model.safetensors") == before[1]
+
+
+def test_concurrent_builds_of_one_directory_build_once(tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(build_tiny_qwen2_5_vl(out, vocab=400)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [out, out]
+    assert [p.name for p in tmp_path.iterdir() if ".building-" in p.name] == []
+    assert json.loads((out / MANIFEST_NAME).read_text())["spec"]["vocab"] == 400
+
+
+def test_cached_build_keys_directories_by_options(tmp_path: Path, tiny_dir: Path) -> None:
+    first = cached_build(tmp_path, preset="tiny", vocab=400)
+    assert cached_build(tmp_path, preset="tiny", vocab=400) == first
+    assert first.parent == tmp_path and first.name.startswith("tiny-")
+    assert _digest(first / "model.safetensors") != _digest(tiny_dir / "model.safetensors")
+
+
+def test_cli_reports_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main([str(tmp_path / "m"), "--heads", "4", "--kv-heads", "3"]) == 2
+    assert "multiple of kv_heads" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_foreign_directory_is_not_overwritten(tmp_path: Path) -> None:

@@ -1,0 +1,64 @@
+"""The OpenAI-compatible chat API with an image, against a server started by ``hybridkv-serve``,
+then the per-request compression stats hybridkv reports through ``/server_info``.
+
+    hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --disable-cuda-graph --port 30000
+    python examples/openai_client.py --url http://127.0.0.1:30000 --image photo.jpg
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+from pathlib import Path
+
+import requests
+from openai import OpenAI
+
+
+def data_url(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:30000")
+    parser.add_argument("--image", type=Path, help="an image file (default: a generated one)")
+    parser.add_argument("--question", default="What is in this image?")
+    args = parser.parse_args()
+    if args.image is None:
+        from hybridkv_sglang.testing.images import image_data_url
+
+        url = image_data_url(448, 448, seed=0)
+    else:
+        url = data_url(args.image)
+
+    client = OpenAI(base_url=f"{args.url}/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model="default",
+        temperature=0,
+        max_tokens=64,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": args.question},
+                ],
+            }
+        ],
+    )
+    print("answer:", reply.choices[0].message.content)
+    print("usage:", reply.usage)
+
+    info = requests.get(f"{args.url}/server_info", timeout=60).json()
+    snapshot = info["internal_states"][0]["hybridkv"]
+    print("hybridkv totals:", json.dumps(snapshot["totals"]))
+    last = list(snapshot["requests"].values())[-1]
+    print("last request:", json.dumps(last, indent=1))
+
+
+if __name__ == "__main__":
+    main()
