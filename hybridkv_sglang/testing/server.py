@@ -36,7 +36,11 @@ def cpu_server_args(
     max_running_requests: int = 8,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """SGLang flags that serve a small float32 model on a CPU (see the project's notes)."""
+    """SGLang flags that serve a small float32 model on a CPU.
+
+    ``--sleep-on-idle`` keeps an idle scheduler from busy-polling a core, which matters when a
+    test session keeps several servers up on a 2-core machine.
+    """
     return [
         "--model-path", str(model_path),
         "--device", "cpu",
@@ -46,6 +50,7 @@ def cpu_server_args(
         "--context-length", str(context_length),
         "--max-running-requests", str(max_running_requests),
         "--skip-server-warmup",
+        "--sleep-on-idle",
         "--host", "127.0.0.1",
         "--port", str(port),
         *extra,
