@@ -6,10 +6,13 @@ LLM Inference, Tang et al., ICML 2024). At each decode step the runtime scores t
 ``hybridkv_sglang.kernels.chunk_topk`` (the one implementation of the score) and attends over
 sink + window + the top-k chunks + the decode tail.
 
-Decision pinned here: a dynamic head retrieves only the chunks that overlap ``[sink, N - w)``,
-the part of the prompt not already resident, and a retrieved chunk contributes only its positions
-inside that range, so the attended set is the disjoint union
-``sink ∪ (retrieved ∩ [sink, N - w)) ∪ window ∪ tail`` with no position read twice.
+Decision pinned here (the rule the runtime serves, ``storage.page_tables.DynamicRowLayout``):
+only *full* chunks lying entirely inside ``[sink, N - w)`` are retrievable, chunks
+``[ceil(sink / C), floor((N - w) / C))``; the partial chunks at the two borders are resident
+instead. A dynamic head's resident set is therefore the sink and window rounded out to chunk
+borders, ``[0, prefix_end) ∪ [tail_start, N)``, and its attended set at a decode step is the
+disjoint union ``resident ∪ top-k chunks ∪ decode tail``: no position is read twice and every
+row length is known on the host (``prefix_end + min(k, chunks)·C + N - tail_start + tail``).
 """
 
 from __future__ import annotations
@@ -53,26 +56,53 @@ def chunk_bounds(keys: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
 def retrievable_chunk_range(
     prompt_len: int, sink: int, window: int, chunk_size: int
 ) -> tuple[int, int]:
-    """``[first, end)``: the chunks overlapping ``[sink, N - w)``; empty when that range is."""
+    """``[first, end)``: the full chunks inside ``[sink, N - w)``; empty when there is none.
+
+    ``first = ceil(sink / C)``, ``end = max(first, floor((N - w) / C))``; a prompt whose first
+    retrievable chunk would start at or beyond ``N`` has ``first = end = ceil(N / C)``.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    lo, hi = sink, prompt_len - window
-    first = lo // chunk_size
-    if hi <= lo:
-        return first, first
-    return first, math.ceil(hi / chunk_size)
+    if prompt_len < 0 or sink < 0 or window < 0:
+        raise ValueError(
+            f"expected non-negative prompt_len, sink and window, got {prompt_len}, {sink}, {window}"
+        )
+    first = -(-sink // chunk_size)
+    if first * chunk_size >= prompt_len:
+        last = -(-prompt_len // chunk_size)
+        return last, last
+    return first, max(first, (prompt_len - window) // chunk_size)
+
+
+def resident_bounds(prompt_len: int, sink: int, window: int, chunk_size: int) -> tuple[int, int]:
+    """``(prefix_end, tail_start)``: a dynamic head always attends ``[0, prefix_end)`` and
+    ``[tail_start, N)`` (sink and window rounded out to chunk borders; everything when no chunk
+    is retrievable)."""
+    first, end = retrievable_chunk_range(prompt_len, sink, window, chunk_size)
+    prefix_end = min(first * chunk_size, prompt_len)
+    return prefix_end, (end * chunk_size if end > first else prefix_end)
+
+
+def resident_mask(
+    prompt_len: int, sink: int, window: int, chunk_size: int, device: torch.device | str
+) -> Tensor:
+    """``[N]`` bool, the positions a dynamic head attends at every step (see resident_bounds)."""
+    prefix_end, tail_start = resident_bounds(prompt_len, sink, window, chunk_size)
+    pos = torch.arange(prompt_len, device=device)
+    return (pos < prefix_end) | (pos >= tail_start)
 
 
 def dynamic_head_budget(
     prompt_len: int, sink: int, window: int, chunk_size: int, top_k_chunks: int
 ) -> int:
-    """``b_dyn``: entries a dynamic head reads per decode step from the prompt, at most ``N``.
+    """``b_dyn``: prompt entries a dynamic head reads per decode step, at most ``N``.
 
-    ``sink + w + min(k, retrievable chunks) × C``, clipped to ``N`` (retrieved positions never
-    leave ``[sink, N - w)``).
+    ``prefix_end + min(k, retrievable chunks) × C + (N - tail_start)``, the runtime's row length
+    without the decode tail (``>= sink + w + min(k, chunks) × C``).
     """
     first, end = retrievable_chunk_range(prompt_len, sink, window, chunk_size)
-    return min(prompt_len, sink + window + min(top_k_chunks, end - first) * chunk_size)
+    prefix_end, tail_start = resident_bounds(prompt_len, sink, window, chunk_size)
+    return prefix_end + min(top_k_chunks, end - first) * chunk_size + prompt_len - tail_start
 
 
 def select_chunks(
@@ -108,7 +138,8 @@ def select_chunks(
 
 
 def retrieved_mask(top: Tensor, prompt_len: int, chunk_size: int, lo: int, hi: int) -> Tensor:
-    """Positions covered by the selected chunks, clipped to ``[lo, hi)``.
+    """Positions covered by the selected chunks, clipped to ``[lo, hi)`` (a no-op for chunks of
+    :func:`retrievable_chunk_range` with ``lo, hi = resident_bounds(...)``).
 
     Args:
         top: ``[R, k]`` int chunk ids, ``-1`` = none.
@@ -162,12 +193,13 @@ class ChunkRetriever:
             q: ``[R, G, D]`` float; kmin, kmax: ``[R, n_chunks, D]`` of one request.
 
         Returns:
-            ``[R, N]`` bool: sink ∪ retrieved chunks ∩ ``[sink, N - w)`` ∪ window.
+            ``[R, N]`` bool: the resident prefix and tail ∪ the top-k retrievable chunks.
         """
         first, end = retrievable_chunk_range(prompt_len, sink, window, self.chunk_size)
+        prefix_end, tail_start = resident_bounds(prompt_len, sink, window, self.chunk_size)
         rows = q.shape[0]
         num = torch.full((rows,), end - first, dtype=torch.int32, device=q.device)
         _, top = select_chunks(q, kmin, kmax, first, num, self.top_k_chunks, use_kernel=use_kernel)
-        mask = retrieved_mask(top, prompt_len, self.chunk_size, sink, prompt_len - window)
-        pos = torch.arange(prompt_len, device=q.device)
-        return mask | ((pos < sink) | (pos >= prompt_len - window)).unsqueeze(0)
+        mask = retrieved_mask(top, prompt_len, self.chunk_size, prefix_end, tail_start)
+        resident = resident_mask(prompt_len, sink, window, self.chunk_size, q.device)
+        return mask | resident.unsqueeze(0)

@@ -24,11 +24,16 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator, uniform_head_budget
-from hybridkv_sglang.policy.chunk_retrieval import chunk_bounds, dynamic_head_budget
+from hybridkv_sglang.policy.chunk_retrieval import (
+    chunk_bounds,
+    dynamic_head_budget,
+    resident_mask,
+    retrievable_chunk_range,
+)
 from hybridkv_sglang.policy.classify import FocusClassifier
 from hybridkv_sglang.policy.head_stats import HeadStatsReducer
 from hybridkv_sglang.policy.plan import CompressionPlan
-from hybridkv_sglang.policy.selection import mask_to_csr, sink_window_mask
+from hybridkv_sglang.policy.selection import mask_to_csr
 from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelector
 from hybridkv_sglang.policy.window_attention import window_attention
 
@@ -68,6 +73,7 @@ class Geometry:
         sink: ``min(sink, N - window)``.
         head_budget: ``b_mean`` tokens.
         dynamic_budget: ``b_dyn`` entries.
+        retrievable_chunks: full chunks inside ``[sink, N - window)``.
     """
 
     prompt_len: int
@@ -75,6 +81,7 @@ class Geometry:
     sink: int
     head_budget: int
     dynamic_budget: int
+    retrievable_chunks: int
 
     @property
     def floor(self) -> int:
@@ -145,6 +152,7 @@ class CompressionPolicy:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         window = min(self.window, prompt_len)
         sink = min(self.sink, prompt_len - window)
+        first, end = retrievable_chunk_range(prompt_len, sink, window, self.chunk_size)
         return Geometry(
             prompt_len=prompt_len,
             window=window,
@@ -153,6 +161,7 @@ class CompressionPolicy:
             dynamic_budget=dynamic_head_budget(
                 prompt_len, sink, window, self.chunk_size, self.top_k_chunks
             ),
+            retrievable_chunks=end - first,
         )
 
     def observe_layer(
@@ -224,8 +233,9 @@ class CompressionPolicy:
         if all(o.focus_set is not None for o in obs):
             focus_sets = torch.stack([o.focus_set for o in obs])  # type: ignore[misc]
         kept = self.select(scores, is_text.to(scores.device), budgets, geo, focus_sets)
-        resident = sink_window_mask(n, geo.sink, geo.window, scores.device)
-        kept[dynamic.reshape(-1)] = resident
+        kept[dynamic.reshape(-1)] = resident_mask(
+            n, geo.sink, geo.window, self.chunk_size, scores.device
+        )
         indptr, positions = mask_to_csr(kept)
 
         kmin = kmax = None
@@ -256,7 +266,13 @@ class CompressionPolicy:
         raise NotImplementedError
 
     def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
-        """Stage 2: budgets per head (and the final classification)."""
+        """Stage 2: budgets per head (and the final classification).
+
+        A prompt with no full chunk between sink and window has nothing to retrieve: its
+        dynamic heads would read the whole prompt, so they are made static.
+        """
+        if geo.retrievable_chunks == 0:
+            is_dynamic = torch.zeros_like(is_dynamic)
         return TopDownAllocator(demote_unaffordable=True).allocate(
             focus,
             is_dynamic,

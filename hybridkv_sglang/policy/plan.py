@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hybridkv_sglang.policy.chunk_retrieval import dynamic_head_budget, retrievable_chunk_range
+from hybridkv_sglang.policy.chunk_retrieval import (
+    dynamic_head_budget,
+    resident_bounds,
+    retrievable_chunk_range,
+)
 
 
 @dataclass(frozen=True)
@@ -25,14 +29,16 @@ class CompressionPlan:
     """``[L, H_kv]`` bool, ``True`` = dynamic head (chunk retrieval at decode)."""
     budgets: Tensor
     """``[L, H_kv]`` int64, prompt entries each head reads per decode step (static: kept
-    positions; dynamic: ``b_dyn = sink + w + min(k, retrievable chunks)·C``, clipped to ``N``)."""
+    positions; dynamic: ``b_dyn = prefix_end + min(k, retrievable chunks)·C + N - tail_start``,
+    see :func:`dynamic_head_budget`)."""
     focus_size: Tensor
     """``[L, H_kv]`` int64, ``|U|`` per head, for stats."""
     kept_indptr: Tensor
     """``[L*H_kv + 1]`` int64, CSR over rows (layer-major, then head)."""
     kept_positions: Tensor
     """``[nnz]`` int32, ascending within a row, in ``[0, N)``. Static head: its kept positions;
-    dynamic head: its sink + window positions (the retrieved chunks vary per step)."""
+    dynamic head: its resident positions ``[0, prefix_end) ∪ [tail_start, N)``, the sink and
+    window rounded out to chunk borders (the retrieved chunks vary per step)."""
     chunk_kmin: Tensor | None
     """``[L, H_kv, n_chunks, D]`` key dtype, chunk minima (only dynamic rows are meaningful to
     read); ``None`` when no head is dynamic."""
@@ -77,8 +83,8 @@ class CompressionPlan:
 
     @property
     def retrievable_chunks(self) -> tuple[int, int]:
-        """``[first, end)`` chunk ids a dynamic head may retrieve (those overlapping
-        ``[sink, N - window)``; a retrieved chunk contributes only its positions in that range)."""
+        """``[first, end)`` chunk ids a dynamic head may retrieve: the full chunks inside
+        ``[sink, N - window)`` (:func:`retrievable_chunk_range`)."""
         return retrievable_chunk_range(self.prompt_len, self.sink, self.window, self.chunk_size)
 
     # ------------------------------------------------------------------ rows
@@ -109,6 +115,10 @@ class CompressionPlan:
         r = self.row(layer, head)
         return self.kept_positions[int(self.kept_indptr[r]) : int(self.kept_indptr[r + 1])]
 
+    def resident_bounds(self) -> tuple[int, int]:
+        """``(prefix_end, tail_start)`` of the dynamic heads' resident positions."""
+        return resident_bounds(self.prompt_len, self.sink, self.window, self.chunk_size)
+
     def kept_counts(self) -> Tensor:
         """``[L, H_kv]`` int64 resident (always-attended) prompt positions per head."""
         return (self.kept_indptr[1:] - self.kept_indptr[:-1]).view(
@@ -116,7 +126,7 @@ class CompressionPlan:
         )
 
     def kept_entries(self) -> int:
-        """Resident prompt entries over all heads (static kept + dynamic sink/window)."""
+        """Resident prompt entries over all heads (static kept + dynamic resident)."""
         return int(self.kept_positions.numel())
 
     # ----------------------------------------------------------------- stats

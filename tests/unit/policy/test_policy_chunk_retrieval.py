@@ -11,6 +11,8 @@ from hybridkv_sglang.policy import (
     ChunkRetriever,
     chunk_bounds,
     dynamic_head_budget,
+    resident_bounds,
+    resident_mask,
     retrievable_chunk_range,
     retrieved_mask,
     select_chunks,
@@ -38,27 +40,32 @@ def test_bounds_are_exact_per_chunk(
 
 
 @pytest.mark.parametrize(
-    "n,sink,window,chunk,expected",
+    "n,sink,window,chunk,expected,resident",
     [
-        (100, 4, 32, 16, (0, 5)),  # [4, 68) touches chunks 0..4
-        (100, 16, 32, 16, (1, 5)),
-        (64, 0, 32, 16, (0, 2)),
-        (36, 4, 32, 16, (0, 0)),  # nothing between sink and window
-        (10, 0, 10, 16, (0, 0)),
+        (100, 4, 32, 16, (1, 4), (16, 64)),  # full chunks inside [4, 68): 1..3
+        (100, 16, 32, 16, (1, 4), (16, 64)),
+        (64, 0, 32, 16, (0, 2), (0, 32)),
+        (3000, 4, 32, 16, (1, 185), (16, 2960)),
+        (36, 4, 32, 16, (1, 1), (16, 16)),  # nothing retrievable: everything resident
+        (10, 0, 10, 16, (0, 0), (0, 0)),
+        (10, 4, 2, 16, (1, 1), (10, 10)),  # first chunk would start beyond N
     ],
 )
-def test_retrievable_chunk_range(
-    n: int, sink: int, window: int, chunk: int, expected: tuple
+def test_retrievable_chunk_range_and_resident_bounds(
+    n: int, sink: int, window: int, chunk: int, expected: tuple, resident: tuple
 ) -> None:
     assert retrievable_chunk_range(n, sink, window, chunk) == expected
+    assert resident_bounds(n, sink, window, chunk) == resident
+    mask = resident_mask(n, sink, window, chunk, "cpu")
+    assert mask[:sink].all() and mask[n - window :].all()  # sink and window always resident
 
 
 @pytest.mark.parametrize(
     "n,sink,window,chunk,k,expected",
     [
-        (3000, 4, 32, 16, 8, 164),
-        (100, 4, 32, 16, 8, 100),  # 5 retrievable chunks = 80 > the 64 positions: clipped to N
-        (100, 4, 32, 16, 2, 68),
+        (3000, 4, 32, 16, 8, 16 + 8 * 16 + 40),
+        (100, 4, 32, 16, 8, 100),  # 3 retrievable chunks: reads everything
+        (100, 4, 32, 16, 2, 16 + 32 + 36),
         (36, 4, 32, 16, 8, 36),
     ],
 )
@@ -66,6 +73,21 @@ def test_dynamic_head_budget(
     n: int, sink: int, window: int, chunk: int, k: int, expected: int
 ) -> None:
     assert dynamic_head_budget(n, sink, window, chunk, k) == expected
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 36, 100, 513, 3000])
+@pytest.mark.parametrize("sink,window,chunk", [(4, 32, 16), (0, 1, 16), (16, 8, 16), (3, 5, 7)])
+def test_same_rule_as_the_runtime_row_layout(n: int, sink: int, window: int, chunk: int) -> None:
+    """The policy's retrieval geometry is the one storage.page_tables serves at decode."""
+    from hybridkv_sglang.storage.page_tables import DynamicRowLayout
+
+    window = min(window, n)
+    sink = min(sink, n - window)
+    rows = DynamicRowLayout.for_prompt(n, sink, window, chunk)
+    assert retrievable_chunk_range(n, sink, window, chunk) == (rows.first_chunk, rows.end_chunk)
+    assert resident_bounds(n, sink, window, chunk) == (rows.prefix_end, rows.tail_start)
+    for k in (1, 8):
+        assert dynamic_head_budget(n, sink, window, chunk, k) == rows.row_length(n, k)
 
 
 def test_retrieved_mask_clips_to_the_retrievable_range() -> None:
@@ -124,7 +146,8 @@ def test_attended_mask_is_sink_window_and_retrieved_chunks() -> None:
     mask = ChunkRetriever(chunk_size=chunk, top_k_chunks=1).attended_mask(
         q, kmin, kmax, n, sink=4, window=32
     )
-    assert mask[0].nonzero().flatten().tolist() == [*range(4), *range(80, 96), *range(128, 160)]
+    # resident: [0, 16) (sink rounded up) and [128, 160) (window); chunk 5 retrieved
+    assert mask[0].nonzero().flatten().tolist() == [*range(16), *range(80, 96), *range(128, 160)]
 
 
 def test_retriever_rejects_bad_hyper_parameters() -> None:

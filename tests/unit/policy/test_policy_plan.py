@@ -48,7 +48,9 @@ def _check_contract(plan: CompressionPlan) -> None:
     assert plan.kept_indptr.shape == (rows + 1,) and plan.kept_indptr.dtype == torch.int64
     assert plan.kept_positions.dtype == torch.int32
     assert int(plan.kept_indptr[0]) == 0 and int(plan.kept_indptr[-1]) == plan.kept_entries()
-    resident = [*range(plan.sink), *range(n - plan.window, n)]
+    prefix_end, tail_start = plan.resident_bounds()
+    resident = [*range(prefix_end), *range(tail_start, n)]
+    assert set(range(plan.sink)) | set(range(n - plan.window, n)) <= set(resident)
     for layer in range(plan.num_layers):
         for head in range(plan.num_kv_heads):
             pos = plan.kept_positions_of(layer, head)
@@ -128,7 +130,7 @@ def test_all_static_and_all_dynamic_types() -> None:
     dynamic = _plan("all_dynamic", budget=0.1)
     assert dynamic.is_dynamic.all()
     assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 8))
-    assert dynamic.kept_entries() == L * HKV * 36
+    assert dynamic.kept_entries() == L * HKV * (16 + 400 - 368)  # [0, 16) and [368, 400)
 
 
 def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
