@@ -19,6 +19,7 @@ ENV_VAR = "HYBRIDKV_CONFIG"
 
 PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"]
 StorageMode = Literal["in_place", "compact"]
+StaticPriority = Literal["text", "focus"]
 
 
 class HybridKVConfigError(ValueError):
@@ -51,6 +52,11 @@ class HybridKVConfig(BaseModel):
         0.5, description="cap on the fraction of (layer, kv head) pairs classified dynamic"
     )
     pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
+    static_priority: StaticPriority = Field(
+        "text",
+        description="static heads keep sink + window, then: text (text tokens before visual, "
+        "the design's text prior) or focus (the head's own focus set first, then text)",
+    )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")
     storage: StorageMode = Field(
@@ -126,6 +132,7 @@ class HybridKVConfig(BaseModel):
         "top_k_chunks",
         "max_dynamic_fraction",
         "pool_kernel",
+        "static_priority",
     )
 
     def policy_values(self) -> dict[str, Any]:
