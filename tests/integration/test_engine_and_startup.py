@@ -1,10 +1,12 @@
-"""``sglang.Engine`` with the plugin in-process, and configuration errors stopping start-up."""
+"""``sglang.Engine`` with the plugin (in a process of its own), and config errors stopping start-up."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,38 +18,30 @@ from tests.integration.conftest import IMAGE_SIDE
 
 pytestmark = pytest.mark.integration
 
+PROBE = Path(__file__).with_name("engine_probe.py")
 
-def test_engine_with_hybridkv_equals_stock_server(tiny_model, stock_server, monkeypatch):
-    for key, value in CPU_ENVIRONMENT.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(ENV_VAR, HybridKVConfig(budget=1.0, min_prompt_tokens=64).to_env())
-    import sglang
 
+def test_engine_with_hybridkv_equals_stock_server(tiny_model, stock_server):
     prompt = chat_prompt("What is in the picture?", images=1)
     image = images(1, IMAGE_SIDE, seed=5)
-    engine = sglang.Engine(
-        model_path=str(tiny_model),
-        device="cpu",
-        attention_backend="hybridkv",
-        disable_cuda_graph=True,
-        dtype="float32",
-        max_total_tokens=8192,
-        context_length=4096,
-        max_running_requests=4,
-        skip_server_warmup=True,
+    env = {
+        **os.environ,
+        **CPU_ENVIRONMENT,
+        ENV_VAR: HybridKVConfig(budget=1.0, min_prompt_tokens=64).to_env(),
+    }
+    done = subprocess.run(
+        [sys.executable, str(PROBE), str(tiny_model), prompt, image[0], "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    try:
-        out = engine.generate(
-            prompt=prompt,
-            image_data=image,
-            sampling_params={"max_new_tokens": 12, "temperature": 0.0},
-        )
-        snapshot = engine.get_server_info()["internal_states"][0]["hybridkv"]
-    finally:
-        engine.shutdown()
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ENGINE_RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("ENGINE_RESULT "))
     stock = generate(stock_server.base_url, prompt, image)
-    assert out["output_ids"] == stock["output_ids"]
-    record = snapshot["requests"][out["meta_info"]["id"]]
+    assert result["output"]["output_ids"] == stock["output_ids"]
+    record = result["hybridkv"]["requests"][result["output"]["meta_info"]["id"]]
     assert record["compressed"] and record["read_fraction"] == pytest.approx(1.0)
 
 
