@@ -138,8 +138,12 @@ nine ten hundred thousand first second last next
 """
 
 
-def _training_corpus(seed: int) -> list[str]:
-    """The tokenizer's training text: fixed prose plus seeded sentences over a word list."""
+def _training_corpus(seed: int, extra_words: tuple[str, ...] = ()) -> list[str]:
+    """The tokenizer's training text: fixed prose plus seeded sentences over a word list.
+
+    ``extra_words`` (none by default, which leaves the corpus unchanged) are appended often enough,
+    alone on a line and after a space, that the BPE learns each as a single token both ways.
+    """
     rng = random.Random(seed)
     lines = _CORPUS_SEED_TEXT.splitlines()
     vocabulary = _CORPUS_WORDS_TEXT.split()
@@ -148,6 +152,10 @@ def _training_corpus(seed: int) -> list[str]:
         if rng.random() < 0.5:
             words[0] = words[0].capitalize()
         lines.append(" ".join(words) + rng.choice(".?!,;:"))
+    for _ in range(200):
+        for word in extra_words:
+            lines.append(word)
+            lines.append(f"{rng.choice(vocabulary)} {word} {rng.choice(vocabulary)}")
     return lines
 
 
@@ -358,8 +366,11 @@ def build_tiny_qwen2_5_vl(
     return build_from_spec(out_dir, spec, force=force)
 
 
-def _manifest(spec: TinyQwen2_5_VLSpec) -> dict[str, Any]:
-    return {"build_format": BUILD_FORMAT, "spec": dataclasses.asdict(spec)}
+def _manifest(spec: TinyQwen2_5_VLSpec, extra_words: tuple[str, ...] = ()) -> dict[str, Any]:
+    manifest: dict[str, Any] = {"build_format": BUILD_FORMAT, "spec": dataclasses.asdict(spec)}
+    if extra_words:  # recorded only when given, so existing builds stay up to date
+        manifest["extra_words"] = list(extra_words)
+    return manifest
 
 
 def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -372,9 +383,16 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def build_from_spec(
-    out_dir: str | os.PathLike[str], spec: TinyQwen2_5_VLSpec, *, force: bool = False
+    out_dir: str | os.PathLike[str],
+    spec: TinyQwen2_5_VLSpec,
+    *,
+    force: bool = False,
+    extra_words: tuple[str, ...] = (),
 ) -> Path:
     """Like :func:`build_tiny_qwen2_5_vl`, from a resolved spec.
+
+    ``extra_words`` are words the tokenizer must encode as single tokens, with and without a
+    leading space (e.g. a synthetic task's answer words); none by default.
 
     Concurrent builders of one ``out_dir`` (parallel test sessions sharing a cache) serialise on
     a lock file beside it; the model is built in a staging directory and renamed into place, so
@@ -382,7 +400,8 @@ def build_from_spec(
     """
     spec.validate()
     out = Path(out_dir).resolve()
-    manifest = _manifest(spec)
+    extra_words = tuple(extra_words)
+    manifest = _manifest(spec, extra_words)
     if not force and read_manifest(out) == manifest:
         logger.info("tiny model at %s is up to date", out)
         return out
@@ -400,7 +419,7 @@ def build_from_spec(
         started = time.perf_counter()
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
         try:
-            _write_model(staging, spec)
+            _write_model(staging, spec, extra_words)
             # The manifest is written last: its presence marks a complete build.
             (staging / MANIFEST_NAME).write_text(
                 json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -441,7 +460,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _train_tokenizer(spec: TinyQwen2_5_VLSpec) -> Any:
+def _train_tokenizer(spec: TinyQwen2_5_VLSpec, extra_words: tuple[str, ...] = ()) -> Any:
     """A byte-level BPE (``tokenizers.Tokenizer``) with Qwen's special tokens after the vocab."""
     from tokenizers import (
         AddedToken,
@@ -470,7 +489,7 @@ def _train_tokenizer(spec: TinyQwen2_5_VLSpec) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_training_corpus(spec.seed), trainer=trainer)
+    tokenizer.train_from_iterator(_training_corpus(spec.seed, extra_words), trainer=trainer)
     if tokenizer.get_vocab_size() < spec.vocab:
         logger.warning(
             "the built-in corpus supports %d BPE tokens, fewer than vocab=%d; using %d",
@@ -498,7 +517,7 @@ def _qwen2_tokenizer_class() -> Any:
         return Qwen2Tokenizer
 
 
-def _write_model(out: Path, spec: TinyQwen2_5_VLSpec) -> None:
+def _write_model(out: Path, spec: TinyQwen2_5_VLSpec, extra_words: tuple[str, ...] = ()) -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -508,7 +527,7 @@ def _write_model(out: Path, spec: TinyQwen2_5_VLSpec) -> None:
         Qwen2VLImageProcessor,
     )
 
-    raw_tokenizer = _train_tokenizer(spec)
+    raw_tokenizer = _train_tokenizer(spec, extra_words)
     tokenizer = _qwen2_tokenizer_class()(
         tokenizer_object=raw_tokenizer,
         bos_token=None,

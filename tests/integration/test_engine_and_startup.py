@@ -1,4 +1,4 @@
-"""``sglang.Engine`` with the plugin (in a process of its own), and config errors stopping start-up."""
+"""``sglang.Engine`` with the plugin (in its own process); config errors stop start-up."""
 
 from __future__ import annotations
 
