@@ -73,3 +73,16 @@ def compressing_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningS
         **SERVER_KWARGS,
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def retracting_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    """Compressing server whose scheduler retracts decode requests every third forward."""
+    with launch_server(
+        tiny_model,
+        hybridkv=COMPRESSING,
+        log_path=server_logs / "retracting.log",
+        env={"SGLANG_TEST_RETRACT": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"},
+        **SERVER_KWARGS,
+    ) as server:
+        yield server
