@@ -25,7 +25,7 @@ from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import PrefillEnd, dense_reason, find_prefill_ends
+from hybridkv_sglang.runtime.requests import dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 
@@ -37,9 +37,11 @@ def dense_backend_name(device: str | torch.device) -> str:
     return "flashinfer" if torch.device(device).type == "cuda" else "torch_native"
 
 
-def check_supported(server_args: Any) -> None:
+def check_supported(server_args: Any, sliding_window_size: int | None) -> None:
     """Refuse, at start-up, combinations whose dense bookkeeping would bypass the plugin."""
     refusals = {
+        "models with sliding-window attention layers": sliding_window_size is not None
+        and sliding_window_size > 0,
         "speculative decoding (--speculative-algorithm)": server_args.speculative_algorithm
         is not None,
         "--page-size > 1 (hybridkv selects single tokens; use --page-size 1)": (
@@ -70,7 +72,6 @@ class HybridKVAttnBackend(AttentionBackend):
         self.config = config
         self.num_layers = num_layers
         self.policy = build_policy(config.policy, **config.policy_values())
-        self.prefill_ends: list[PrefillEnd] = []
         self.prefill_compression: PrefillCompression | None = None
         self.decode_batch: DecodeBatchLayout | None = None
         self._folded_decode: FlashInferFoldedDecode | None = None
@@ -102,7 +103,7 @@ class HybridKVAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         self.dense.init_forward_metadata(forward_batch)
-        self.prefill_ends = []
+        self.prefill_compression = None
         self.decode_batch = None
         mode = forward_batch.forward_mode
         if mode == ForwardMode.EXTEND:
@@ -114,8 +115,8 @@ class HybridKVAttnBackend(AttentionBackend):
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
     ) -> torch.Tensor:
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if self.prefill_ends:
-            self._on_prefill_end_layer(q, layer, forward_batch)
+        if self.prefill_compression is not None:
+            self._on_prefill_end_layer(q, layer)
         return out
 
     def forward_decode(
@@ -131,14 +132,12 @@ class HybridKVAttnBackend(AttentionBackend):
         ends, extended = find_prefill_ends(forward_batch)
         for rid in extended:
             STATS.record_prefill_chunk(rid)
-        self.prefill_ends = ends
-        self.prefill_compression = PrefillCompression(
-            self.policy,
-            [(r, dense_reason(r, self.config)) for r in ends],
-            self.num_layers,
-        )
+        if ends:
+            self.prefill_compression = PrefillCompression(
+                self.policy, [(r, dense_reason(r, self.config)) for r in ends], self.num_layers
+            )
 
-    def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any, forward_batch: Any) -> None:
+    def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any) -> None:
         """Runs after every layer's dense attention of a forward holding last prefill chunks."""
         pool = self.dense.token_to_kv_pool
         self.prefill_compression.observe(
@@ -156,7 +155,7 @@ class HybridKVAttnBackend(AttentionBackend):
                 COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
             STATS.record_prefill_end(outcome.stats())
             logger.info("hybridkv: %s", outcome.summary())
-        self.prefill_ends = []
+        self.prefill_compression = None
 
     def _flashinfer_decode(
         self, group: int, head_dim: int, device: torch.device
@@ -217,7 +216,7 @@ class HybridKVAttnBackend(AttentionBackend):
 def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     """Factory registered as ``--attention-backend hybridkv``; runs in the scheduler process."""
     config = HybridKVConfig.from_env()
-    check_supported(model_runner.server_args)
+    check_supported(model_runner.server_args, getattr(model_runner, "sliding_window_size", None))
     dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
     num_layers = model_runner.token_to_kv_pool.layer_num
     logger.info(

@@ -12,6 +12,7 @@ import json
 import pytest
 import requests
 import sglang as sgl
+from transformers import AutoTokenizer
 
 from hybridkv_sglang.testing.images import image_data_url, make_test_image
 from tests.integration.client import chat_prompt, generate, images
@@ -56,17 +57,21 @@ def test_generate_output_ids_equal_stock(stock_server, keep_all_server):
     assert set(by_rid) <= set(seen)
 
 
-def test_hooks_see_every_chunk_and_exact_spans(keep_all_server):
+def test_hooks_see_every_chunk_and_exact_spans(keep_all_server, tiny_model):
     prompt = chat_prompt("Which picture is brighter?", images=2)
     response = generate(keep_all_server.base_url, prompt, images(2, IMAGE_SIDE, seed=3))
     record = keep_all_server.hybridkv_stats()["requests"][response["meta_info"]["id"]]
     prompt_tokens = response["meta_info"]["prompt_tokens"]
     assert record["prompt_tokens"] == prompt_tokens
     assert record["prefill_chunks"] == -(-prompt_tokens // CHUNKED_PREFILL)
-    # "<|im_start|>user\n" is 3 tokens, then per image: vision_start, 256 pads, vision_end.
-    first, second = record["visual_spans"]
-    assert first == [4, 4 + VISUAL_TOKENS_PER_IMAGE]
-    assert second == [first[1] + 2, first[1] + 2 + VISUAL_TOKENS_PER_IMAGE]
+    # Each <|image_pad|> of the text expands to the image's visual tokens in the prompt.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer(prompt)["input_ids"]
+    pads = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<|image_pad|>")]
+    grow = VISUAL_TOKENS_PER_IMAGE - 1
+    expected = [[p + j * grow, p + j * grow + VISUAL_TOKENS_PER_IMAGE] for j, p in enumerate(pads)]
+    assert record["visual_spans"] == expected
+    assert len(ids) + 2 * grow == prompt_tokens
     assert record["extra"]["policy"] == "hybridkv"
 
 

@@ -1,0 +1,46 @@
+"""Combinations hybridkv cannot serve yet are refused at start-up, each named."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from hybridkv_sglang.runtime.backend import check_supported, dense_backend_name
+
+
+def _args(**overrides):
+    base = {
+        "speculative_algorithm": None,
+        "page_size": 1,
+        "enable_mixed_chunk": False,
+        "device": "cpu",
+        "disable_cuda_graph": True,
+    }
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_plain_cpu_server_is_accepted():
+    check_supported(_args(), sliding_window_size=None)
+    check_supported(_args(device="cuda"), sliding_window_size=-1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "window", "named"),
+    [
+        ({"speculative_algorithm": "EAGLE"}, None, "speculative decoding"),
+        ({"page_size": 16}, None, "--page-size > 1"),
+        ({"enable_mixed_chunk": True}, None, "--enable-mixed-chunk"),
+        ({"device": "cuda", "disable_cuda_graph": False}, None, "--disable-cuda-graph"),
+        ({}, 4096, "sliding-window"),
+    ],
+)
+def test_unsupported_combination_is_named(overrides, window, named):
+    with pytest.raises(NotImplementedError, match="hybridkv does not support") as err:
+        check_supported(_args(**overrides), sliding_window_size=window)
+    assert named in str(err.value)
+
+
+def test_dense_backend_per_device():
+    assert dense_backend_name("cpu") == "torch_native"
+    assert dense_backend_name("cuda:0") == "flashinfer"
