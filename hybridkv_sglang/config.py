@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridkv_sglang.policy import build_policy
+
 ENV_VAR = "HYBRIDKV_CONFIG"
 
 PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"]
@@ -65,54 +67,18 @@ class HybridKVConfig(BaseModel):
         "compact entries and release the dense prefix to the radix tree",
     )
 
-    @field_validator("budget")
+    @field_validator("min_prompt_tokens")
     @classmethod
-    def _budget_range(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {v} (1.0 keeps every token)")
-        return v
-
-    @field_validator("budget_tokens")
-    @classmethod
-    def _budget_tokens_range(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"budget_tokens must be >= 1 when set, got {v}")
-        return v
-
-    @field_validator("theta")
-    @classmethod
-    def _theta_range(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"theta must be in (0, 1], got {v} (mass a focus set must cover)")
-        return v
-
-    @field_validator("max_dynamic_fraction")
-    @classmethod
-    def _fraction_range(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"max_dynamic_fraction must be in [0, 1], got {v}")
-        return v
-
-    @field_validator("window", "chunk_size", "top_k_chunks", "pool_kernel")
-    @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
-        return v
-
-    @field_validator("sink", "min_prompt_tokens")
-    @classmethod
-    def _non_negative(cls, v: int, info) -> int:
+    def _non_negative(cls, v: int) -> int:
         if v < 0:
-            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+            raise ValueError(f"min_prompt_tokens must be >= 0, got {v}")
         return v
 
-    @field_validator("pool_kernel")
-    @classmethod
-    def _odd_kernel(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd (centred max-pool), got {v}")
-        return v
+    @model_validator(mode="after")
+    def _policy_accepts_values(self) -> HybridKVConfig:
+        """The policy validates its own hyper-parameters; building it once checks them all."""
+        build_policy(self.policy, **self.policy_values())
+        return self
 
     @model_validator(mode="after")
     def _storage_supported(self) -> HybridKVConfig:
