@@ -126,10 +126,7 @@ class HybridKVConfig(BaseModel):
         except json.JSONDecodeError as err:
             raise HybridKVConfigError(f"{source} is not valid JSON: {err}") from None
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                for e in err.errors()
-            )
+            problems = "; ".join(_describe(e) for e in err.errors())
             raise HybridKVConfigError(f"invalid hybridkv config in {source}: {problems}") from None
 
     @classmethod
@@ -137,3 +134,10 @@ class HybridKVConfig(BaseModel):
         """The config of this process: ``HYBRIDKV_CONFIG`` if set, else the defaults."""
         text = os.environ.get(ENV_VAR)
         return cls() if text is None or not text.strip() else cls.parse(text)
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as "field: message" (a range error keeps its own wording)."""
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {message}" if where else message
