@@ -83,14 +83,14 @@ def chunk_topk_ref(
         top: ``[R, k]`` int32 chunk ids by descending score, ``-1`` padding at the end.
     """
     _validate("chunk_topk_ref", q, kmin, kmax, num_chunks, k)
-    qf, lo, hi = q.float(), kmin.float(), kmax.float()
-    rows, groups, _ = q.shape
+    qf = q.float()
+    lo = torch.minimum(kmin, kmax).float()
+    hi = torch.maximum(kmin, kmax).float()
+    # max(q_d·kmin_d, q_d·kmax_d) = q_d·hi_d where q_d >= 0, else q_d·lo_d: the bound is two
+    # batched matmuls [R, G, D] @ [R, D, C] -> [R, G, C], then the max over the group.
+    per_head = qf.clamp(min=0) @ hi.transpose(1, 2) + qf.clamp(max=0) @ lo.transpose(1, 2)
+    scores = per_head.amax(dim=1)
     c_max = kmin.shape[1]
-    scores = torch.full((rows, c_max), float("-inf"), dtype=torch.float32, device=q.device)
-    for g in range(groups):  # G is the GQA group (<= 16): loop to bound memory at [R, C, D]
-        qg = qf[:, g, None, :]
-        s = torch.maximum(qg * lo, qg * hi).sum(dim=-1)
-        scores = torch.maximum(scores, s)
     cols = torch.arange(c_max, device=q.device)[None, :]
     scores = torch.where(cols < num_chunks.to(torch.int64)[:, None], scores, float("-inf"))
     return scores, _top_from_scores(scores, num_chunks, k)

@@ -54,7 +54,11 @@ def sparse_decode_reference(
     kv_indices: Tensor,
     sm_scale: float,
 ) -> Tensor:
-    """Paged decode attention with page size 1, vectorised over rows (no Python loop).
+    """Paged decode attention with page size 1: one small GEMM pair per row.
+
+    Rows are few (requests × kv heads) and long, so a loop over rows with dense per-row matmuls
+    is both the plainest statement of the semantics and the fastest CPU path (a vectorised
+    segment softmax materialises ``[nnz, G, D]`` products).
 
     ``out[r, g] = softmax_j(sm_scale * q[r, g] · K[e_j]) @ V[e_j]`` over the row's entries
     ``e_j = kv_indices[kv_indptr[r] + j]``. Computed in float32. Rows with no entries (undefined
@@ -73,23 +77,15 @@ def sparse_decode_reference(
     """
     _check_inputs(q, k_entries, v_entries, kv_indptr, kv_indices)
     rows, groups, _ = q.shape
-    device = q.device
-    indptr = kv_indptr.to(torch.int64)
-    nnz = int(indptr[-1])  # the reference may read one value on the host
-    lengths = indptr[1:] - indptr[:-1]
-    row_of = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=nnz)
-    entries = kv_indices[:nnz].to(torch.int64)
-    k = k_entries[entries].float()  # [nnz, D]
-    v = v_entries[entries].float()  # [nnz, D_v]
-    logits = torch.einsum("ngd,nd->ng", q.float()[row_of], k) * sm_scale  # [nnz, G]
-    row_idx = row_of[:, None].expand(-1, groups)
-    row_max = torch.full((rows, groups), float("-inf"), dtype=torch.float32, device=device)
-    row_max = row_max.scatter_reduce(0, row_idx, logits, reduce="amax", include_self=True)
-    p = torch.exp(logits - row_max[row_of])
-    denom = torch.zeros(rows, groups, dtype=torch.float32, device=device).index_add_(0, row_of, p)
-    num = torch.zeros(rows, groups, v.shape[1], dtype=torch.float32, device=device)
-    num.index_add_(0, row_of, p[:, :, None] * v[:, None, :])
-    out = torch.where(denom[:, :, None] > 0, num / denom.clamp(min=1e-30)[:, :, None], 0.0)
+    out = torch.zeros(rows, groups, v_entries.shape[1], dtype=torch.float32, device=q.device)
+    bounds = kv_indptr.tolist()  # the reference may read the offsets on the host
+    qf = q.float()
+    for r in range(rows):
+        if bounds[r + 1] == bounds[r]:
+            continue
+        entries = kv_indices[bounds[r] : bounds[r + 1]].to(torch.int64)
+        weights = torch.softmax((qf[r] @ k_entries[entries].float().T) * sm_scale, dim=-1)
+        out[r] = weights @ v_entries[entries].float()
     return out.to(q.dtype)
 
 
