@@ -11,6 +11,7 @@ All three use chunked prefill (128-token chunks) so multi-image prompts span sev
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ SERVER_KWARGS = {
     "extra_args": ["--chunked-prefill-size", str(CHUNKED_PREFILL)],
 }
 COMPRESSING = HybridKVConfig(budget=0.1, window=16, top_k_chunks=2, min_prompt_tokens=64)
+STRICT_MEMORY_CHECK = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -46,31 +48,33 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
+@contextlib.contextmanager
+def _serve(
+    model: Path, logs: Path, name: str, config: HybridKVConfig | None, **env: str
+) -> Iterator[RunningServer]:
+    with launch_server(
+        model, hybridkv=config, log_path=logs / f"{name}.log", env=env, **SERVER_KWARGS
+    ) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def stock_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
-    with launch_server(
-        tiny_model, hybridkv=None, log_path=server_logs / "stock.log", **SERVER_KWARGS
-    ) as server:
+    with _serve(tiny_model, server_logs, "stock", None) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def keep_all_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
     config = HybridKVConfig(budget=1.0, min_prompt_tokens=64)
-    with launch_server(
-        tiny_model, hybridkv=config, log_path=server_logs / "keep_all.log", **SERVER_KWARGS
-    ) as server:
+    with _serve(tiny_model, server_logs, "keep_all", config) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def compressing_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
-    with launch_server(
-        tiny_model,
-        hybridkv=COMPRESSING,
-        log_path=server_logs / "compressing.log",
-        env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"},
-        **SERVER_KWARGS,
+    with _serve(
+        tiny_model, server_logs, "compressing", COMPRESSING, **STRICT_MEMORY_CHECK
     ) as server:
         yield server
 
@@ -78,11 +82,12 @@ def compressing_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningS
 @pytest.fixture(scope="module")
 def retracting_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
     """Compressing server whose scheduler retracts decode requests every third forward."""
-    with launch_server(
+    with _serve(
         tiny_model,
-        hybridkv=COMPRESSING,
-        log_path=server_logs / "retracting.log",
-        env={"SGLANG_TEST_RETRACT": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"},
-        **SERVER_KWARGS,
+        server_logs,
+        "retracting",
+        COMPRESSING,
+        SGLANG_TEST_RETRACT="1",
+        **STRICT_MEMORY_CHECK,
     ) as server:
         yield server
