@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode
+.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel
 
 env:
 	@bash devtools/setup_cpu_env.sh
@@ -25,3 +25,6 @@ bench-fidelity: env
 
 bench-decode: env
 	$(PY) bench/decode_speed.py
+
+bench-kernel: env
+	$(PY) bench/sparse_decode_kernel.py
