@@ -44,3 +44,18 @@ def generate(
     response = requests.post(f"{base_url}/generate", json=payload, timeout=300)
     response.raise_for_status()
     return response.json()
+
+
+def plugin_failures(log: str) -> list[str]:
+    """Server-log lines showing the plugin failing: a traceback frame in hybridkv's code or a
+    request whose compression failed and fell back to dense.
+
+    SGLang's own harmless start-up tracebacks (e.g. "post-warmup freeze_gc failed") are not
+    counted.
+    """
+    return [
+        line
+        for line in log.splitlines()
+        if ('File "' in line and "hybridkv_sglang" in line)
+        or ("hybridkv: compression of" in line and "failed" in line)
+    ]
