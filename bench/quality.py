@@ -1,0 +1,751 @@
+"""Answer quality under KV compression: exact-match accuracy, full cache vs hybridkv vs baselines.
+
+For every configuration the harness starts a server (or uses ``--url``), sends each question of a
+held-out set through ``/v1/chat/completions`` (greedy), scores the reply by exact match, and reads
+what hybridkv did to each request (fraction of the prompt KV read per decode step) from
+``GET /server_info``. Configurations:
+
+* ``full``: the uncompressed reference, stock ``sglang.launch_server --attention-backend
+  torch_native`` on CPU (``--full stock``, the default there) or ``hybridkv-serve`` with
+  ``enabled=false`` (``--full disabled``; always on GPU);
+* ``<policy>@<budget>`` for every ``--policies`` entry (``hybridkv`` and the baselines run by the
+  same machinery: ``snapkv``, ``all_static``, ``all_dynamic``, ``streaming``) and every
+  ``--budgets`` fraction, served by ``hybridkv-serve`` with ``HybridKVConfig(policy=, budget=,
+  window=, sink=, min_prompt_tokens=, **--hybridkv-json)``.
+
+Default question set: the "tile" task (``hybridkv_sglang.testing.quality_task``) with the
+committed model ``bench/quality_model`` (trained by ``bench/train_quality_model.py``): K = 16, 32
+and 64 images of 16 visual tokens each (prompts of ~340 to ~1,200 tokens, 75-85 % visual);
+"Describe the <key> square." (-> "<key> <value>"), two-region "What is inside the <k1> and <k2>
+squares?" (-> "<v1> <v2>") and 2-3 turn conversations of describe questions whose later turns ask
+about images no earlier turn asked about. In each, an answer token that needs a tile is decoded
+after the prefill, from the compressed cache (the first answer token comes from the dense prefill
+forward). ``min_prompt_tokens`` defaults to 128 so every prompt of the set is compressed;
+``window`` stays at the config default (32), which with this model's short questions also covers
+the last image's 16 visual tokens.
+
+Dataset format (``--dataset FILE.jsonl``, one conversation per line)::
+
+    {"id": "q1",                      # unique id (string)
+     "images": ["img/a.png", "https://.../b.jpg", "data:image/png;base64,..."],
+     "turns": [{"question": "What is inside the red square?", "answer": "navy"},
+               {"question": "And the blue one?", "answer": ["teal", "dark teal"]}],
+     "kind": "single",                # optional label; accuracy is also reported per kind
+     "max_new_tokens": 8,             # optional, overrides --max-new-tokens
+     "meta": {...}}                   # optional, ignored ("meta.k" is reported as K if present)
+
+Image paths are relative to the JSONL file; every image is sent inline as a data URL (URLs as
+given). Images go, in order, at the start of the first user turn, unless that turn's question
+contains ``<image>`` placeholders (one per image), which place them. ``"question"``/``"answer"`` at
+the top level is shorthand for one turn. Every turn is scored: the reply and the answer(s) are
+lower-cased, stripped of surrounding whitespace, quotes and a trailing full stop, and whitespace is
+collapsed; ``--match exact`` (default) needs equality, ``--match prefix`` accepts a reply that
+starts with an answer followed by a word boundary (for models that explain after answering).
+Later turns carry the model's own earlier replies as history.
+
+Run::
+
+    python bench/quality.py                       # defaults: CPU, committed model, tile set
+    python bench/quality.py --model Qwen/Qwen2.5-VL-7B-Instruct --device cuda \\
+        --dataset my_set.jsonl --max-new-tokens 16 --match prefix
+    python bench/quality.py --url http://127.0.0.1:30000 --label hybridkv@0.1 --dataset ...
+
+Writes ``bench/results/quality.json`` (machine, arguments, dataset summary, one row per
+configuration) and ``bench/results/quality.png`` (accuracy against budget and against the
+realised read fraction), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import json
+import mimetypes
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
+from hybridkv_sglang.testing.server import RunningServer, free_port, launch_server
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "bench" / "quality_model"
+RESULTS = ROOT / "bench" / "results"
+POLICIES = ("hybridkv", "snapkv", "all_static", "all_dynamic", "streaming")
+IMAGE_PLACEHOLDER = "<image>"
+REQUEST_TIMEOUT_S = 600
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+
+
+@dataclass(frozen=True)
+class EvalTurn:
+    question: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One conversation: images (data or http URLs) in the first user turn, scored turns."""
+
+    case_id: str
+    kind: str
+    images: tuple[str, ...]
+    turns: tuple[EvalTurn, ...]
+    max_new_tokens: int | None = None
+    k: int | None = None
+
+
+def _image_url(entry: str, base_dir: Path) -> str:
+    if entry.startswith(("data:", "http://", "https://")):
+        return entry
+    path = Path(entry) if Path(entry).is_absolute() else base_dir / entry
+    if not path.is_file():
+        raise ValueError(f"image {entry!r} not found (looked at {path})")
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def case_from_record(record: dict[str, Any], base_dir: Path = Path(".")) -> EvalCase:
+    """Parse one JSONL record (format in the module docstring); errors name the field."""
+    if "id" not in record:
+        raise ValueError(f"record has no 'id': {str(record)[:200]}")
+    case_id = str(record["id"])
+    if "turns" in record:
+        raw_turns = record["turns"]
+    elif "question" in record and "answer" in record:
+        raw_turns = [{"question": record["question"], "answer": record["answer"]}]
+    else:
+        raise ValueError(f"record {case_id!r}: expected 'turns' or 'question' + 'answer'")
+    if not isinstance(raw_turns, list) or not raw_turns:
+        raise ValueError(f"record {case_id!r}: 'turns' must be a non-empty list")
+    turns = []
+    for i, turn in enumerate(raw_turns):
+        answer = turn.get("answer")
+        answers = (answer,) if isinstance(answer, str) else tuple(answer or ())
+        if "question" not in turn or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(
+                f"record {case_id!r} turn {i}: expected a 'question' and an 'answer' (a string "
+                f"or a list of strings), got {str(turn)[:200]}"
+            )
+        turns.append(EvalTurn(str(turn["question"]), answers))
+    images = tuple(_image_url(str(x), base_dir) for x in record.get("images", []))
+    placeholders = turns[0].question.count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(images):
+        raise ValueError(
+            f"record {case_id!r}: {placeholders} {IMAGE_PLACEHOLDER} placeholders in the first "
+            f"question but {len(images)} images (give one placeholder per image, or none)"
+        )
+    meta = record.get("meta") or {}
+    max_new = record.get("max_new_tokens")
+    return EvalCase(
+        case_id,
+        str(record.get("kind", "default")),
+        images,
+        tuple(turns),
+        None if max_new is None else int(max_new),
+        meta.get("k", len(images)),
+    )
+
+
+def load_jsonl(path: str | Path) -> list[EvalCase]:
+    path = Path(path)
+    cases = []
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                cases.append(case_from_record(json.loads(line), path.parent))
+            except (ValueError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}:{line_no}: {err}") from None
+    ids = Counter(c.case_id for c in cases)
+    duplicated = [i for i, n in ids.items() if n > 1]
+    if duplicated:
+        raise ValueError(f"{path}: duplicate ids {duplicated[:5]}")
+    return cases
+
+
+def tile_cases(
+    seed: int, ks: Sequence[int], per_kind: int, kinds: Sequence[str] | None = None
+) -> list[EvalCase]:
+    """The default set: the tile task's held-out cases, images as PNG data URLs."""
+    from hybridkv_sglang.testing import quality_task as qt
+
+    chosen = tuple(kinds) if kinds else qt.EVAL_KINDS
+    unknown = sorted(set(chosen) - set(qt.CASE_KINDS))
+    if unknown:
+        raise ValueError(f"--kinds: expected names from {qt.CASE_KINDS}, got {unknown}")
+    cases = qt.make_question_set(seed, ks, per_kind, kinds=chosen)  # type: ignore[arg-type]
+    return [case_from_record(case.to_record()) for case in cases]
+
+
+def message_list(case: EvalCase, replies: Sequence[str], upto: int) -> list[dict[str, Any]]:
+    """OpenAI chat messages for turns ``[0, upto)``; earlier turns answered by ``replies``."""
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(case.turns[:upto]):
+        if i == 0:
+            content: list[dict[str, Any]] = []
+            pieces = turn.question.split(IMAGE_PLACEHOLDER)
+            if len(pieces) == 1:  # no placeholders: images first
+                content += [_image_part(u) for u in case.images]
+                content.append({"type": "text", "text": turn.question})
+            else:
+                for j, piece in enumerate(pieces):
+                    if piece:
+                        content.append({"type": "text", "text": piece})
+                    if j < len(case.images):
+                        content.append(_image_part(case.images[j]))
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "user", "content": turn.question})
+        if i < upto - 1:
+            messages.append({"role": "assistant", "content": replies[i]})
+    return messages
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def normalize(text: str) -> str:
+    text = " ".join(text.strip().lower().split())
+    text = text.strip("\"'`")
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def is_correct(reply: str, answers: Sequence[str], match: str = "exact") -> bool:
+    got = normalize(reply)
+    for answer in answers:
+        want = normalize(answer)
+        if got == want:
+            return True
+        if match == "prefix" and got.startswith(want) and re.match(r"\W|$", got[len(want) :]):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations and servers
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One column of the comparison: ``hybridkv=None`` is the stock server."""
+
+    name: str
+    policy: str
+    budget: float | None
+    hybridkv: HybridKVConfig | None
+
+
+def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
+    extra = json.loads(args.hybridkv_json) if args.hybridkv_json else {}
+    common = {
+        "window": args.window,
+        "sink": args.sink,
+        "min_prompt_tokens": args.min_prompt_tokens,
+        **extra,
+    }
+    configs = []
+    if args.full != "none":
+        stock = args.full == "stock" and args.device == "cpu"
+        full = None if stock else HybridKVConfig(enabled=False, **common)
+        configs.append(EvalConfig("full", "full", 1.0, full))
+    for policy in args.policies:
+        if policy not in POLICIES:
+            raise ValueError(f"--policies: expected names from {POLICIES}, got {policy!r}")
+        for budget in args.budgets:
+            config = HybridKVConfig(policy=policy, budget=budget, **common)
+            configs.append(EvalConfig(f"{policy}@{budget:g}", policy, budget, config))
+    return configs
+
+
+@contextlib.contextmanager
+def serve(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> Iterator[str]:
+    """Start the configuration's server; yields its base URL."""
+    if args.device == "cpu":
+        with launch_server(
+            args.model,
+            hybridkv=config.hybridkv,
+            log_path=log_path,
+            max_total_tokens=args.max_total_tokens,
+            context_length=args.context_length,
+            max_running_requests=args.concurrency * 2,
+            extra_args=args.server_args,
+        ) as server:
+            yield server.base_url
+        return
+    with _serve_gpu(config, args, log_path) as server:
+        yield server.base_url
+
+
+@contextlib.contextmanager
+def _serve_gpu(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> Iterator[Any]:
+    """``hybridkv-serve`` on CUDA with SGLang's defaults plus ``--server-args``."""
+    from hybridkv_sglang.testing import server as cpu_server
+
+    port = free_port()
+    assert config.hybridkv is not None  # on GPU "full" is hybridkv with enabled=false
+    command = [
+        sys.executable, "-m", "hybridkv_sglang.cli",
+        "--model-path", str(args.model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--disable-cuda-graph",
+        *args.server_args,
+    ]  # fmt: skip
+    env = {**os.environ, ENV_VAR: config.hybridkv.to_env()}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        cpu_server._wait_ready(server, timeout_s=1800)
+        yield server
+    finally:
+        cpu_server._stop(process)
+
+
+class ServerPipeline:
+    """Starts servers ahead of use (``ahead`` beyond the one being evaluated), so SGLang's start-up
+    (a minute or more on a busy CPU) overlaps the previous configuration's questions."""
+
+    def __init__(self, args: argparse.Namespace, ahead: int) -> None:
+        self.args = args
+        self.ahead = ahead
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, ahead + 1))
+        self.servers: dict[str, tuple[Any, concurrent.futures.Future]] = {}
+
+    def __enter__(self) -> ServerPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in list(self.servers):
+            self._close(name)
+        self.executor.shutdown(wait=True)
+
+    def prepare(self, configs: Sequence[EvalConfig]) -> None:
+        for config in configs:
+            if config.name not in self.servers:
+                tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
+                manager = serve(config, self.args, self.args.log_dir / f"{tag}.log")
+                self.servers[config.name] = (manager, self.executor.submit(manager.__enter__))
+
+    def wait(self, config: EvalConfig) -> tuple[str, float]:
+        """The server's URL once it answers, and how long this call waited for it."""
+        started = time.perf_counter()
+        url = self.servers[config.name][1].result()
+        return url, time.perf_counter() - started
+
+    def stop(self, config: EvalConfig) -> None:
+        self._close(config.name)
+
+    def _close(self, name: str) -> None:
+        manager, future = self.servers.pop(name)
+        try:
+            future.result()
+        except Exception:  # start-up failed: nothing to stop (the error surfaced in wait())
+            return
+        manager.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one configuration
+
+
+@dataclass
+class TurnResult:
+    case_id: str
+    kind: str
+    k: int | None
+    turn: int
+    rid: str
+    reply: str
+    answers: tuple[str, ...]
+    correct: bool
+    prompt_tokens: int | None
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class StatsCollector:
+    """Reads hybridkv's per-request records from /server_info before they age out (256 kept)."""
+
+    base_url: str
+    every: int = 48
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    available: bool = True
+    _since: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def completed(self) -> None:
+        with self._lock:
+            self._since += 1
+            if self._since >= self.every:
+                self._since = 0
+                self.fetch()
+
+    def fetch(self) -> None:
+        if not self.available:
+            return
+        try:
+            response = requests.get(f"{self.base_url}/server_info", timeout=120)
+            response.raise_for_status()
+            states = response.json().get("internal_states") or [{}]
+            snapshot = states[0].get("hybridkv")
+        except (requests.RequestException, ValueError):
+            snapshot = None
+        if snapshot is None:  # not a hybridkv server (stock, or a remote one)
+            self.available = False
+            return
+        self.records.update(snapshot.get("requests", {}))
+
+
+def chat(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid: str) -> Any:
+    payload = {
+        "model": "default",
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": max_new_tokens,
+        "rid": rid,
+    }
+    response = requests.post(
+        f"{base_url}/v1/chat/completions", json=payload, timeout=REQUEST_TIMEOUT_S
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
+    return response.json()
+
+
+def run_case(
+    base_url: str, case: EvalCase, args: argparse.Namespace, tag: str, collector: StatsCollector
+) -> list[TurnResult]:
+    replies: list[str] = []
+    results = []
+    max_new = case.max_new_tokens or args.max_new_tokens
+    for i, turn in enumerate(case.turns):
+        rid = f"{tag}-{case.case_id}-t{i}-{uuid.uuid4().hex[:8]}"
+        body = chat(base_url, message_list(case, replies, i + 1), max_new, rid)
+        reply = body["choices"][0]["message"]["content"] or ""
+        replies.append(reply)
+        usage = body.get("usage") or {}
+        results.append(
+            TurnResult(
+                case.case_id,
+                case.kind,
+                case.k,
+                i,
+                rid,
+                reply,
+                turn.answers,
+                is_correct(reply, turn.answers, args.match),
+                usage.get("prompt_tokens"),
+            )
+        )
+        collector.completed()
+    return results
+
+
+def run_config(base_url: str, cases: Sequence[EvalCase], args: argparse.Namespace, tag: str):
+    """All cases through one server: per-turn results and wall time (after one warm-up case)."""
+    collector = StatsCollector(base_url)
+    run_case(base_url, cases[0], args, f"{tag}-warmup", collector)
+    started = time.perf_counter()
+    results: list[TurnResult] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = [pool.submit(run_case, base_url, c, args, tag, collector) for c in cases]
+        for future in tqdm(
+            concurrent.futures.as_completed(futures), total=len(futures), desc=tag, leave=False
+        ):
+            results.extend(future.result())
+    seconds = time.perf_counter() - started
+    collector.fetch()
+    for result in results:
+        result.stats = collector.records.get(result.rid)
+    order = {c.case_id: n for n, c in enumerate(cases)}
+    results.sort(key=lambda r: (order[r.case_id], r.turn))
+    return results, seconds, collector.available
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(
+    config: EvalConfig, results: Sequence[TurnResult], seconds: float, has_stats: bool
+) -> dict[str, Any]:
+    def accuracy_by(key: Any) -> dict[str, float]:
+        groups: dict[str, list[bool]] = {}
+        for r in results:
+            groups.setdefault(str(key(r)), []).append(r.correct)
+        return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
+
+    stats = [r.stats for r in results if r.stats is not None]
+    if config.hybridkv is None or not config.hybridkv.enabled:
+        read = [1.0] * len(results)  # dense by construction
+    else:
+        read = [s["read_fraction"] for s in stats]
+    reasons = Counter(s.get("dense_reason") or "compressed" for s in stats)
+    correct = sum(r.correct for r in results)
+    prompt_tokens = [r.prompt_tokens for r in results if r.prompt_tokens]
+    return {
+        "config": config.name,
+        "policy": config.policy,
+        "budget": config.budget,
+        "hybridkv": None if config.hybridkv is None else config.hybridkv.model_dump(),
+        "accuracy": round(correct / len(results), 4),
+        "correct": correct,
+        "questions": len(results),
+        "mean_read_fraction": None if not read else round(_mean(read) or 0.0, 4),
+        "requests_with_stats": len(stats) if has_stats else None,
+        "compression_outcomes": dict(reasons) if has_stats else None,
+        "accuracy_by_kind": accuracy_by(lambda r: r.kind),
+        "accuracy_by_k": accuracy_by(lambda r: r.k),
+        "accuracy_by_turn": accuracy_by(lambda r: r.turn),
+        "mean_prompt_tokens": round(statistics.mean(prompt_tokens), 1) if prompt_tokens else None,
+        "seconds": round(seconds, 1),
+        "correct_bits": "".join("1" if r.correct else "0" for r in results),
+        "wrong_examples": [
+            {"id": r.case_id, "turn": r.turn, "reply": r.reply, "answer": r.answers[0]}
+            for r in results
+            if not r.correct
+        ][:10],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        f"{'config':<18} {'budget':>7} {'accuracy':>9} {'read frac':>10} {'questions':>10}",
+        "-" * 58,
+    ]
+    for row in rows:
+        budget = "-" if row["budget"] is None else f"{row['budget']:.0%}"
+        read = "-" if row["mean_read_fraction"] is None else f"{row['mean_read_fraction']:.3f}"
+        lines.append(
+            f"{row['config']:<18} {budget:>7} {row['accuracy']:>9.1%} {read:>10} "
+            f"{row['questions']:>10}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    full = [r for r in rows if r["policy"] == "full"]
+    policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != "full"]
+    for ax, x_key, x_label in (
+        (axes[0], "budget", "budget (fraction of prompt KV kept)"),
+        (axes[1], "mean_read_fraction", "mean fraction of prompt KV read per decode step"),
+    ):
+        for policy in policies:
+            pts = sorted(
+                (r[x_key], r["accuracy"])
+                for r in rows
+                if r["policy"] == policy and r[x_key] is not None
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
+        for r in full:
+            ax.axhline(r["accuracy"], color="black", linestyle="--", label="full cache")
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dataset_summary(cases: Sequence[EvalCase]) -> dict[str, Any]:
+    return {
+        "cases": len(cases),
+        "questions": sum(len(c.turns) for c in cases),
+        "kinds": dict(Counter(c.kind for c in cases)),
+        "images_per_case": dict(sorted(Counter(len(c.images) for c in cases).items())),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Exact-match accuracy: full cache vs hybridkv vs baselines at KV budgets."
+    )
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint path or hub id")
+    parser.add_argument("--dataset", type=Path, help="JSONL question set (default: tile task)")
+    parser.add_argument("--ks", type=_ints, default=[16, 32, 64], help="tile set: images/prompt")
+    parser.add_argument("--per-kind", type=int, default=8, help="tile set: cases per kind and K")
+    parser.add_argument("--seed", type=int, default=1_000_000, help="tile set seed (held out)")
+    parser.add_argument(
+        "--kinds",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="tile set: question kinds (default describe,pair_name,multi_turn; also single, "
+        "pair_same)",
+    )
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N cases")
+    parser.add_argument("--budgets", type=_floats, default=[0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--policies",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(POLICIES),
+        help=f"comma-separated, from {','.join(POLICIES)} (empty: full only)",
+    )
+    parser.add_argument(
+        "--full",
+        choices=("stock", "disabled", "none"),
+        default="stock",
+        help="reference: stock torch_native server (CPU), hybridkv enabled=false, or none",
+    )
+    parser.add_argument("--window", type=int, default=HybridKVConfig().window)
+    parser.add_argument("--sink", type=int, default=HybridKVConfig().sink)
+    parser.add_argument("--min-prompt-tokens", type=int, default=128)
+    parser.add_argument("--hybridkv-json", help="more HybridKVConfig fields, as JSON")
+    parser.add_argument("--match", choices=("exact", "prefix"), default="exact")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-total-tokens", type=int, default=32768, help="CPU servers")
+    parser.add_argument("--context-length", type=int, default=4096, help="CPU servers")
+    parser.add_argument(
+        "--server-args", default="", help="extra SGLang flags, one string (e.g. '--tp 2')"
+    )
+    parser.add_argument(
+        "--prestart",
+        type=int,
+        default=1,
+        help="servers started ahead of the one in use (0: one at a time; each ~2 GB on CPU)",
+    )
+    parser.add_argument("--url", help="evaluate this running server instead of starting any")
+    parser.add_argument("--label", default="served", help="with --url: the row's config name")
+    parser.add_argument("--label-budget", type=float, help="with --url: the row's budget")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="writes .json/.png")
+    parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "quality-logs")
+    args = parser.parse_args(argv)
+    args.server_args = args.server_args.split()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    total_started = time.perf_counter()
+    if args.dataset:
+        cases = load_jsonl(args.dataset)
+        source = str(args.dataset)
+    else:
+        cases = tile_cases(args.seed, args.ks, args.per_kind, args.kinds)
+        kinds = ",".join(dict.fromkeys(c.kind for c in cases))
+        source = f"tile task ({kinds}), seed {args.seed}, K {args.ks}, {args.per_kind} per kind"
+    if args.limit:
+        cases = cases[: args.limit]
+    if not cases:
+        raise SystemExit("no cases to evaluate")
+
+    if args.url:
+        budget = args.label_budget
+        configs = [EvalConfig(args.label, args.label.split("@")[0], budget, None)]
+    else:
+        configs = build_configs(args)
+    rows = []
+    with ServerPipeline(args, ahead=0 if args.url else args.prestart) as pipeline:
+        for i, config in enumerate(configs):
+            tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
+            if args.url:
+                url, waited = args.url.rstrip("/"), 0.0
+            else:
+                pipeline.prepare(configs[i : i + 1 + args.prestart])
+                url, waited = pipeline.wait(config)
+            results, seconds, has_stats = run_config(url, cases, args, tag)
+            if not args.url:
+                pipeline.stop(config)
+            row = summarize(config, results, seconds, has_stats)
+            if args.url:
+                row["hybridkv"] = None
+                if not has_stats:
+                    row["mean_read_fraction"] = None
+            else:
+                row["server_wait_seconds"] = round(waited, 1)
+            rows.append(row)
+            read = row["mean_read_fraction"]
+            tqdm.write(
+                f"{config.name}: accuracy {row['accuracy']:.1%} "
+                f"({row['correct']}/{row['questions']}), read fraction "
+                f"{'-' if read is None else f'{read:.3f}'}, {seconds:.0f} s"
+            )
+
+    total = time.perf_counter() - total_started
+    table = format_table(rows)
+    print(table)
+    print(f"total {total / 60:.1f} min")
+    result = {
+        "benchmark": "quality",
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "device": args.device,
+        },
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "dataset": {"source": source, **dataset_summary(cases)},
+        "model": str(args.model),
+        "total_seconds": round(total, 1),
+        "rows": rows,
+        "table": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = args.out.with_suffix(".json")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    title = f"{Path(str(args.model)).name}: {source}"
+    plot(rows, args.out.with_suffix(".png"), title)
+    print(f"wrote {json_path} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
