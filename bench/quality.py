@@ -561,6 +561,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     full = [r for r in rows if r["policy"] == "full"]
@@ -580,6 +581,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         for r in full:
             ax.axhline(r["accuracy"], color="black", linestyle="--", label="full cache")
         ax.set_xscale("log")
+        ticks = sorted({r[x_key] for r in rows if r[x_key] is not None and r["policy"] != "full"})
+        if len(ticks) > 6:
+            ticks = [0.02, 0.05, 0.1, 0.2, 0.5]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_xlabel(x_label)
         ax.set_ylabel("exact-match accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -667,6 +674,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-budget", type=float, help="with --url: the row's budget")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="writes .json/.png")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "quality-logs")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw --out .png from its .json, run nothing"
+    )
     args = parser.parse_args(argv)
     args.server_args = args.server_args.split()
     return args
@@ -674,6 +684,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        title = f"{Path(saved['model']).name}: {saved['dataset']['source']}"
+        plot(saved["rows"], args.out.with_suffix(".png"), title)
+        print(saved["table"])
+        return 0
     total_started = time.perf_counter()
     if args.dataset:
         cases = load_jsonl(args.dataset)
