@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel
+.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-quality
 
 env:
 	@bash devtools/setup_cpu_env.sh
@@ -28,3 +28,6 @@ bench-decode: env
 
 bench-kernel: env
 	$(PY) bench/sparse_decode_kernel.py
+
+bench-quality: env
+	$(PY) bench/quality.py
