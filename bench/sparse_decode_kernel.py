@@ -33,10 +33,8 @@ from tqdm import tqdm
 
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.policy import build_policy
-from hybridkv_sglang.storage.decode_layout import (
-    CompressedLayout,
-    DecodeBatchLayout,
-)
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128

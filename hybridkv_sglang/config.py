@@ -66,26 +66,23 @@ class HybridKVConfig(BaseModel):
         description="in_place: sparse reads over the dense prefix; compact: move kept KV into "
         "compact entries and release the dense prefix to the radix tree",
     )
+    host_tier_mib: float = Field(
+        1024.0,
+        description="compact mode: pinned host buffer (MiB) holding dynamic heads' prompt KV; "
+        "0 keeps dynamic heads' KV on the device",
+    )
 
-    @field_validator("min_prompt_tokens")
+    @field_validator("min_prompt_tokens", "host_tier_mib")
     @classmethod
-    def _non_negative(cls, v: int) -> int:
+    def _non_negative(cls, v: float, info: Any) -> float:
         if v < 0:
-            raise ValueError(f"min_prompt_tokens must be >= 0, got {v}")
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
 
     @model_validator(mode="after")
     def _policy_accepts_values(self) -> HybridKVConfig:
         """The policy validates its own hyper-parameters; building it once checks them all."""
         build_policy(self.policy, **self.policy_values())
-        return self
-
-    @model_validator(mode="after")
-    def _storage_supported(self) -> HybridKVConfig:
-        if self.storage == "compact":
-            raise ValueError(
-                "storage='compact' is not available in this version; use storage='in_place'"
-            )
         return self
 
     POLICY_FIELDS: ClassVar[tuple[str, ...]] = (

@@ -23,11 +23,13 @@ from hybridkv_sglang.attention.sparse_decode import (
 )
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
+from hybridkv_sglang.runtime import compaction
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
+from hybridkv_sglang.storage.host_tier import HostTier
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,11 @@ def dense_backend_name(device: str | torch.device) -> str:
     return "flashinfer" if torch.device(device).type == "cuda" else "torch_native"
 
 
-def check_supported(server_args: Any, sliding_window_size: int | None) -> None:
+def check_supported(
+    server_args: Any, sliding_window_size: int | None, storage: str = "in_place"
+) -> None:
     """Refuse, at start-up, combinations whose dense bookkeeping would bypass the plugin."""
+    compact = storage == "compact"
     refusals = {
         "models with sliding-window attention layers": sliding_window_size is not None
         and sliding_window_size > 0,
@@ -53,6 +58,15 @@ def check_supported(server_args: Any, sliding_window_size: int | None) -> None:
         ),
         "CUDA graphs (add --disable-cuda-graph)": str(server_args.device).startswith("cuda")
         and not server_args.disable_cuda_graph,
+        "storage='compact' without the radix cache (remove --disable-radix-cache)": compact
+        and bool(server_args.disable_radix_cache),
+        "storage='compact' with --enable-hierarchical-cache": compact
+        and bool(server_args.enable_hierarchical_cache),
+        "storage='compact' with PD disaggregation": compact
+        and str(server_args.disaggregation_mode) != "null",
+        "storage='compact' with --tp-size/--pp-size/--dp-size > 1 (slot decisions must match "
+        "across ranks)": compact
+        and max(server_args.tp_size, server_args.pp_size, server_args.dp_size) > 1,
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:
@@ -103,6 +117,9 @@ class HybridKVAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         self.dense.init_forward_metadata(forward_batch)
+        storage = compaction.installed()
+        if storage is not None and torch.cuda.is_available():
+            storage.forward_stream = torch.cuda.current_stream()
         self.prefill_compression = None
         self.decode_batch = None
         mode = forward_batch.forward_mode
@@ -190,8 +207,12 @@ class HybridKVAttnBackend(AttentionBackend):
         heads, dim = pool.head_num, layer.qk_head_dim
         group = layer.tp_q_head_num // heads
         q_rows = q.reshape(-1, heads, group, dim).reshape(-1, group, dim)
+        storage = compaction.installed()
         table = self.decode_batch.layer_table(
-            layer.layer_id, q_rows, self.dense.req_to_token_pool.req_to_token
+            layer.layer_id,
+            q_rows,
+            self.dense.req_to_token_pool.req_to_token,
+            stager=None if storage is None else storage.stager,
         )
         k_buffer = pool.get_key_buffer(layer.layer_id)
         v_buffer = pool.get_value_buffer(layer.layer_id)
@@ -216,9 +237,18 @@ class HybridKVAttnBackend(AttentionBackend):
 def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     """Factory registered as ``--attention-backend hybridkv``; runs in the scheduler process."""
     config = HybridKVConfig.from_env()
-    check_supported(model_runner.server_args, getattr(model_runner, "sliding_window_size", None))
+    check_supported(
+        model_runner.server_args,
+        getattr(model_runner, "sliding_window_size", None),
+        config.storage,
+    )
     dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
     num_layers = model_runner.token_to_kv_pool.layer_num
+    compaction.install(
+        create_compact_storage(config, model_runner.token_to_kv_pool, num_layers)
+        if config.storage == "compact" and config.enabled
+        else None
+    )
     logger.info(
         "hybridkv: wrapping %s over %d layers with %s",
         type(dense).__name__,
@@ -226,3 +256,26 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         config.model_dump_json(),
     )
     return HybridKVAttnBackend(dense, config, num_layers)
+
+
+def create_compact_storage(
+    config: HybridKVConfig, kv_pool: Any, num_layers: int
+) -> compaction.CompactStorage:
+    """Compact storage over SGLang's pool, with a host tier of ``config.host_tier_mib``."""
+    host_tier = None
+    if config.host_tier_mib > 0:
+        k, v = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
+        host_tier = HostTier.sized(
+            config.host_tier_mib,
+            config.chunk_size,
+            k.shape[-1],
+            v.shape[-1],
+            k.dtype,
+            pin=k.is_cuda,
+        )
+        logger.info(
+            "hybridkv: host tier of %d chunks (%.1f MiB) for dynamic heads",
+            host_tier.capacity,
+            config.host_tier_mib,
+        )
+    return compaction.CompactStorage(kv_pool, num_layers, host_tier)

@@ -2,24 +2,27 @@
 
 Keyed by rid and checked against the request's pool row, so a reused row never picks up another
 request's layout (pitfall 9). Finish, abort and retraction all end in SGLang's
-``mem_cache.common.release_kv_cache``; an AFTER hook there drops the entry, so a retracted
-request is re-prefilled densely and compressed afresh at its new prefill end.
+``mem_cache.common.release_kv_cache``; an AFTER hook there drops the entry (and gives back
+compact storage), so a retracted request is re-prefilled densely and compressed afresh at its
+new prefill end.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
 
-from hybridkv_sglang.storage.decode_layout import CompressedLayout
+from hybridkv_sglang.storage.compact_layout import CompactLayout
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 
 
 @dataclass(frozen=True)
 class CompressedRequest:
     rid: str
     req_pool_idx: int
-    layout: CompressedLayout
+    layout: CompressedLayout | CompactLayout
+    saved_skip_insert: bool = False
+    """``compact``: the request's ``skip_radix_cache_insert`` before compaction set it."""
 
 
 class CompressedRequests:
@@ -30,20 +33,24 @@ class CompressedRequests:
         self._by_rid: dict[str, CompressedRequest] = {}
 
     def add(self, request: CompressedRequest) -> None:
+        """Register (or replace: ``compact`` replaces the ``in_place`` entry) a request."""
         with self._lock:
             self._by_rid[request.rid] = request
 
-    def layout_for(self, rid: str, req_pool_idx: int) -> CompressedLayout | None:
-        """The layout of ``rid`` if it is compressed and still owns ``req_pool_idx``."""
+    def entry(self, rid: str) -> CompressedRequest | None:
         with self._lock:
-            entry = self._by_rid.get(rid)
+            return self._by_rid.get(rid)
+
+    def layout_for(self, rid: str, req_pool_idx: int) -> CompressedLayout | CompactLayout | None:
+        """The layout of ``rid`` if it is compressed and still owns ``req_pool_idx``."""
+        entry = self.entry(rid)
         if entry is None or entry.req_pool_idx != req_pool_idx:
             return None
         return entry.layout
 
-    def drop(self, rid: str) -> None:
+    def pop(self, rid: str) -> CompressedRequest | None:
         with self._lock:
-            self._by_rid.pop(rid, None)
+            return self._by_rid.pop(rid, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -51,9 +58,3 @@ class CompressedRequests:
 
 
 COMPRESSED = CompressedRequests()
-
-
-def drop_on_release(result: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    """AFTER hook of ``release_kv_cache(req, tree_cache, ...)``: forget the request's layout."""
-    COMPRESSED.drop(req.rid)
-    return result

@@ -10,7 +10,11 @@ import logging
 import os
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.runtime.compressed_requests import drop_on_release
+from hybridkv_sglang.runtime.compaction import (
+    compact_after_checkpoint,
+    count_compact_slots,
+    release_compact,
+)
 from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
 from hybridkv_sglang.runtime.stats import add_to_internal_state
 
@@ -45,7 +49,18 @@ def register() -> None:
         HookType.AFTER,
     )
     HookRegistry.register(
-        "sglang.srt.mem_cache.common.release_kv_cache", drop_on_release, HookType.AFTER
+        "sglang.srt.mem_cache.common.release_kv_cache", release_compact, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.common.checkpoint_kv_cache",
+        compact_after_checkpoint,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.invariant_checker."
+        "SchedulerInvariantChecker._get_total_uncached_sizes",
+        count_compact_slots,
+        HookType.AFTER,
     )
     _registered = True
     try:

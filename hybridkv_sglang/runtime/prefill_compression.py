@@ -19,7 +19,7 @@ import torch
 from hybridkv_sglang.policy import CompressionPolicy, LayerObservation
 from hybridkv_sglang.runtime.requests import PrefillEnd
 from hybridkv_sglang.runtime.stats import RequestStats
-from hybridkv_sglang.storage.decode_layout import CompressedLayout
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 
 logger = logging.getLogger(__name__)
 

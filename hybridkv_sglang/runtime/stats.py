@@ -32,6 +32,11 @@ class RequestStats:
     prompt_entries: int = 0
     read_fraction: float = 1.0
     decode_steps: int = 0
+    storage: str = "in_place"
+    compact_slots: int = 0
+    host_chunks: int = 0
+    dynamic_tier: str | None = None
+    host_tier_full: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +73,23 @@ class HybridKVStats:
             else:
                 self._totals[f"dense_{stats.dense_reason}"] += 1
 
+    def record_compaction(self, rid: str, done: Any, failure: str | None) -> None:
+        """``done``: a ``Compaction`` (or ``None`` with the reason it stayed ``in_place``)."""
+        with self._lock:
+            record = self._recent.get(rid)
+            if done is None:
+                self._totals[f"not_compacted_{failure}"] += 1
+                return
+            self._totals["compacted_requests"] += 1
+            if done.host_tier_full:
+                self._totals["host_tier_full"] += 1
+            if record is not None:
+                record.storage = "compact"
+                record.compact_slots = done.slots
+                record.host_chunks = done.host_chunks
+                record.dynamic_tier = done.dynamic_tier
+                record.host_tier_full = done.host_tier_full
+
     def record_decode_step(self, rids: list[str]) -> None:
         with self._lock:
             self._totals["decode_tokens"] += len(rids)
@@ -76,10 +98,13 @@ class HybridKVStats:
                 if record is not None:
                     record.decode_steps += 1
 
-    def snapshot(self, live_compressed: int = 0) -> dict[str, Any]:
+    def snapshot(
+        self, live_compressed: int = 0, memory: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         with self._lock:
             return {
                 "live_compressed_requests": live_compressed,
+                "memory": memory or {},
                 "totals": dict(self._totals),
                 "requests": {rid: asdict(s) for rid, s in self._recent.items()},
             }
@@ -88,11 +113,36 @@ class HybridKVStats:
 STATS = HybridKVStats()
 
 
-def add_to_internal_state(result: Any, *args: Any, **kwargs: Any) -> Any:
+def add_to_internal_state(result: Any, controller: Any = None, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of the scheduler's ``get_internal_state``: attach the hybridkv snapshot."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         from hybridkv_sglang.runtime.compressed_requests import COMPRESSED
 
-        state["hybridkv"] = STATS.snapshot(live_compressed=len(COMPRESSED))
+        scheduler = getattr(controller, "scheduler", None)
+        state["hybridkv"] = STATS.snapshot(
+            live_compressed=len(COMPRESSED), memory=memory_snapshot(scheduler)
+        )
     return result
+
+
+def memory_snapshot(scheduler: Any) -> dict[str, Any]:
+    """SGLang's own KV pool counts (tokens) plus what compact storage holds."""
+    from hybridkv_sglang.runtime.compaction import installed
+
+    memory: dict[str, Any] = {}
+    tree = getattr(scheduler, "tree_cache", None)
+    if tree is not None:
+        memory["pool_tokens"] = int(scheduler.max_total_num_tokens)
+        memory["available_tokens"] = int(tree.token_to_kv_pool_allocator.available_size())
+        memory["evictable_tokens"] = int(tree.evictable_size())
+        memory["protected_tokens"] = int(tree.protected_size())
+    storage = installed()
+    if storage is not None:
+        memory["compact_slots"] = storage.live_slots
+        if storage.host_tier is not None:
+            memory["host_chunks_capacity"] = storage.host_tier.capacity
+            memory["host_chunks_used"] = storage.host_tier.capacity - storage.host_tier.free_chunks
+            memory["staged_chunks"] = storage.stager.moved_chunks
+            memory["reused_staged_chunks"] = storage.stager.reused_chunks
+    return memory

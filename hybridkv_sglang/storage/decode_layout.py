@@ -1,12 +1,13 @@
-"""Turn compression plans into one decode step's per-layer folded page tables (``in_place`` mode).
+"""One decode step's per-layer folded page tables over dense, ``in_place`` and ``compact`` requests.
 
-A compressed request keeps, per layer: the kept positions of its static heads (fixed for the rest
-of the request) and, for its dynamic heads, the key bounds of the retrievable chunks (scored
-against each step's query). A decode step's table for layer ``l`` has one row per (request, kv
-head), request-major: dense requests read ``[0, seq_len)``; static heads their kept positions plus
-the decode tail ``[N, seq_len)``; dynamic heads the resident prefix, the top-k chunks of this
-step and ``[tail_start, seq_len)`` (see :class:`DynamicRowLayout`). Every row length is known on
-the host before any device work, so the host ``indptr`` never needs a device read.
+A decode step's table for layer ``l`` has one row per (request, kv head), request-major: dense
+requests read ``[0, seq_len)``. An ``in_place`` request's static heads read their kept positions
+plus the decode tail ``[N, seq_len)``; its dynamic heads the resident prefix, the top-k chunks of
+this step and ``[tail_start, seq_len)`` (see :class:`DynamicRowLayout`). A ``compact`` request
+reads the same KV from its compact entries (listed directly, before the row's positions) and
+only the decode tail ``[N, seq_len)`` from its row. Every row length is known on the host before
+any device work, so the host ``indptr`` never needs a device read; only host-tier staging reads
+this step's chunk ids back.
 """
 
 from __future__ import annotations
@@ -18,88 +19,36 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk_auto
-from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.storage.compact_layout import (
+    CompactLayerLayout,
+    CompactLayout,
+    dynamic_row_locals,
+)
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout, LayerLayout
+from hybridkv_sglang.storage.host_tier import ChunkStager
 from hybridkv_sglang.storage.page_tables import (
-    DynamicRowLayout,
     FoldedPageTable,
     FoldedRowSpecs,
     PositionsCSR,
+    append_ranges,
     assemble_rows,
     build_folded_page_table,
     chunk_selection_positions,
+    prepend_entries,
+    take_from_regions,
 )
 
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """One layer of one compressed request.
-
-    Attributes:
-        static_heads: ``[n_s]`` int64 CPU, kv heads that read a fixed kept set.
-        static_kept: CSR over those heads, positions in the request's row.
-        dynamic_heads: ``[n_d]`` int64 CPU, kv heads served by chunk retrieval.
-        chunk_kmin: ``[n_d, n_chunks, D]`` bounds of the retrievable chunks (chunk ``j`` here is
-            chunk ``first_chunk + j`` of the prompt).
-        chunk_kmax: same, maxima.
-    """
-
-    static_heads: Tensor
-    static_kept: PositionsCSR
-    dynamic_heads: Tensor
-    chunk_kmin: Tensor | None
-    chunk_kmax: Tensor | None
+RequestLayout = CompressedLayout | CompactLayout
 
 
 @dataclass(frozen=True)
-class CompressedLayout:
-    """Everything decode needs of one compressed request, derived once from its plan."""
+class _DynamicGroup:
+    """The dynamic rows of one request in one layer."""
 
-    prompt_len: int
-    num_kv_heads: int
-    top_k_chunks: int
-    dynamic_rows: DynamicRowLayout
-    layers: tuple[LayerLayout, ...]
-    read_entries_per_step: int
-
-    @classmethod
-    def from_plan(cls, plan: CompressionPlan, device: torch.device | str) -> CompressedLayout:
-        dyn_rows = DynamicRowLayout.for_prompt(
-            plan.prompt_len, plan.sink, plan.window, plan.chunk_size
-        )
-        first, end = dyn_rows.first_chunk, dyn_rows.end_chunk
-        is_dynamic = plan.is_dynamic.cpu()
-        layers = []
-        read = 0
-        for layer in range(plan.num_layers):
-            dyn_mask = is_dynamic[layer]
-            static_heads = torch.nonzero(~dyn_mask).reshape(-1)
-            dynamic_heads = torch.nonzero(dyn_mask).reshape(-1)
-            rows = [plan.kept_positions_of(layer, int(h)) for h in static_heads]
-            static_kept = PositionsCSR.from_lists(rows, device)
-            read += static_kept.nnz
-            kmin = kmax = None
-            if dynamic_heads.numel():
-                assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
-                heads = dynamic_heads.to(plan.chunk_kmin.device)
-                kmin = plan.chunk_kmin[layer, heads, first:end].to(device)
-                kmax = plan.chunk_kmax[layer, heads, first:end].to(device)
-                per_row = dyn_rows.row_length(plan.prompt_len, plan.top_k_chunks)
-                read += int(dynamic_heads.numel()) * per_row
-            layers.append(LayerLayout(static_heads, static_kept, dynamic_heads, kmin, kmax))
-        return cls(
-            prompt_len=plan.prompt_len,
-            num_kv_heads=plan.num_kv_heads,
-            top_k_chunks=plan.top_k_chunks,
-            dynamic_rows=dyn_rows,
-            layers=tuple(layers),
-            read_entries_per_step=read,
-        )
-
-    @property
-    def read_fraction(self) -> float:
-        """Prompt entries read per decode step over the dense prompt entries."""
-        dense = len(self.layers) * self.num_kv_heads * self.prompt_len
-        return self.read_entries_per_step / dense
+    rows: Tensor
+    plan: CompressedLayout
+    layer: LayerLayout
+    compact: CompactLayerLayout | None
 
 
 @dataclass(frozen=True)
@@ -108,14 +57,20 @@ class DecodeBatchLayout:
 
     req_pool_indices: Sequence[int]
     seq_lens: Sequence[int]
-    layouts: Sequence[CompressedLayout | None]
+    layouts: Sequence[RequestLayout | None]
     num_kv_heads: int
 
     @property
     def has_compressed(self) -> bool:
         return any(layout is not None for layout in self.layouts)
 
-    def layer_table(self, layer: int, q: Tensor, req_to_token: Tensor) -> FoldedPageTable:
+    def layer_table(
+        self,
+        layer: int,
+        q: Tensor,
+        req_to_token: Tensor,
+        stager: ChunkStager | None = None,
+    ) -> FoldedPageTable:
         """The folded page table of ``layer`` for this step.
 
         Args:
@@ -123,74 +78,129 @@ class DecodeBatchLayout:
             q: ``[B * H_kv, G, D]`` this layer's queries, rows request-major then kv head (the
                 dynamic rows' chunk scores need them).
             req_to_token: ``[P, ctx]`` int32 SGLang's request-to-slot map.
+            stager: moves host-tier chunks into staging slots; needed when a compact request
+                keeps its dynamic heads on the host.
         """
         heads = self.num_kv_heads
         num_rows = len(self.req_pool_indices) * heads
         device = req_to_token.device
         tail_start = torch.zeros(num_rows, dtype=torch.int64)
         tail_end = torch.tensor(self.seq_lens, dtype=torch.int64).repeat_interleave(heads)
-        parts: list[tuple[PositionsCSR, Tensor]] = []
-        dyn_rows: list[Tensor] = []
-        dyn_specs: list[tuple[CompressedLayout, LayerLayout]] = []
+        by_position: list[tuple[PositionsCSR, Tensor]] = []
+        direct: list[tuple[PositionsCSR, Tensor]] = []
+        groups: list[_DynamicGroup] = []
         for b, layout in enumerate(self.layouts):
             if layout is None:
                 continue
-            lay = layout.layers[layer]
             base = b * heads
-            if lay.static_heads.numel():
-                rows = base + lay.static_heads
-                parts.append((lay.static_kept, rows))
-                tail_start[rows] = layout.prompt_len
+            if isinstance(layout, CompactLayout):
+                plan, compact = layout.plan, layout.layers[layer]
+                lay = plan.layers[layer]
+                tail_start[base : base + heads] = plan.prompt_len
+                if lay.static_heads.numel():
+                    direct.append((compact.static_entries, base + lay.static_heads))
+            else:
+                plan, compact, lay = layout, None, layout.layers[layer]
+                if lay.static_heads.numel():
+                    rows = base + lay.static_heads
+                    by_position.append((lay.static_kept, rows))
+                    tail_start[rows] = plan.prompt_len
+                tail_start[base + lay.dynamic_heads] = plan.dynamic_rows.tail_start
             if lay.dynamic_heads.numel():
-                rows = base + lay.dynamic_heads
-                dyn_rows.append(rows)
-                dyn_specs.append((layout, lay))
-                tail_start[rows] = layout.dynamic_rows.tail_start
-        if dyn_rows:
-            rows = torch.cat(dyn_rows)
-            parts.append((_retrieve_chunks(q, rows, dyn_specs), rows))
-        selected = assemble_rows(num_rows, parts, device)
+                groups.append(_DynamicGroup(base + lay.dynamic_heads, plan, lay, compact))
+        if groups:
+            top = _top_chunks(q, groups)
+            offset = 0
+            in_place_rows, in_place_top, in_place_groups = [], [], []
+            for group in groups:
+                n = group.rows.numel()
+                group_top = top[offset : offset + n]
+                offset += n
+                if group.compact is None:
+                    in_place_rows.append(group.rows)
+                    in_place_top.append(group_top)
+                    in_place_groups.append(group)
+                else:
+                    entries = _compact_dynamic_entries(layer, group, group_top, stager)
+                    direct.append((entries, group.rows))
+            if in_place_groups:
+                by_position.append(
+                    (
+                        _in_place_dynamic_positions(torch.cat(in_place_top), in_place_groups),
+                        torch.cat(in_place_rows),
+                    )
+                )
         specs = FoldedRowSpecs.create(
             torch.tensor(self.req_pool_indices, dtype=torch.int64).repeat_interleave(heads),
             torch.arange(heads, dtype=torch.int64).repeat(len(self.req_pool_indices)),
-            selected,
+            assemble_rows(num_rows, by_position, device),
             tail_start,
             tail_end,
         )
-        return build_folded_page_table(req_to_token, specs, heads)
+        table = build_folded_page_table(req_to_token, specs, heads)
+        if not direct:
+            return table
+        return prepend_entries(assemble_rows(num_rows, direct, device), table)
 
 
-def _retrieve_chunks(
-    q: Tensor, rows: Tensor, specs: Sequence[tuple[CompressedLayout, LayerLayout]]
-) -> PositionsCSR:
-    """Dynamic rows' selections for this step: resident prefix + this query's top-k chunks."""
-    kmins, kmaxs, num_chunks, num_selected, prefixes, firsts = [], [], [], [], [], []
-    k = max(layout.top_k_chunks for layout, _ in specs)
-    for layout, lay in specs:
-        assert lay.chunk_kmin is not None and lay.chunk_kmax is not None
-        n = lay.dynamic_heads.numel()
-        dyn = layout.dynamic_rows
-        kmins.append(lay.chunk_kmin)
-        kmaxs.append(lay.chunk_kmax)
-        num_chunks += [dyn.num_chunks] * n
-        num_selected += [dyn.num_selected(layout.top_k_chunks)] * n
-        prefixes += [dyn.prefix_end] * n
-        firsts += [dyn.first_chunk] * n
+def _top_chunks(q: Tensor, groups: Sequence[_DynamicGroup]) -> Tensor:
+    """``[R, k]`` absolute chunk ids of every dynamic row by descending score, ``-1`` padded."""
+    kmins, kmaxs, num_chunks, firsts = [], [], [], []
+    k = max(g.plan.top_k_chunks for g in groups)
+    for g in groups:
+        assert g.layer.chunk_kmin is not None and g.layer.chunk_kmax is not None
+        n = g.rows.numel()
+        kmins.append(g.layer.chunk_kmin)
+        kmaxs.append(g.layer.chunk_kmax)
+        num_chunks += [g.plan.dynamic_rows.num_chunks] * n
+        firsts += [g.plan.dynamic_rows.first_chunk] * n
+    rows = torch.cat([g.rows for g in groups])
     width = max(t.shape[1] for t in kmins)
     kmin = torch.cat([_pad_chunks(t, width) for t in kmins])
     kmax = torch.cat([_pad_chunks(t, width) for t in kmaxs])
     device = kmin.device
     if width == 0:
-        top = torch.full((rows.numel(), k), -1, dtype=torch.int64, device=device)
-    else:
-        counts = torch.tensor(num_chunks, dtype=torch.int32, device=device)
-        _, top = chunk_topk_auto(q[rows.to(q.device)].to(kmin.dtype), kmin, kmax, counts, k)
-        top = top.to(torch.int64)
+        return torch.full((rows.numel(), k), -1, dtype=torch.int64, device=device)
+    counts = torch.tensor(num_chunks, dtype=torch.int32, device=device)
+    _, top = chunk_topk_auto(q[rows.to(q.device)].to(kmin.dtype), kmin, kmax, counts, k)
+    top = top.to(torch.int64)
     shift = torch.tensor(firsts, dtype=torch.int64, device=device).unsqueeze(1)
-    top = torch.where(top >= 0, top + shift, top)
+    return torch.where(top >= 0, top + shift, top)
+
+
+def _in_place_dynamic_positions(top: Tensor, groups: Sequence[_DynamicGroup]) -> PositionsCSR:
+    """In-place dynamic rows' selections: resident prefix + this step's chunks, as positions."""
+    num_selected, prefixes = [], []
+    for g in groups:
+        n = g.rows.numel()
+        dyn = g.plan.dynamic_rows
+        num_selected += [dyn.num_selected(g.plan.top_k_chunks)] * n
+        prefixes += [dyn.prefix_end] * n
     return chunk_selection_positions(
-        top, num_selected, specs[0][0].dynamic_rows.chunk_size, prefixes
+        top, num_selected, groups[0].plan.dynamic_rows.chunk_size, prefixes
     )
+
+
+def _compact_dynamic_entries(
+    layer: int, group: _DynamicGroup, top: Tensor, stager: ChunkStager | None
+) -> PositionsCSR:
+    """A compact request's dynamic rows as folded entries: prefix, chunks, window."""
+    compact = group.compact
+    assert compact is not None
+    dyn = group.plan.dynamic_rows
+    k = group.plan.top_k_chunks
+    on_host = compact.host_chunks is not None
+    n, n_sel = group.rows.numel(), dyn.num_selected(k)
+    chunks = top[:, :n_sel]
+    if on_host:
+        if stager is None:
+            raise RuntimeError("a host-tier compact request needs a chunk stager at decode")
+        # staging slot j starts at region offset prefix_end + j*C = (first_chunk + j)*C
+        chunks = stager.stage(layer, compact, dyn, chunks) + dyn.first_chunk
+    prefix, window_start, window_end = dynamic_row_locals(dyn, k, on_host)
+    local = chunk_selection_positions(chunks, [n_sel] * n, dyn.chunk_size, [prefix] * n)
+    local = append_ranges(local, [window_start] * n, [window_end] * n)
+    return take_from_regions(local, compact.dynamic_regions)
 
 
 def _pad_chunks(bounds: Tensor, width: int) -> Tensor:

@@ -46,11 +46,14 @@ __all__ = [
     "FoldedPageTable",
     "FoldedRowSpecs",
     "PositionsCSR",
+    "append_ranges",
     "assemble_rows",
     "build_folded_page_table",
     "chunk_selection_positions",
     "concat_row_specs",
     "dense_row_specs",
+    "prepend_entries",
+    "take_from_regions",
 ]
 
 
@@ -190,6 +193,78 @@ def assemble_rows(
         j = torch.arange(n, device=device) - src_indptr[local]
         out[out_indptr.to(torch.int64)[ids[local]] + j] = csr.positions
     return PositionsCSR(host, out_indptr, out)
+
+
+def append_ranges(
+    csr: PositionsCSR, starts_host: Tensor | Sequence[int], ends_host: Tensor | Sequence[int]
+) -> PositionsCSR:
+    """Row ``r`` of ``csr`` followed by ``[starts[r], ends[r])``; no host sync."""
+    starts = _host_int64(starts_host, "starts_host")
+    ends = _host_int64(ends_host, "ends_host")
+    if starts.numel() != csr.num_rows or ends.numel() != csr.num_rows:
+        raise ValueError(
+            f"append_ranges: expected {csr.num_rows} starts and ends, got {starts.numel()} and "
+            f"{ends.numel()}"
+        )
+    extra = (ends - starts).clamp(min=0)
+    device = csr.device
+    head = csr.lengths_host()
+    ranges = PositionsCSR.from_device(extra, _range_values(starts, extra, device))
+    return _concat_rows(csr, head, ranges, device)
+
+
+def take_from_regions(local: PositionsCSR, regions: Tensor) -> PositionsCSR:
+    """Map row ``r``'s values ``j`` to ``regions[r, j]`` (e.g. region offsets to pool entries).
+
+    Args:
+        local: ``R`` rows of offsets into each row's region, all ``< W``.
+        regions: ``[R, W]`` int device values.
+    """
+    if regions.dim() != 2 or regions.shape[0] != local.num_rows:
+        raise ValueError(
+            f"regions: expected shape ({local.num_rows}, W), got {tuple(regions.shape)}"
+        )
+    width = regions.shape[1]
+    row = torch.repeat_interleave(
+        torch.arange(local.num_rows, device=local.device),
+        local.indptr.to(torch.int64).diff(),
+        output_size=local.nnz,
+    )
+    values = regions.reshape(-1)[row * width + local.positions.to(torch.int64)]
+    return PositionsCSR(local.indptr_host, local.indptr, values.to(torch.int32))
+
+
+def _range_values(starts: Tensor, lengths: Tensor, device: torch.device) -> Tensor:
+    """``cat(arange(s, s + n))`` over the rows, on ``device``, from host scalars."""
+    total = int(lengths.sum())
+    indptr = _indptr_host(lengths)
+    packed = _h2d(torch.stack([starts, lengths, indptr[:-1]]), device)
+    row = torch.repeat_interleave(
+        torch.arange(starts.numel(), device=device), packed[1], output_size=total
+    )
+    return packed[0][row] + torch.arange(total, device=device) - packed[2][row]
+
+
+def _concat_rows(
+    first: PositionsCSR, first_lengths: Tensor, second: PositionsCSR, device: torch.device
+) -> PositionsCSR:
+    """Row-wise concatenation ``first[r] ++ second[r]`` (host lengths known)."""
+    second_lengths = second.lengths_host()
+    host = _indptr_host(first_lengths + second_lengths)
+    out = torch.empty(int(host[-1]), dtype=torch.int32, device=device)
+    out_indptr = _h2d(host, device)
+    for part, offset in ((first, 0), (second, first_lengths)):
+        if part.nnz == 0:
+            continue
+        src = part.indptr.to(torch.int64)
+        row = torch.repeat_interleave(
+            torch.arange(part.num_rows, device=device), src.diff(), output_size=part.nnz
+        )
+        shift = out_indptr[:-1] - src[:-1]
+        if isinstance(offset, Tensor):
+            shift = shift + _h2d(offset, device)
+        out[torch.arange(part.nnz, device=device) + shift[row]] = part.positions
+    return PositionsCSR(host, out_indptr.to(torch.int32), out)
 
 
 # --------------------------------------------------------------------------- dynamic rows
@@ -514,4 +589,23 @@ def build_folded_page_table(
         kv_indices=kv_indices,
         kv_last_page_len=torch.ones(rows, dtype=torch.int32, device=device),
         kv_indptr_host=indptr_host,
+    )
+
+
+def prepend_entries(direct: PositionsCSR, table: FoldedPageTable) -> FoldedPageTable:
+    """Put ``direct`` (folded entry ids, e.g. compact entries) before each row of ``table``."""
+    if direct.num_rows != table.num_rows:
+        raise ValueError(
+            f"prepend_entries: expected {table.num_rows} direct rows, got {direct.num_rows}"
+        )
+    if direct.nnz == 0:
+        return table
+    device = table.kv_indices.device
+    rows = PositionsCSR(table.kv_indptr_host.to(torch.int64), table.kv_indptr, table.kv_indices)
+    merged = _concat_rows(direct, direct.lengths_host(), rows, device)
+    return FoldedPageTable(
+        kv_indptr=merged.indptr,
+        kv_indices=merged.positions,
+        kv_last_page_len=table.kv_last_page_len,
+        kv_indptr_host=merged.indptr_host.to(table.kv_indptr_host.dtype),
     )

@@ -21,7 +21,8 @@ BAD_VALUES = [
     ("max_dynamic_fraction", 1.2, "max_dynamic_fraction must be in [0, 1]"),
     ("pool_kernel", 4, "pool_kernel must be odd"),
     ("min_prompt_tokens", -5, "min_prompt_tokens must be >= 0"),
-    ("storage", "compact", "storage='compact' is not available"),
+    ("host_tier_mib", -1.0, "host_tier_mib must be >= 0"),
+    ("storage", "paged", "storage"),
     ("policy", "h2o", "policy"),
 ]
 

@@ -8,7 +8,8 @@ import torch
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk_ref
 from hybridkv_sglang.policy import build_policy
-from hybridkv_sglang.storage.decode_layout import CompressedLayout, DecodeBatchLayout
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 
 LAYERS, HEADS, GROUP, DIM = 2, 2, 3, 16
 SM_SCALE = DIM**-0.5

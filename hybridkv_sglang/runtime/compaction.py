@@ -1,0 +1,219 @@
+"""``compact`` storage, scheduler side: after a request's prefill checkpoint, move its kept KV into
+compact entries, then hand its dense prefix back to the radix tree.
+
+Protocol (``notes/compact-mode.md``, pitfalls 3-5 and 9):
+
+1. AFTER ``common.checkpoint_kv_cache`` for a request the forward planned (``in_place`` layout in
+   the registry): take the slots from SGLang's allocator (evicting cold tree nodes if needed),
+   copy static kept KV and dynamic regions into them on the forward stream, copy the retrievable
+   chunks to the host tier, then ``unlock`` the prefix lock once, clear ``req.lock`` and set
+   ``skip_radix_cache_insert`` so release never inserts stale slot ids. The dense prefix stays in
+   the tree as an ordinary evictable node. Any failure leaves the request ``in_place``.
+2. AFTER ``common.release_kv_cache`` (finish, abort, retract): free the compact slots and host
+   chunks and restore the saved insert flag. Release itself frees only the decode tail, which
+   the request still owns.
+3. AFTER ``SchedulerInvariantChecker._get_total_uncached_sizes``: live compact slots count as
+   the requests' own memory, so SGLang's strict memory check stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
+from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
+from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.storage.compact_layout import (
+    CompactCopies,
+    CompactLayout,
+    build_compact_layout,
+    compact_shape,
+)
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.host_tier import ChunkStager, HostTier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What compaction took for one request (stats)."""
+
+    slots: int
+    host_chunks: int
+    dynamic_tier: str
+    host_tier_full: bool
+
+
+class CompactStorage:
+    """Compact entries and the host tier of one scheduler process."""
+
+    def __init__(self, kv_pool: Any, num_layers: int, host_tier: HostTier | None) -> None:
+        self.kv_pool = kv_pool
+        self.host_tier = host_tier
+        self.num_layers = num_layers
+        self.forward_stream: Any = None
+        self._lock = threading.Lock()
+        self.live_slots = 0
+        self.stager = (
+            ChunkStager(
+                host_tier,
+                [kv_pool.get_key_buffer(layer) for layer in range(num_layers)],
+                [kv_pool.get_value_buffer(layer) for layer in range(num_layers)],
+            )
+            if host_tier is not None
+            else None
+        )
+
+    def compact(self, req: Any, tree_cache: Any, layout: CompressedLayout) -> Compaction | None:
+        """Move ``req``'s kept KV into compact entries; ``None`` if it cannot (stays in_place)."""
+        on_host = self.host_tier is not None and any(
+            lay.dynamic_heads.numel() for lay in layout.layers
+        )
+        host_tier_full = False
+        host_ids = None
+        if on_host:
+            host_ids = self.host_tier.alloc(compact_shape(layout, True).host_chunks)
+            host_tier_full = host_ids is None
+            on_host = host_ids is not None
+        shape = compact_shape(layout, on_host)
+        slots = _alloc_slots(tree_cache, shape.num_slots)
+        if slots is None:
+            if host_ids is not None:
+                self.host_tier.free(host_ids)
+            return None
+        try:
+            row = req.kv.req_pool_idx
+            prompt_slots = tree_cache.req_to_token_pool.req_to_token[row, : layout.prompt_len]
+            compact, copies = build_compact_layout(
+                layout, prompt_slots.to(torch.int64), slots.to(torch.int64), host_ids
+            )
+            with self._on_forward_stream():
+                self.fill(copies)
+        except Exception:
+            tree_cache.token_to_kv_pool_allocator.free(slots)
+            if host_ids is not None:
+                self.host_tier.free(host_ids)
+            raise
+        saved_flag = req.skip_radix_cache_insert
+        tree_cache.unlock(req.lock)
+        req.lock = None
+        req.skip_radix_cache_insert = True
+        COMPRESSED.add(CompressedRequest(req.rid, row, compact, saved_flag))
+        with self._lock:
+            self.live_slots += int(slots.numel())
+        return Compaction(
+            slots=int(slots.numel()),
+            host_chunks=int(compact.host_chunk_ids.numel()),
+            dynamic_tier="host" if on_host else "device",
+            host_tier_full=host_tier_full,
+        )
+
+    def release(self, layout: CompactLayout, tree_cache: Any) -> None:
+        """Give back what compaction took (inside the caller's free group)."""
+        tree_cache.token_to_kv_pool_allocator.free(layout.slots)
+        if layout.on_host:
+            self.host_tier.free(layout.host_chunk_ids)
+        with self._lock:
+            self.live_slots -= int(layout.slots.numel())
+
+    def fill(self, copies: CompactCopies) -> None:
+        """Run the copies that fill a compact layout (current stream)."""
+        for layer in range(self.num_layers):
+            k = self.kv_pool.get_key_buffer(layer)
+            v = self.kv_pool.get_value_buffer(layer)
+            k_entries, v_entries = k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+            src, dst = copies.entry_src[layer], copies.entry_dst[layer]
+            if src.numel():
+                gather_entries_auto(k_entries, v_entries, k_entries, v_entries, src, dst)
+            chunk_src = copies.chunk_src[layer]
+            if chunk_src.numel():
+                self.host_tier.write(
+                    copies.chunk_dst[layer], k_entries[chunk_src], v_entries[chunk_src]
+                )
+
+    def _on_forward_stream(self) -> Any:
+        """Copies join the forward stream, ordered after the forwards that still read the slots."""
+        if self.forward_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.forward_stream)
+
+
+def _alloc_slots(tree_cache: Any, count: int) -> torch.Tensor | None:
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+    allocator = tree_cache.token_to_kv_pool_allocator
+    slots = allocator.alloc(count)
+    if slots is None:
+        evict_from_tree_cache(tree_cache, count)
+        slots = allocator.alloc(count)
+    return slots
+
+
+_storage: CompactStorage | None = None
+
+
+def install(storage: CompactStorage | None) -> None:
+    """Set this scheduler process's compact storage (the backend factory calls this)."""
+    global _storage
+    _storage = storage
+
+
+def installed() -> CompactStorage | None:
+    return _storage
+
+
+def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
+    """AFTER hook of ``checkpoint_kv_cache(req, tree_cache)``: compact a just-planned request."""
+    storage = _storage
+    if storage is None:
+        return result
+    entry = COMPRESSED.entry(req.rid)
+    if entry is None or not isinstance(entry.layout, CompressedLayout):
+        return result
+    kv = req.kv
+    eligible = (
+        kv.holds_kv
+        and kv.req_pool_idx == entry.req_pool_idx
+        and not req.finished()
+        and req.lock is not None
+        and not req.skip_radix_cache_insert
+        and kv.cache_protected_len >= entry.layout.prompt_len
+        and not getattr(tree_cache, "disable", False)
+    )
+    if not eligible:
+        return result
+    try:
+        done = storage.compact(req, tree_cache, entry.layout)
+    except Exception as err:  # contained: the request stays in_place
+        logger.warning("hybridkv: compaction of %s failed, kept in_place: %r", req.rid, err)
+        STATS.record_compaction(req.rid, None, "compaction_error")
+        return result
+    STATS.record_compaction(req.rid, done, None if done else "no_free_slots")
+    return result
+
+
+def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
+    """AFTER hook of ``release_kv_cache``: forget the request, give back its compact storage."""
+    entry = COMPRESSED.pop(req.rid)
+    if entry is not None and isinstance(entry.layout, CompactLayout):
+        storage = _storage
+        assert storage is not None
+        storage.release(entry.layout, tree_cache)
+        req.skip_radix_cache_insert = entry.saved_skip_insert
+    return result
+
+
+def count_compact_slots(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook of the invariant checker's uncached-size sum: add live compact slots."""
+    storage = _storage
+    if storage is None or not isinstance(result, tuple):
+        return result
+    full, swa = result
+    return full + storage.live_slots, swa

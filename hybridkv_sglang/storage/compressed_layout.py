@@ -1,0 +1,89 @@
+"""A compressed request's ``in_place`` layout: its plan as positions in its own row.
+
+Per layer: the kept positions of its static heads (fixed for the rest of the request) and, for
+its dynamic heads, the key bounds of the retrievable chunks (scored against each step's query).
+``compact`` storage lays the same plan out over compact entries
+(:mod:`hybridkv_sglang.storage.compact_layout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.storage.page_tables import DynamicRowLayout, PositionsCSR
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One layer of one compressed request.
+
+    Attributes:
+        static_heads: ``[n_s]`` int64 CPU, kv heads that read a fixed kept set.
+        static_kept: CSR over those heads, positions in the request's row.
+        dynamic_heads: ``[n_d]`` int64 CPU, kv heads served by chunk retrieval.
+        chunk_kmin: ``[n_d, n_chunks, D]`` bounds of the retrievable chunks (chunk ``j`` here is
+            chunk ``first_chunk + j`` of the prompt).
+        chunk_kmax: same, maxima.
+    """
+
+    static_heads: Tensor
+    static_kept: PositionsCSR
+    dynamic_heads: Tensor
+    chunk_kmin: Tensor | None
+    chunk_kmax: Tensor | None
+
+
+@dataclass(frozen=True)
+class CompressedLayout:
+    """Everything decode needs of one compressed request, derived once from its plan."""
+
+    prompt_len: int
+    num_kv_heads: int
+    top_k_chunks: int
+    dynamic_rows: DynamicRowLayout
+    layers: tuple[LayerLayout, ...]
+    read_entries_per_step: int
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan, device: torch.device | str) -> CompressedLayout:
+        dyn_rows = DynamicRowLayout.for_prompt(
+            plan.prompt_len, plan.sink, plan.window, plan.chunk_size
+        )
+        first, end = dyn_rows.first_chunk, dyn_rows.end_chunk
+        is_dynamic = plan.is_dynamic.cpu()
+        layers = []
+        read = 0
+        for layer in range(plan.num_layers):
+            dyn_mask = is_dynamic[layer]
+            static_heads = torch.nonzero(~dyn_mask).reshape(-1)
+            dynamic_heads = torch.nonzero(dyn_mask).reshape(-1)
+            rows = [plan.kept_positions_of(layer, int(h)) for h in static_heads]
+            static_kept = PositionsCSR.from_lists(rows, device)
+            read += static_kept.nnz
+            kmin = kmax = None
+            if dynamic_heads.numel():
+                assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
+                heads = dynamic_heads.to(plan.chunk_kmin.device)
+                kmin = plan.chunk_kmin[layer, heads, first:end].to(device)
+                kmax = plan.chunk_kmax[layer, heads, first:end].to(device)
+                per_row = dyn_rows.row_length(plan.prompt_len, plan.top_k_chunks)
+                read += int(dynamic_heads.numel()) * per_row
+            layers.append(LayerLayout(static_heads, static_kept, dynamic_heads, kmin, kmax))
+        return cls(
+            prompt_len=plan.prompt_len,
+            num_kv_heads=plan.num_kv_heads,
+            top_k_chunks=plan.top_k_chunks,
+            dynamic_rows=dyn_rows,
+            layers=tuple(layers),
+            read_entries_per_step=read,
+        )
+
+    @property
+    def read_fraction(self) -> float:
+        """Prompt entries read per decode step over the dense prompt entries."""
+        dense = len(self.layers) * self.num_kv_heads * self.prompt_len
+        return self.read_entries_per_step / dense

@@ -1,0 +1,154 @@
+"""``compact`` storage reads exactly what ``in_place`` reads: the same KV in the same order, from
+compact entries in SGLang's real pool (and the host tier), even after the prompt's slots are
+overwritten by someone else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
+from hybridkv_sglang.runtime.compaction import CompactStorage
+from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
+from hybridkv_sglang.storage.host_tier import HostTier, assign_staging_slots
+from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
+
+POOL_SLOTS = 4000
+CHUNK = 8
+
+
+def _real_pool(seed: int) -> tuple[MHATokenToKVPool, TokenToKVPoolAllocator]:
+    pool = MHATokenToKVPool(
+        size=POOL_SLOTS,
+        page_size=1,
+        dtype=torch.float32,
+        head_num=HEADS,
+        head_dim=DIM,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(LAYERS):
+        pool.get_key_buffer(layer).copy_(torch.randn(POOL_SLOTS + 1, HEADS, DIM, generator=gen))
+        pool.get_value_buffer(layer).copy_(torch.randn(POOL_SLOTS + 1, HEADS, DIM, generator=gen))
+    allocator = TokenToKVPoolAllocator(POOL_SLOTS, torch.float32, "cpu", pool, need_sort=False)
+    return pool, allocator
+
+
+def _request_rows(allocator, prompt_lens, tail):
+    req_to_token = torch.zeros(len(prompt_lens) + 1, 1024, dtype=torch.int32)
+    for i, n in enumerate(prompt_lens):
+        req_to_token[i + 1, : n + tail] = allocator.alloc(n + tail).to(torch.int32)
+    return req_to_token
+
+
+def _outputs(batch, pool, req_to_token, queries, stager=None):
+    outs = []
+    for step_queries in queries:
+        for layer in range(LAYERS):
+            table = batch.layer_table(layer, step_queries[layer], req_to_token, stager=stager)
+            k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+            outs.append(
+                sparse_decode_reference(
+                    step_queries[layer],
+                    k.view(-1, DIM),
+                    v.view(-1, DIM),
+                    table.kv_indptr,
+                    table.kv_indices,
+                    SM_SCALE,
+                )
+            )
+    return outs
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(seed, on_host):
+    pool, allocator = _real_pool(seed)
+    prompt_lens, tail = [150, 203, 97], 5
+    req_to_token = _request_rows(allocator, prompt_lens, tail)
+    keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
+    plans = [
+        None,
+        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2),
+        _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=0.3),
+    ]
+    in_place = [None if p is None else CompressedLayout.from_plan(p, "cpu") for p in plans]
+    seq_lens = [n + tail for n in prompt_lens]
+    gen = torch.Generator().manual_seed(seed + 50)
+    queries = [
+        [torch.randn(3 * HEADS, GROUP, DIM, generator=gen) for _ in range(LAYERS)] for _ in range(4)
+    ]
+    expected = _outputs(
+        DecodeBatchLayout([1, 2, 3], seq_lens, in_place, HEADS), pool, req_to_token, queries
+    )
+
+    tier = HostTier(400, CHUNK, DIM, DIM, torch.float32, pin_memory=False) if on_host else None
+    storage = CompactStorage(pool, LAYERS, tier)
+    compact = [None]
+    for b in (1, 2):
+        layout, n = in_place[b], prompt_lens[b]
+        shape = compact_shape(layout, on_host)
+        host_ids = tier.alloc(shape.host_chunks) if on_host else None
+        slots = allocator.alloc(shape.num_slots)
+        built, copies = build_compact_layout(
+            layout, req_to_token[b + 1, :n].to(torch.int64), slots, host_ids
+        )
+        storage.fill(copies)
+        compact.append(built)
+        assert built.on_host == (on_host and shape.host_chunks > 0)
+        # The tree evicts the prefix and hands its slots to someone else.
+        prompt = req_to_token[b + 1, :n].long()
+        for layer in range(LAYERS):
+            pool.get_key_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
+            pool.get_value_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
+    batch = DecodeBatchLayout([1, 2, 3], seq_lens, compact, HEADS)
+    got = _outputs(batch, pool, req_to_token, queries, stager=storage.stager)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if on_host:
+        assert storage.stager.moved_chunks > 0
+        assert storage.stager.reused_chunks > 0  # later steps reuse staged chunks
+        held = sum(c.host_chunk_ids.numel() for c in compact[1:])
+        assert tier.free_chunks == tier.capacity - held
+        for c in compact[1:]:
+            tier.free(c.host_chunk_ids)
+        assert tier.free_chunks == tier.capacity
+
+
+def test_compact_layout_needs_about_the_budget_in_slots():
+    pool, allocator = _real_pool(3)
+    req_to_token = _request_rows(allocator, [400], 0)
+    keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
+    plan = _plan("hybridkv", req_to_token[1], keys, 400, 3, budget=0.1)
+    layout = CompressedLayout.from_plan(plan, "cpu")
+    shape = compact_shape(layout, on_host=True)
+    assert shape.num_slots <= 0.2 * 400
+    assert compact_shape(layout, on_host=False).num_slots >= shape.num_slots
+
+
+def test_staging_moves_only_chunks_not_already_staged():
+    staged = torch.full((2, 3), -1, dtype=torch.int64)
+    slot_of, missing = assign_staging_slots(staged, torch.tensor([[5, 7, 9], [1, 2, 3]]))
+    assert missing.all()
+    assert sorted(staged[0].tolist()) == [5, 7, 9]
+    slot_of, missing = assign_staging_slots(staged, torch.tensor([[9, 4, 5], [3, 2, 1]]))
+    assert missing.tolist() == [[False, True, False], [False, False, False]]
+    for r, chunks in enumerate([[9, 4, 5], [3, 2, 1]]):
+        assert staged[r, slot_of[r]].tolist() == chunks
+    assert staged[0].tolist().count(7) == 0
+
+
+def test_host_tier_is_all_or_nothing_and_sized_in_mib():
+    tier = HostTier.sized(1.0, CHUNK, DIM, DIM, torch.float16, pin=False)
+    assert tier.capacity == 2**20 // (CHUNK * 2 * DIM * 2)
+    ids = tier.alloc(tier.capacity - 1)
+    assert tier.alloc(2) is None
+    assert tier.free_chunks == 1
+    tier.free(ids)
+    assert tier.free_chunks == tier.capacity
