@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-quality
+.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-capacity bench-quality
 
 env:
 	@bash devtools/setup_cpu_env.sh
@@ -28,6 +28,9 @@ bench-decode: env
 
 bench-kernel: env
 	$(PY) bench/sparse_decode_kernel.py
+
+bench-capacity: env
+	$(PY) bench/capacity.py
 
 bench-quality: env
 	$(PY) bench/quality.py

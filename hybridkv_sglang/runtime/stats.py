@@ -137,6 +137,8 @@ def memory_snapshot(scheduler: Any) -> dict[str, Any]:
         memory["available_tokens"] = int(tree.token_to_kv_pool_allocator.available_size())
         memory["evictable_tokens"] = int(tree.evictable_size())
         memory["protected_tokens"] = int(tree.protected_size())
+        memory["running_requests"] = len(scheduler.running_batch.reqs)
+        memory["waiting_requests"] = len(scheduler.waiting_queue)
     storage = installed()
     if storage is not None:
         memory["compact_slots"] = storage.live_slots

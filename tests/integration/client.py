@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
 from typing import Any
 
 import requests
@@ -58,4 +61,79 @@ def plugin_failures(log: str) -> list[str]:
         for line in log.splitlines()
         if ('File "' in line and "hybridkv_sglang" in line)
         or ("hybridkv: compression of" in line and "failed" in line)
+        or ("hybridkv: compaction of" in line and "failed" in line)
     ]
+
+
+def _abort_after_first_tokens(url: str, rid: str, started: threading.Event) -> None:
+    started.wait(timeout=120)
+    time.sleep(0.2)
+    requests.post(f"{url}/abort_request", json={"rid": rid}, timeout=60)
+
+
+def run_mixed_requests_with_aborts(server: Any, count: int = 50, aborts: int = 5) -> list[dict]:
+    """``count`` concurrent requests (two images, none, ...), the first ``aborts`` of them
+    aborted mid-decode; the others must finish with their 6 tokens."""
+    url = server.base_url
+    aborted = {f"abort-{i}" for i in range(aborts)}
+
+    def one(i: int) -> dict:
+        rid = f"abort-{i}" if i < aborts else f"mixed-{i}"
+        with_image = i % 3 != 0
+        text = chat_prompt(f"Request {i}: what is shown?", images=2 if with_image else 0)
+        data = images(2, 448, seed=100 + i) if with_image else None
+        if rid not in aborted:
+            return generate(url, text, data, max_new_tokens=6, rid=rid)
+        started = threading.Event()
+        killer = threading.Thread(target=_abort_after_first_tokens, args=(url, rid, started))
+        killer.start()
+        payload = {
+            "text": text,
+            "image_data": data,
+            "rid": rid,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 64, "temperature": 0.0, "ignore_eos": True},
+        }
+        with requests.post(f"{url}/generate", json=payload, stream=True, timeout=300) as r:
+            for _ in r.iter_lines():
+                started.set()
+        killer.join()
+        return {"meta_info": {"id": rid}, "aborted": True}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(count)))
+    finished = [r for r in results if not r.get("aborted")]
+    assert len(finished) == count - aborts
+    assert all(len(r["output_ids"]) == 6 for r in finished)
+    return results
+
+
+def wait_for_idle_snapshot(server: Any, timeout: float = 60) -> dict[str, Any]:
+    """The hybridkv snapshot once no compressed request is live (or at the deadline)."""
+    deadline = time.monotonic() + timeout
+    snapshot = server.hybridkv_stats()
+    while snapshot["live_compressed_requests"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        snapshot = server.hybridkv_stats()
+    return snapshot
+
+
+def assert_nothing_left_behind(server: Any) -> dict[str, Any]:
+    """No live plugin state, every slot back with SGLang (and the server still serving)."""
+    snapshot = wait_for_idle_snapshot(server)
+    assert snapshot["live_compressed_requests"] == 0
+    memory = snapshot["memory"]
+    assert memory["available_tokens"] + memory["evictable_tokens"] == memory["pool_tokens"]
+    assert memory["protected_tokens"] == 0
+    assert memory.get("compact_slots", 0) == 0
+    assert memory.get("host_chunks_used", 0) == 0
+    assert server.process.poll() is None
+    assert requests.get(f"{server.base_url}/health", timeout=30).status_code == 200
+    # SGLang's idle check raises on a leaked slot; a fresh request after idling proves it passed.
+    time.sleep(2)
+    after = generate(server.base_url, chat_prompt("Still alive?", images=1), images(1, 448, 999))
+    assert len(after["output_ids"]) == 12
+    log = server.log()
+    assert "memory leak" not in log.lower()
+    assert plugin_failures(log) == []
+    return snapshot

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,44 +50,54 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def _serve(
-    model: Path, logs: Path, name: str, config: HybridKVConfig | None, **env: str
+def serve(
+    model: Path,
+    logs: Path,
+    name: str,
+    config: HybridKVConfig | None,
+    overrides: dict[str, Any] | None = None,
+    **env: str,
 ) -> Iterator[RunningServer]:
+    """A server with the shared settings (``overrides`` replace some), logging to ``name``."""
+    kwargs = {**SERVER_KWARGS, **(overrides or {})}
     with launch_server(
-        model, hybridkv=config, log_path=logs / f"{name}.log", env=env, **SERVER_KWARGS
+        model, hybridkv=config, log_path=logs / f"{name}.log", env=env, **kwargs
     ) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def stock_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
-    with _serve(tiny_model, server_logs, "stock", None) as server:
+    with serve(tiny_model, server_logs, "stock", None) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def keep_all_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
     config = HybridKVConfig(budget=1.0, min_prompt_tokens=64)
-    with _serve(tiny_model, server_logs, "keep_all", config) as server:
+    with serve(tiny_model, server_logs, "keep_all", config) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def compressing_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
-    with _serve(
+    with serve(
         tiny_model, server_logs, "compressing", COMPRESSING, **STRICT_MEMORY_CHECK
     ) as server:
         yield server
 
 
-@pytest.fixture(scope="module")
-def retracting_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
-    """Compressing server whose scheduler retracts decode requests every third forward."""
-    with _serve(
+@pytest.fixture(scope="module", params=["in_place", "compact"])
+def retracting_server(
+    request: pytest.FixtureRequest, tiny_model: Path, server_logs: Path
+) -> Iterator[RunningServer]:
+    """Compressing server (each storage mode) whose scheduler retracts decode requests every
+    third forward."""
+    with serve(
         tiny_model,
         server_logs,
-        "retracting",
-        COMPRESSING,
+        f"retracting_{request.param}",
+        COMPRESSING.model_copy(update={"storage": request.param}),
         SGLANG_TEST_RETRACT="1",
         **STRICT_MEMORY_CHECK,
     ) as server:

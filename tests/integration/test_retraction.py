@@ -6,7 +6,13 @@ import concurrent.futures
 
 import pytest
 
-from tests.integration.client import chat_prompt, generate, images, plugin_failures
+from tests.integration.client import (
+    assert_nothing_left_behind,
+    chat_prompt,
+    generate,
+    images,
+    plugin_failures,
+)
 from tests.integration.conftest import IMAGE_SIDE
 
 pytestmark = pytest.mark.integration
@@ -25,8 +31,7 @@ def test_retracted_requests_finish_and_leave_nothing_behind(retracting_server):
     retractions = sum(r["meta_info"]["num_retractions"] for r in results)
     assert retractions > 0, "SGLANG_TEST_RETRACT did not retract anything"
 
-    snapshot = retracting_server.hybridkv_stats()
-    assert snapshot["live_compressed_requests"] == 0
+    snapshot = assert_nothing_left_behind(retracting_server)
     for r in results:
         record = snapshot["requests"][r["meta_info"]["id"]]
         assert record["compressed"]
