@@ -102,7 +102,9 @@ def _memory_while_decoding(server: RunningServer, seed: int) -> dict:
     return memory
 
 
-def test_freed_prefix_shows_as_evictable_right_after_compression(compressing_server, compact_server):
+def test_freed_prefix_shows_as_evictable_right_after_compression(
+    compressing_server, compact_server
+):
     in_place = _memory_while_decoding(compressing_server, seed=40)
     compact = _memory_while_decoding(compact_server, seed=41)
     # in_place: the request pins its whole prompt in the tree.

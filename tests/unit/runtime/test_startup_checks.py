@@ -16,6 +16,12 @@ def _args(**overrides):
         "enable_mixed_chunk": False,
         "device": "cpu",
         "disable_cuda_graph": True,
+        "disable_radix_cache": False,
+        "enable_hierarchical_cache": False,
+        "disaggregation_mode": "null",
+        "tp_size": 1,
+        "pp_size": 1,
+        "dp_size": 1,
     }
     return SimpleNamespace(**{**base, **overrides})
 
@@ -39,6 +45,22 @@ def test_unsupported_combination_is_named(overrides, window, named):
     with pytest.raises(NotImplementedError, match="hybridkv does not support") as err:
         check_supported(_args(**overrides), sliding_window_size=window)
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"disable_radix_cache": True}, "without the radix cache"),
+        ({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
+        ({"disaggregation_mode": "decode"}, "PD disaggregation"),
+        ({"tp_size": 2}, "--tp-size"),
+    ],
+)
+def test_compact_storage_refuses_what_its_slot_protocol_cannot_serve(overrides, named):
+    check_supported(_args(**overrides), sliding_window_size=None, storage="in_place")
+    check_supported(_args(), sliding_window_size=None, storage="compact")
+    with pytest.raises(NotImplementedError, match=named):
+        check_supported(_args(**overrides), sliding_window_size=None, storage="compact")
 
 
 def test_dense_backend_per_device():

@@ -10,11 +10,14 @@ from hybridkv_sglang.storage.page_tables import (
     DynamicRowLayout,
     FoldedRowSpecs,
     PositionsCSR,
+    append_ranges,
     assemble_rows,
     build_folded_page_table,
     chunk_selection_positions,
     concat_row_specs,
     dense_row_specs,
+    prepend_entries,
+    take_from_regions,
 )
 
 
@@ -204,3 +207,49 @@ def test_builder_validation():
         )
     with pytest.raises(ValueError, match="shape"):
         FoldedRowSpecs.create([0, 0], [0, 1], PositionsCSR.empty(1, "cpu"), [0, 0], [1, 1])
+
+
+def _random_csr(gen: torch.Generator, rows: int, high: int) -> list[list[int]]:
+    return [
+        torch.randint(
+            0, high, (int(torch.randint(0, 6, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        for _ in range(rows)
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_append_ranges_and_take_from_regions_match_definition(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = _random_csr(gen, 5, 20)
+    starts = torch.randint(0, 20, (5,), generator=gen)
+    ends = starts + torch.randint(-2, 6, (5,), generator=gen)
+    appended = append_ranges(PositionsCSR.from_lists(rows, "cpu"), starts, ends)
+    want = [r + list(range(int(s), int(e))) for r, s, e in zip(rows, starts, ends, strict=True)]
+    assert appended.lengths_host().tolist() == [len(w) for w in want]
+    assert appended.indptr.tolist() == appended.indptr_host.tolist()
+    assert appended.positions.tolist() == [v for w in want for v in w]
+
+    regions = torch.randint(0, 10_000, (5, 30), generator=gen)
+    taken = take_from_regions(appended, regions)
+    assert taken.positions.tolist() == [int(regions[r, v]) for r, w in enumerate(want) for v in w]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prepend_entries_puts_direct_entries_first(seed):
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(gen, num_reqs=3, ctx=40, num_kv_heads=2, head_dim=8)
+    specs = dense_row_specs([0, 1, 2], [10, 0, 25], 2, "cpu")
+    table = build_folded_page_table(pool.req_to_token, specs, 2)
+    direct_rows = _random_csr(gen, 6, 500)
+    merged = prepend_entries(PositionsCSR.from_lists(direct_rows, "cpu"), table)
+    dense_rows = [
+        table.kv_indices[table.kv_indptr_host[r] : table.kv_indptr_host[r + 1]].tolist()
+        for r in range(6)
+    ]
+    want = [d + t for d, t in zip(direct_rows, dense_rows, strict=True)]
+    assert merged.row_lengths_host().tolist() == [len(w) for w in want]
+    assert merged.kv_indptr.tolist() == merged.kv_indptr_host.tolist()
+    assert merged.kv_indices.tolist() == [v for w in want for v in w]
+    with pytest.raises(ValueError, match="direct rows"):
+        prepend_entries(PositionsCSR.from_lists(direct_rows[:2], "cpu"), table)
