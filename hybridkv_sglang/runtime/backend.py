@@ -26,8 +26,9 @@ from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime import compaction
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import dense_reason, find_prefill_ends
+from hybridkv_sglang.runtime.requests import PrefillChunk, dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 from hybridkv_sglang.storage.host_tier import HostTier
 
@@ -87,6 +88,7 @@ class HybridKVAttnBackend(AttentionBackend):
         self.num_layers = num_layers
         self.policy = build_policy(config.policy, **config.policy_values())
         self.prefill_compression: PrefillCompression | None = None
+        self.middle_chunks: list[PrefillChunk] = []
         self.decode_batch: DecodeBatchLayout | None = None
         self._folded_decode: FlashInferFoldedDecode | None = None
         self._delegate_base_api()
@@ -121,6 +123,7 @@ class HybridKVAttnBackend(AttentionBackend):
         if storage is not None and torch.cuda.is_available():
             storage.forward_stream = torch.cuda.current_stream()
         self.prefill_compression = None
+        self.middle_chunks = []
         self.decode_batch = None
         mode = forward_batch.forward_mode
         if mode == ForwardMode.EXTEND:
@@ -132,6 +135,10 @@ class HybridKVAttnBackend(AttentionBackend):
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
     ) -> torch.Tensor:
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.middle_chunks:
+            rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            for chunk in self.middle_chunks:
+                WINDOW_TAILS.record(chunk, layer.layer_id, rows)
         if self.prefill_compression is not None:
             self._on_prefill_end_layer(q, layer)
         return out
@@ -146,12 +153,15 @@ class HybridKVAttnBackend(AttentionBackend):
     # Hook points ---------------------------------------------------------------------------
 
     def _on_extend_metadata(self, forward_batch: Any) -> None:
-        ends, extended = find_prefill_ends(forward_batch)
+        ends, self.middle_chunks, extended = find_prefill_ends(forward_batch)
         for rid in extended:
             STATS.record_prefill_chunk(rid)
         if ends:
             self.prefill_compression = PrefillCompression(
-                self.policy, [(r, dense_reason(r, self.config)) for r in ends], self.num_layers
+                self.policy,
+                [(r, dense_reason(r, self.config)) for r in ends],
+                self.num_layers,
+                WINDOW_TAILS,
             )
 
     def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any) -> None:
@@ -168,6 +178,7 @@ class HybridKVAttnBackend(AttentionBackend):
         device = pool.get_key_buffer(layer.layer_id).device
         for outcome in self.prefill_compression.finish(device):
             request = outcome.request
+            WINDOW_TAILS.drop(request.rid)
             if outcome.layout is not None:
                 COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
             STATS.record_prefill_end(outcome.stats())
@@ -244,6 +255,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     )
     dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
     num_layers = model_runner.token_to_kv_pool.layer_num
+    WINDOW_TAILS.window = config.window
     compaction.install(
         create_compact_storage(config, model_runner.token_to_kv_pool, num_layers)
         if config.storage == "compact" and config.enabled

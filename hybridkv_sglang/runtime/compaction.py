@@ -29,6 +29,7 @@ import torch
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.compact_layout import (
     CompactCopies,
     CompactLayout,
@@ -201,6 +202,7 @@ def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any,
 
 def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
     """AFTER hook of ``release_kv_cache``: forget the request, give back its compact storage."""
+    WINDOW_TAILS.drop(req.rid)
     entry = COMPRESSED.pop(req.rid)
     if entry is not None and isinstance(entry.layout, CompactLayout):
         storage = _storage

@@ -19,6 +19,7 @@ import torch
 from hybridkv_sglang.policy import CompressionPolicy, LayerObservation
 from hybridkv_sglang.runtime.requests import PrefillEnd
 from hybridkv_sglang.runtime.stats import RequestStats
+from hybridkv_sglang.runtime.window_queries import WindowQueryTails
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,12 @@ class PrefillCompression:
         policy: CompressionPolicy,
         requests: Sequence[tuple[PrefillEnd, str | None]],
         num_layers: int,
+        window_tails: WindowQueryTails | None = None,
     ) -> None:
+        """``window_tails``: earlier chunks' window queries (the last chunk may be short)."""
         self.policy = policy
         self.num_layers = num_layers
+        self.window_tails = window_tails
         self.outcomes = [PrefillOutcome(request, reason) for request, reason in requests]
 
     def observe(
@@ -102,12 +106,15 @@ class PrefillCompression:
                 continue
             r = outcome.request
             try:
-                stop = r.query_start + r.extend_len
-                start = max(r.query_start, stop - self.policy.window)
+                rows = q[r.query_start : r.query_start + r.extend_len]
+                if self.window_tails is None:
+                    q_window = rows[-self.policy.window :]
+                else:
+                    q_window = self.window_tails.window_queries(r, layer.layer_id, rows)
                 slots = req_to_token[r.req_pool_idx, : r.prompt_len].to(torch.int64)
                 outcome.observations.append(
                     self.policy.observe_layer(
-                        layer.layer_id, q[start:stop], k_buffer[slots], layer.scaling
+                        layer.layer_id, q_window, k_buffer[slots], layer.scaling
                     )
                 )
             except Exception as err:  # contained: this request stays dense

@@ -36,6 +36,17 @@ class PrefillEnd:
         return self.prompt_len - self.extend_start
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A request whose prefill continues after this forward (its window queries may start here)."""
+
+    rid: str
+    req_pool_idx: int
+    extend_start: int
+    extend_end: int
+    query_start: int
+
+
 def visual_spans_of(mm_input: Any, prompt_len: int) -> tuple[tuple[int, int], ...]:
     """Half-open visual spans from SGLang's inclusive ``mm_items[j].offsets``, clipped and merged.
 
@@ -59,8 +70,11 @@ def visual_spans_of(mm_input: Any, prompt_len: int) -> tuple[tuple[int, int], ..
     return tuple(merged)
 
 
-def find_prefill_ends(forward_batch: Any) -> tuple[list[PrefillEnd], list[str]]:
-    """Requests finishing prefill in this extend forward, and the rids of every extended request.
+def find_prefill_ends(
+    forward_batch: Any,
+) -> tuple[list[PrefillEnd], list[PrefillChunk], list[str]]:
+    """Requests finishing prefill in this extend forward, those whose prefill goes on, and the
+    rids of every extended request.
 
     Reads ``mm_inputs`` here, in metadata init: the model clears it before attention runs.
     """
@@ -79,9 +93,22 @@ def find_prefill_ends(forward_batch: Any) -> tuple[list[PrefillEnd], list[str]]:
     mm_inputs = forward_batch.mm_inputs or [None] * len(rids)
 
     ends: list[PrefillEnd] = []
+    middles: list[PrefillChunk] = []
     query_start = 0
     for i, rid in enumerate(rids):
-        if finishes[i] and not rid.startswith(HEALTH_CHECK_PREFIX):
+        if rid.startswith(HEALTH_CHECK_PREFIX):
+            pass
+        elif not finishes[i]:
+            middles.append(
+                PrefillChunk(
+                    rid=rid,
+                    req_pool_idx=int(req_pool_indices[i]),
+                    extend_start=int(prefix_lens[i]),
+                    extend_end=int(seq_lens[i]),
+                    query_start=query_start,
+                )
+            )
+        else:
             prompt_len = int(seq_lens[i])
             ends.append(
                 PrefillEnd(
@@ -96,7 +123,7 @@ def find_prefill_ends(forward_batch: Any) -> tuple[list[PrefillEnd], list[str]]:
             )
         query_start += int(extend_lens[i])
     extended = [r for r in rids if not r.startswith(HEALTH_CHECK_PREFIX)]
-    return ends, extended
+    return ends, middles, extended
 
 
 def dense_reason(request: PrefillEnd, config: HybridKVConfig) -> str | None:
