@@ -171,5 +171,10 @@ def test_small_pool_evicts_released_prefixes_and_keeps_outputs(compact_server, s
     # Same outputs although the two servers batched and chunked the prompts differently.
     assert tight == roomy
     snapshot = assert_nothing_left_behind(small_pool_server)
-    assert snapshot["totals"]["compacted_requests"] >= 6
+    totals = snapshot["totals"]
+    # A request whose compact slots cannot be found while other prompts are still locked stays
+    # in_place (served all the same); most requests compact, freeing room for the next ones.
+    assert totals["compressed_requests"] == 6
+    assert totals["compacted_requests"] + totals.get("not_compacted_no_free_slots", 0) == 6
+    assert totals["compacted_requests"] >= 3
     assert snapshot["memory"]["pool_tokens"] < 3 * TWO_IMAGE_PROMPT
