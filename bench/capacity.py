@@ -10,11 +10,13 @@ Reported per server:
 - peak and median running requests (samples while requests were waiting: the pool, not the
   burst, was the limit);
 - throughput: output tokens / s and requests / s over the burst (first submit to last finish);
-- device KV held per running request: (pool - available - evictable) / running, median over the
-  samples; i.e. what the requests own and the tree cannot evict (stock: the locked dense prompt
-  plus the decode tail; compact: compact entries plus the decode tail). Bytes are tokens x the
-  model's KV bytes per token, and, as a projection, x Qwen2.5-VL-7B's (28 layers, 4 KV heads,
-  head dim 128, bf16: 57,344 B/token).
+- device KV per request: what a decoding request holds that the tree cannot evict; stock: its
+  locked dense prompt plus its decode tokens; compact: its compact slots (from hybridkv's
+  per-request record) plus its decode tokens. Bytes are tokens x the model's KV bytes per token,
+  and, as a projection, x Qwen2.5-VL-7B's (28 layers, 4 KV heads, head dim 128, bf16: 57,344
+  B/token);
+- the pool-level view of the same: (pool - available - evictable) / running, median over the
+  samples (an upper bound: it also counts prompts still being prefilled, which are not running).
 Ratios are against stock within this run.
 
 On CPU the model is the tiny random Qwen2.5-VL of the test suite (outputs are meaningless; the
@@ -126,11 +128,25 @@ def run_burst(
                 results.append(future.result())
                 progress.set_postfix_str(f"{name}: {len(results)}/{args.requests} done")
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "results": results, "samples": sampler.samples}
+    records = server.hybridkv_stats()["requests"]  # empty for stock (plugin loaded, idle)
+    return {"wall_s": wall, "results": results, "samples": sampler.samples, "records": records}
 
 
-def summarise(name: str, burst: dict[str, Any], kv_bytes_per_token: int) -> dict[str, Any]:
+def summarise(
+    name: str, burst: dict[str, Any], kv_bytes_per_token: int, new_tokens: int
+) -> dict[str, Any]:
     results, samples = burst["results"], burst["samples"]
+    records = [burst["records"].get(r["meta_info"]["id"], {}) for r in results]
+    resident = [
+        (
+            rec["compact_slots"]
+            if rec.get("storage") == "compact"
+            else r["meta_info"]["prompt_tokens"]
+        )
+        + new_tokens
+        for r, rec in zip(results, records, strict=True)
+    ]
+    resident_tokens = statistics.median(resident)
     busy = [s for s in samples if s.get("running_requests", 0) > 0]
     pool_bound = [s for s in busy if s.get("waiting_requests", 0) > 0] or busy
     held = [
@@ -154,9 +170,11 @@ def summarise(name: str, burst: dict[str, Any], kv_bytes_per_token: int) -> dict
         "wall_s": round(burst["wall_s"], 2),
         "output_tokens_per_s": round(output_tokens / burst["wall_s"], 2),
         "requests_per_s": round(len(results) / burst["wall_s"], 4),
-        "held_tokens_per_request": round(held_tokens, 1),
-        "kv_bytes_per_request": round(held_tokens * kv_bytes_per_token),
-        "kv_bytes_per_request_qwen25vl7b": round(held_tokens * QWEN25_VL_7B_KV_BYTES_PER_TOKEN),
+        "kv_tokens_per_request": resident_tokens,
+        "kv_bytes_per_request": round(resident_tokens * kv_bytes_per_token),
+        "kv_bytes_per_request_qwen25vl7b": round(resident_tokens * QWEN25_VL_7B_KV_BYTES_PER_TOKEN),
+        "compacted_requests": sum(rec.get("storage") == "compact" for rec in records),
+        "held_tokens_per_running_request": round(held_tokens, 1),
         "peak_compact_slots": max((s.get("compact_slots", 0) for s in samples), default=0),
         "samples": len(samples),
     }
@@ -170,7 +188,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["output_tokens_per_s"] / stock["output_tokens_per_s"], 2
         )
         row["kv_bytes_per_request_vs_stock"] = round(
-            row["held_tokens_per_request"] / stock["held_tokens_per_request"], 3
+            row["kv_tokens_per_request"] / stock["kv_tokens_per_request"], 3
         )
 
 
@@ -184,7 +202,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['config']} | {r['peak_running']} | {r['running_x_stock']} | "
             f"{r['output_tokens_per_s']} | {r['throughput_x_stock']} | "
-            f"{r['held_tokens_per_request']} | {r['kv_bytes_per_request']} "
+            f"{r['kv_tokens_per_request']} | {r['kv_bytes_per_request']} "
             f"({r['kv_bytes_per_request_vs_stock']}) |"
         )
     return "\n".join(lines)
@@ -200,7 +218,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     panels = [
         ("peak_running", "peak running requests"),
         ("output_tokens_per_s", "throughput (output tokens / s)"),
-        ("held_tokens_per_request", "device KV tokens held per running request"),
+        ("kv_tokens_per_request", "device KV tokens per decoding request"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (metric, label) in zip(axes, panels, strict=True):
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     4,
                 )
                 burst = run_burst(server, args, progress, name)
-            rows.append(summarise(name, burst, kv_bytes_per_token))
+            rows.append(summarise(name, burst, kv_bytes_per_token, args.new_tokens))
             progress.update(1)
     add_ratios(rows)
     table = markdown_table(rows)
