@@ -44,15 +44,22 @@ class CompactShape:
         return -(-widest // self.num_kv_heads)
 
 
+def dynamic_row_locals(rows: DynamicRowLayout, top_k: int, on_host: bool) -> tuple[int, int, int]:
+    """``(prefix_len, window_start, window_end)`` of a dynamic head's row in region offsets.
+
+    A row reads ``[0, prefix_len)``, then its chunks (chunk ``c`` at offsets ``[c*C, (c+1)*C)``:
+    prompt chunks on the device tier, staging slot ``j`` as chunk ``first_chunk + j`` on the
+    host tier), then ``[window_start, window_end)``; ``window_end`` is the region's length.
+    """
+    if not on_host:
+        return rows.prefix_end, rows.tail_start, rows.prompt_len
+    start = rows.prefix_end + rows.num_selected(top_k) * rows.chunk_size
+    return rows.prefix_end, start, start + rows.prompt_len - rows.tail_start
+
+
 def dynamic_region_length(rows: DynamicRowLayout, top_k: int, on_host: bool) -> int:
     """Compact entries of one dynamic head's region."""
-    if not on_host:
-        return rows.prompt_len
-    return (
-        rows.prefix_end
-        + rows.num_selected(top_k) * rows.chunk_size
-        + (rows.prompt_len - rows.tail_start)
-    )
+    return dynamic_row_locals(rows, top_k, on_host)[2]
 
 
 def compact_shape(layout: CompressedLayout, on_host: bool) -> CompactShape:
@@ -117,19 +124,6 @@ class CompactLayout:
     @property
     def on_host(self) -> bool:
         return self.host_chunk_ids.numel() > 0
-
-    @property
-    def prompt_len(self) -> int:
-        return self.plan.prompt_len
-
-    @property
-    def read_fraction(self) -> float:
-        return self.plan.read_fraction
-
-    @property
-    def device_entries(self) -> int:
-        """Compact entries held on the device, over all layers (stats)."""
-        return int(self.slots.numel()) * self.plan.num_kv_heads * len(self.layers)
 
 
 def build_compact_layout(
@@ -207,26 +201,13 @@ def _region_source_positions(
     rows: DynamicRowLayout, top_k: int, on_host: bool, device: torch.device
 ) -> Tensor:
     """``[W]`` prompt position copied into each region offset; ``-1`` for staging slots."""
-    n = rows.prompt_len
     if not on_host:
-        return torch.arange(n, device=device)
-    staging = torch.full((rows.num_selected(top_k) * rows.chunk_size,), -1, device=device)
+        return torch.arange(rows.prompt_len, device=device)
+    prefix, window_start, _ = dynamic_row_locals(rows, top_k, on_host)
     return torch.cat(
         [
-            torch.arange(rows.prefix_end, device=device),
-            staging,
-            torch.arange(rows.tail_start, n, device=device),
+            torch.arange(prefix, device=device),
+            torch.full((window_start - prefix,), -1, device=device),
+            torch.arange(rows.tail_start, rows.prompt_len, device=device),
         ]
     )
-
-
-def dynamic_row_locals(rows: DynamicRowLayout, top_k: int, on_host: bool) -> tuple[int, int, int]:
-    """``(prefix_len, window_start, window_end)`` of a dynamic head's row in region offsets.
-
-    A row reads ``[0, prefix_len)``, then its chunks (chunk ids on the device tier, staging
-    slots on the host tier, each ``C`` offsets), then ``[window_start, window_end)``.
-    """
-    if not on_host:
-        return rows.prefix_end, rows.tail_start, rows.prompt_len
-    start = rows.prefix_end + rows.num_selected(top_k) * rows.chunk_size
-    return rows.prefix_end, start, start + rows.prompt_len - rows.tail_start

@@ -195,8 +195,7 @@ def _compact_dynamic_entries(
     if on_host:
         if stager is None:
             raise RuntimeError("a host-tier compact request needs a chunk stager at decode")
-        # staging slot j starts at region offset prefix_end + j*C = (first_chunk + j)*C
-        chunks = stager.stage(layer, compact, dyn, chunks) + dyn.first_chunk
+        chunks = stager.stage(layer, compact, dyn, chunks)
     prefix, window_start, window_end = dynamic_row_locals(dyn, k, on_host)
     local = chunk_selection_positions(chunks, [n_sel] * n, dyn.chunk_size, [prefix] * n)
     local = append_ranges(local, [window_start] * n, [window_end] * n)

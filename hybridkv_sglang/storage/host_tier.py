@@ -123,14 +123,17 @@ class ChunkStager:
     def stage(
         self, layer: int, compact: CompactLayerLayout, rows: DynamicRowLayout, chunks: Tensor
     ) -> Tensor:
-        """Make ``chunks`` (``[n_d, n_sel]`` absolute ids, device) resident; returns their slots.
+        """Make ``chunks`` (``[n_d, n_sel]`` absolute ids, device) resident in staging slots.
 
-        Reads this step's chunk ids back to the host: which chunks move is a host decision.
+        Returns, per selected chunk, the region chunk it is read from (staging slot ``j`` is
+        region chunk ``first_chunk + j``). Reads this step's chunk ids back to the host: which
+        chunks move is a host decision.
         """
         assert compact.staged is not None and compact.host_chunks is not None
         device = chunks.device
         selected = chunks.cpu()
         slot_of, missing = assign_staging_slots(compact.staged, selected)
+        region_chunk = rows.first_chunk + slot_of
         row, pick = missing.nonzero(as_tuple=True)
         moved = int(row.numel())
         self.moved_chunks += moved
@@ -139,10 +142,10 @@ class ChunkStager:
             size = rows.chunk_size
             host_ids = compact.host_chunks[row, selected[row, pick] - rows.first_chunk]
             k, v = self.tier.stage(host_ids, device)
-            offsets = rows.prefix_end + slot_of[row, pick].unsqueeze(1) * size + torch.arange(size)
+            offsets = region_chunk[row, pick].unsqueeze(1) * size + torch.arange(size)
             dst = compact.dynamic_regions[row.to(device).unsqueeze(1), offsets.to(device)]
             dst = dst.reshape(-1)
             k_buffer, v_buffer = self.k_buffers[layer], self.v_buffers[layer]
             k_buffer.view(-1, k_buffer.shape[-1])[dst] = k.reshape(-1, k_buffer.shape[-1])
             v_buffer.view(-1, v_buffer.shape[-1])[dst] = v.reshape(-1, v_buffer.shape[-1])
-        return slot_of.to(device)
+        return region_chunk.to(device)

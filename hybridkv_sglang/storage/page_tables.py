@@ -110,6 +110,14 @@ class PositionsCSR:
         """``[R]`` int64 CPU."""
         return self.indptr_host[1:] - self.indptr_host[:-1]
 
+    def entry_rows(self) -> Tensor:
+        """``[nnz]`` int64 device: the row each value belongs to (no host sync)."""
+        return torch.repeat_interleave(
+            torch.arange(self.num_rows, device=self.device),
+            self.indptr.to(torch.int64).diff(),
+            output_size=self.nnz,
+        )
+
     @classmethod
     def empty(cls, num_rows: int, device: torch.device | str) -> PositionsCSR:
         """``num_rows`` rows with no positions."""
@@ -179,19 +187,10 @@ def assemble_rows(
     host = _indptr_host(lengths)
     out_indptr = _h2d(host, device, torch.int32)
     out = torch.empty(int(host[-1]), dtype=torch.int32, device=device)
+    row_starts = out_indptr.to(torch.int64)
     for csr, ids_host in placed:
-        n = csr.nnz
-        if n == 0:
-            continue
-        ids = _h2d(ids_host, device)
-        src_indptr = csr.indptr.to(torch.int64)
-        local = torch.repeat_interleave(
-            torch.arange(csr.num_rows, device=device),
-            src_indptr[1:] - src_indptr[:-1],
-            output_size=n,
-        )
-        j = torch.arange(n, device=device) - src_indptr[local]
-        out[out_indptr.to(torch.int64)[ids[local]] + j] = csr.positions
+        if csr.nnz:
+            _scatter_rows(out, row_starts[_h2d(ids_host, device)], csr)
     return PositionsCSR(host, out_indptr, out)
 
 
@@ -207,10 +206,8 @@ def append_ranges(
             f"{ends.numel()}"
         )
     extra = (ends - starts).clamp(min=0)
-    device = csr.device
-    head = csr.lengths_host()
-    ranges = PositionsCSR.from_device(extra, _range_values(starts, extra, device))
-    return _concat_rows(csr, head, ranges, device)
+    ranges = PositionsCSR.from_device(extra, _range_values(starts, extra, csr.device))
+    return _concat_rows(csr, ranges)
 
 
 def take_from_regions(local: PositionsCSR, regions: Tensor) -> PositionsCSR:
@@ -225,12 +222,7 @@ def take_from_regions(local: PositionsCSR, regions: Tensor) -> PositionsCSR:
             f"regions: expected shape ({local.num_rows}, W), got {tuple(regions.shape)}"
         )
     width = regions.shape[1]
-    row = torch.repeat_interleave(
-        torch.arange(local.num_rows, device=local.device),
-        local.indptr.to(torch.int64).diff(),
-        output_size=local.nnz,
-    )
-    values = regions.reshape(-1)[row * width + local.positions.to(torch.int64)]
+    values = regions.reshape(-1)[local.entry_rows() * width + local.positions.to(torch.int64)]
     return PositionsCSR(local.indptr_host, local.indptr, values.to(torch.int32))
 
 
@@ -245,26 +237,26 @@ def _range_values(starts: Tensor, lengths: Tensor, device: torch.device) -> Tens
     return packed[0][row] + torch.arange(total, device=device) - packed[2][row]
 
 
-def _concat_rows(
-    first: PositionsCSR, first_lengths: Tensor, second: PositionsCSR, device: torch.device
-) -> PositionsCSR:
-    """Row-wise concatenation ``first[r] ++ second[r]`` (host lengths known)."""
-    second_lengths = second.lengths_host()
-    host = _indptr_host(first_lengths + second_lengths)
+def _concat_rows(first: PositionsCSR, second: PositionsCSR) -> PositionsCSR:
+    """Row-wise concatenation ``first[r] ++ second[r]``; no host sync."""
+    first_lengths = first.lengths_host()
+    host = _indptr_host(first_lengths + second.lengths_host())
+    device = first.device
     out = torch.empty(int(host[-1]), dtype=torch.int32, device=device)
     out_indptr = _h2d(host, device)
-    for part, offset in ((first, 0), (second, first_lengths)):
-        if part.nnz == 0:
-            continue
-        src = part.indptr.to(torch.int64)
-        row = torch.repeat_interleave(
-            torch.arange(part.num_rows, device=device), src.diff(), output_size=part.nnz
-        )
-        shift = out_indptr[:-1] - src[:-1]
-        if isinstance(offset, Tensor):
-            shift = shift + _h2d(offset, device)
-        out[torch.arange(part.nnz, device=device) + shift[row]] = part.positions
+    row_starts = out_indptr[:-1]
+    _scatter_rows(out, row_starts, first)
+    _scatter_rows(out, row_starts + _h2d(first_lengths, device), second)
     return PositionsCSR(host, out_indptr.to(torch.int32), out)
+
+
+def _scatter_rows(out: Tensor, row_starts: Tensor, csr: PositionsCSR) -> None:
+    """Write row ``r`` of ``csr`` to ``out[row_starts[r]:]`` (``row_starts``: int64 device)."""
+    if csr.nnz == 0:
+        return
+    row = csr.entry_rows()
+    within = torch.arange(csr.nnz, device=out.device) - csr.indptr.to(torch.int64)[row]
+    out[row_starts[row] + within] = csr.positions
 
 
 # --------------------------------------------------------------------------- dynamic rows
@@ -600,9 +592,8 @@ def prepend_entries(direct: PositionsCSR, table: FoldedPageTable) -> FoldedPageT
         )
     if direct.nnz == 0:
         return table
-    device = table.kv_indices.device
     rows = PositionsCSR(table.kv_indptr_host.to(torch.int64), table.kv_indptr, table.kv_indices)
-    merged = _concat_rows(direct, direct.lengths_host(), rows, device)
+    merged = _concat_rows(direct, rows)
     return FoldedPageTable(
         kv_indptr=merged.indptr,
         kv_indices=merged.positions,
