@@ -20,6 +20,8 @@ Ops:
 - ``chunk_topk``: Quest chunk scores ``[R, C_max]`` for dynamic heads + top-k chunk ids.
 - ``page_table_indices``: folded per-head FlashInfer page-table indices from positions.
 - ``gather_entries``: copy kept KV entries into compact entries (folded view).
+- ``ragged_chunk_scores``: Quest chunk scores over a flat list of chunks tagged by row (the
+  fixed-shape form CUDA-graph decode captures).
 """
 
 from .chunk_topk import chunk_topk, chunk_topk_auto, chunk_topk_ref
@@ -29,6 +31,11 @@ from .page_table_indices import (
     build_page_table_indices_auto,
     build_page_table_indices_ref,
     kv_indptr_from_lengths,
+)
+from .ragged_chunk_scores import (
+    ragged_chunk_scores,
+    ragged_chunk_scores_auto,
+    ragged_chunk_scores_ref,
 )
 
 __all__ = [
@@ -42,4 +49,7 @@ __all__ = [
     "gather_entries_auto",
     "gather_entries_ref",
     "kv_indptr_from_lengths",
+    "ragged_chunk_scores",
+    "ragged_chunk_scores_auto",
+    "ragged_chunk_scores_ref",
 ]
