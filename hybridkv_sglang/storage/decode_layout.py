@@ -42,10 +42,13 @@ RequestLayout = CompressedLayout | CompactLayout
 
 
 @dataclass(frozen=True)
-class _DynamicGroup:
+class DynamicGroup:
     """The dynamic rows of one request in one layer."""
 
+    request: int
+    """Index of the request in the batch."""
     rows: Tensor
+    """``[n_d]`` int64 CPU, the rows in the step's table (``request * H_kv + head``)."""
     plan: CompressedLayout
     layer: LayerLayout
     compact: CompactLayerLayout | None
@@ -64,22 +67,41 @@ class DecodeBatchLayout:
     def has_compressed(self) -> bool:
         return any(layout is not None for layout in self.layouts)
 
+    def dynamic_groups(self, layer: int) -> list[DynamicGroup]:
+        """The dynamic rows of ``layer``, per compressed request in batch order."""
+        heads = self.num_kv_heads
+        groups = []
+        for b, layout in enumerate(self.layouts):
+            if layout is None:
+                continue
+            compact = layout.layers[layer] if isinstance(layout, CompactLayout) else None
+            plan = layout.plan if isinstance(layout, CompactLayout) else layout
+            lay = plan.layers[layer]
+            if lay.dynamic_heads.numel():
+                groups.append(DynamicGroup(b, b * heads + lay.dynamic_heads, plan, lay, compact))
+        return groups
+
     def layer_table(
         self,
         layer: int,
-        q: Tensor,
+        q: Tensor | None,
         req_to_token: Tensor,
         stager: ChunkStager | None = None,
+        *,
+        top: Tensor | None = None,
     ) -> FoldedPageTable:
         """The folded page table of ``layer`` for this step.
 
         Args:
             layer: layer index.
             q: ``[B * H_kv, G, D]`` this layer's queries, rows request-major then kv head (the
-                dynamic rows' chunk scores need them).
+                dynamic rows' chunk scores need them); unused when ``top`` is given.
             req_to_token: ``[P, ctx]`` int32 SGLang's request-to-slot map.
             stager: moves host-tier chunks into staging slots; needed when a compact request
                 keeps its dynamic heads on the host.
+            top: ``[R_dyn, k]`` int64 absolute chunk ids of the dynamic rows in
+                :meth:`dynamic_groups` order, instead of scoring ``q`` (the CUDA-graph path
+                reserves the chunks' places with stand-in ids and fills them in the graph).
         """
         heads = self.num_kv_heads
         num_rows = len(self.req_pool_indices) * heads
@@ -88,28 +110,31 @@ class DecodeBatchLayout:
         tail_end = torch.tensor(self.seq_lens, dtype=torch.int64).repeat_interleave(heads)
         by_position: list[tuple[PositionsCSR, Tensor]] = []
         direct: list[tuple[PositionsCSR, Tensor]] = []
-        groups: list[_DynamicGroup] = []
         for b, layout in enumerate(self.layouts):
             if layout is None:
                 continue
             base = b * heads
             if isinstance(layout, CompactLayout):
-                plan, compact = layout.plan, layout.layers[layer]
+                plan = layout.plan
                 lay = plan.layers[layer]
                 tail_start[base : base + heads] = plan.prompt_len
                 if lay.static_heads.numel():
-                    direct.append((compact.static_entries, base + lay.static_heads))
+                    direct.append((layout.layers[layer].static_entries, base + lay.static_heads))
             else:
-                plan, compact, lay = layout, None, layout.layers[layer]
+                plan, lay = layout, layout.layers[layer]
                 if lay.static_heads.numel():
                     rows = base + lay.static_heads
                     by_position.append((lay.static_kept, rows))
                     tail_start[rows] = plan.prompt_len
                 tail_start[base + lay.dynamic_heads] = plan.dynamic_rows.tail_start
-            if lay.dynamic_heads.numel():
-                groups.append(_DynamicGroup(base + lay.dynamic_heads, plan, lay, compact))
+        groups = self.dynamic_groups(layer)
         if groups:
-            top = _top_chunks(q, groups)
+            if top is None:
+                if q is None:
+                    raise ValueError(
+                        "layer_table: expected q (or top) for a batch with dynamic rows"
+                    )
+                top = _top_chunks(q, groups)
             offset = 0
             in_place_rows, in_place_top, in_place_groups = [], [], []
             for group in groups:
@@ -143,7 +168,7 @@ class DecodeBatchLayout:
         return prepend_entries(assemble_rows(num_rows, direct, device), table)
 
 
-def _top_chunks(q: Tensor, groups: Sequence[_DynamicGroup]) -> Tensor:
+def _top_chunks(q: Tensor, groups: Sequence[DynamicGroup]) -> Tensor:
     """``[R, k]`` absolute chunk ids of every dynamic row by descending score, ``-1`` padded."""
     kmins, kmaxs, num_chunks, firsts = [], [], [], []
     k = max(g.plan.top_k_chunks for g in groups)
@@ -168,7 +193,7 @@ def _top_chunks(q: Tensor, groups: Sequence[_DynamicGroup]) -> Tensor:
     return torch.where(top >= 0, top + shift, top)
 
 
-def _in_place_dynamic_positions(top: Tensor, groups: Sequence[_DynamicGroup]) -> PositionsCSR:
+def _in_place_dynamic_positions(top: Tensor, groups: Sequence[DynamicGroup]) -> PositionsCSR:
     """In-place dynamic rows' selections: resident prefix + this step's chunks, as positions."""
     num_selected, prefixes = [], []
     for g in groups:
@@ -182,7 +207,7 @@ def _in_place_dynamic_positions(top: Tensor, groups: Sequence[_DynamicGroup]) ->
 
 
 def _compact_dynamic_entries(
-    layer: int, group: _DynamicGroup, top: Tensor, stager: ChunkStager | None
+    layer: int, group: DynamicGroup, top: Tensor, stager: ChunkStager | None
 ) -> PositionsCSR:
     """A compact request's dynamic rows as folded entries: prefix, chunks, window."""
     compact = group.compact
