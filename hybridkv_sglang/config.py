@@ -22,6 +22,7 @@ ENV_VAR = "HYBRIDKV_CONFIG"
 PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"]
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
+DynamicTopK = Literal["fixed", "budget"]
 
 
 class HybridKVConfigError(ValueError):
@@ -58,6 +59,12 @@ class HybridKVConfig(BaseModel):
         "text",
         description="static heads keep sink + window, then: text (text tokens before visual, "
         "the design's text prior) or focus (the head's own focus set first, then text)",
+    )
+    dynamic_top_k: DynamicTopK = Field(
+        "fixed",
+        description="chunks a dynamic head retrieves per step: fixed (top_k_chunks, the design) "
+        "or budget (at most top_k_chunks, capped so a dynamic head reads no more than the mean "
+        "per-head budget, at least one chunk)",
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")
@@ -96,6 +103,7 @@ class HybridKVConfig(BaseModel):
         "max_dynamic_fraction",
         "pool_kernel",
         "static_priority",
+        "dynamic_top_k",
     )
 
     def policy_values(self) -> dict[str, Any]:

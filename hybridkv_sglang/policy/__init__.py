@@ -18,6 +18,7 @@ from hybridkv_sglang.policy.baselines import (
 )
 from hybridkv_sglang.policy.chunk_retrieval import (
     ChunkRetriever,
+    budget_top_k,
     chunk_bounds,
     dynamic_head_budget,
     resident_bounds,
@@ -63,6 +64,7 @@ __all__ = [
     "StreamingPolicy",
     "TextPriorSelector",
     "TopDownAllocator",
+    "budget_top_k",
     "build_policy",
     "chunk_bounds",
     "dynamic_head_budget",

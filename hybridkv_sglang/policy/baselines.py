@@ -12,7 +12,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator
+from hybridkv_sglang.policy.allocate import BudgetAllocation
+from hybridkv_sglang.policy.chunk_retrieval import budget_top_k
 from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
 from hybridkv_sglang.policy.selection import keep_top_by_priority
 
@@ -101,20 +102,21 @@ class AllStaticPolicy(CompressionPolicy):
 
 @dataclass(frozen=True)
 class AllDynamicPolicy(CompressionPolicy):
-    """Ablation: every head dynamic (chunk retrieval everywhere, ``b_dyn`` per head whatever the
-    budget; Quest-like, Tang et al., ICML 2024)."""
+    """Ablation: every head dynamic (chunk retrieval everywhere; Quest-like, Tang et al., ICML
+    2024) at the same budget as the others.
+
+    Each request retrieves ``k = (b_mean - resident) // C`` chunks per step
+    (:func:`budget_top_k`; ``top_k_chunks`` and ``dynamic_top_k`` are ignored), so a head reads
+    at most ``b_mean`` entries. When not even one chunk fits (``b_mean`` below the sink and
+    window rounded out to chunk borders) no head is dynamic and the request is pruned like
+    ``all_static``.
+    """
 
     name: ClassVar[str] = "all_dynamic"
+    demote_unaffordable: ClassVar[bool] = False
 
     def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
         return torch.ones_like(focus, dtype=torch.bool)
 
-    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
-        return TopDownAllocator(demote_unaffordable=False).allocate(
-            focus,
-            is_dynamic,
-            prompt_len=geo.prompt_len,
-            head_budget=geo.head_budget,
-            floor=geo.floor,
-            dynamic_budget=geo.dynamic_budget,
-        )
+    def chunks_per_step(self, prompt_len: int, sink: int, window: int, head_budget: int) -> int:
+        return budget_top_k(prompt_len, sink, window, self.chunk_size, head_budget)

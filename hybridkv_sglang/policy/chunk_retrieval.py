@@ -105,6 +105,17 @@ def dynamic_head_budget(
     return prefix_end + min(top_k_chunks, end - first) * chunk_size + prompt_len - tail_start
 
 
+def budget_top_k(prompt_len: int, sink: int, window: int, chunk_size: int, head_budget: int) -> int:
+    """The most chunks a dynamic head can retrieve per step and still read ``<= head_budget``.
+
+    ``(head_budget - resident) // C`` clamped to ``[0, retrievable chunks]``: ``0`` when even the
+    resident set (sink and window rounded out to chunk borders) exceeds the budget.
+    """
+    first, end = retrievable_chunk_range(prompt_len, sink, window, chunk_size)
+    resident = dynamic_head_budget(prompt_len, sink, window, chunk_size, 0)
+    return max(0, min(end - first, (head_budget - resident) // chunk_size))
+
+
 def select_chunks(
     q: Tensor,
     kmin: Tensor,

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator, uniform_head_budget
 from hybridkv_sglang.policy.chunk_retrieval import (
+    budget_top_k,
     chunk_bounds,
     dynamic_head_budget,
     resident_mask,
@@ -36,6 +37,8 @@ from hybridkv_sglang.policy.plan import CompressionPlan
 from hybridkv_sglang.policy.selection import mask_to_csr
 from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelector
 from hybridkv_sglang.policy.window_attention import window_attention
+
+DYNAMIC_TOP_K = ("fixed", "budget")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ class Geometry:
         window: ``min(window, N)``.
         sink: ``min(sink, N - window)``.
         head_budget: ``b_mean`` tokens.
-        dynamic_budget: ``b_dyn`` entries.
+        top_k_chunks: chunks a dynamic head retrieves per decode step in this request
+            (:meth:`CompressionPolicy.chunks_per_step`; ``0`` = no head can be dynamic).
+        dynamic_budget: ``b_dyn`` entries, read by a dynamic head retrieving ``top_k_chunks``.
         retrievable_chunks: full chunks inside ``[sink, N - window)``.
     """
 
@@ -80,6 +85,7 @@ class Geometry:
     window: int
     sink: int
     head_budget: int
+    top_k_chunks: int
     dynamic_budget: int
     retrievable_chunks: int
 
@@ -106,10 +112,15 @@ class CompressionPolicy:
         static_priority: ``"text"`` (DESIGN §2: sink/window, text, visual) or ``"focus"``
             (opt-in: sink/window, the head's focus set, text, visual); see
             :class:`TextPriorSelector`.
+        dynamic_top_k: ``"fixed"`` (DESIGN §2: every dynamic head retrieves ``top_k_chunks``)
+            or ``"budget"`` (opt-in: at most ``top_k_chunks``, and no more than keep a dynamic
+            head's read within ``b_mean``, at least one chunk); see :meth:`chunks_per_step`.
     """
 
     name: ClassVar[str] = "base"
     needs_chunk_bounds: ClassVar[bool] = True
+    demote_unaffordable: ClassVar[bool] = True
+    """Stage 2 demotes the dynamic heads ``B`` cannot pay for (see :class:`TopDownAllocator`)."""
 
     budget: float = 0.1
     budget_tokens: int | None = None
@@ -121,6 +132,7 @@ class CompressionPolicy:
     max_dynamic_fraction: float = 0.5
     pool_kernel: int = 7
     static_priority: str = "text"
+    dynamic_top_k: str = "fixed"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -144,6 +156,10 @@ class CompressionPolicy:
             raise ValueError(
                 f"static_priority must be one of {STATIC_PRIORITIES}, got {self.static_priority!r}"
             )
+        if self.dynamic_top_k not in DYNAMIC_TOP_K:
+            raise ValueError(
+                f"dynamic_top_k must be one of {DYNAMIC_TOP_K}, got {self.dynamic_top_k!r}"
+            )
 
     # ----------------------------------------------------------------- driver
     def geometry(self, prompt_len: int) -> Geometry:
@@ -153,16 +169,30 @@ class CompressionPolicy:
         window = min(self.window, prompt_len)
         sink = min(self.sink, prompt_len - window)
         first, end = retrievable_chunk_range(prompt_len, sink, window, self.chunk_size)
+        head_budget = uniform_head_budget(prompt_len, self.budget, self.budget_tokens)
+        k = self.chunks_per_step(prompt_len, sink, window, head_budget)
         return Geometry(
             prompt_len=prompt_len,
             window=window,
             sink=sink,
-            head_budget=uniform_head_budget(prompt_len, self.budget, self.budget_tokens),
-            dynamic_budget=dynamic_head_budget(
-                prompt_len, sink, window, self.chunk_size, self.top_k_chunks
-            ),
+            head_budget=head_budget,
+            top_k_chunks=k,
+            dynamic_budget=dynamic_head_budget(prompt_len, sink, window, self.chunk_size, k),
             retrievable_chunks=end - first,
         )
+
+    def chunks_per_step(self, prompt_len: int, sink: int, window: int, head_budget: int) -> int:
+        """Chunks each dynamic head of one request retrieves per decode step.
+
+        ``"fixed"``: ``top_k_chunks`` whatever the budget, so ``b_dyn`` may exceed ``b_mean`` and
+        the static heads pay the difference. ``"budget"``: the same, capped at the most chunks
+        that keep ``b_dyn <= b_mean`` (:func:`budget_top_k`), but at least one; stage 2 still
+        demotes the dynamic heads the request cannot pay for.
+        """
+        if self.dynamic_top_k == "fixed":
+            return self.top_k_chunks
+        fits = budget_top_k(prompt_len, sink, window, self.chunk_size, head_budget)
+        return max(1, min(self.top_k_chunks, fits))
 
     def observe_layer(
         self, layer_id: int, q_window: Tensor, keys: Tensor, sm_scale: float
@@ -254,7 +284,7 @@ class CompressionPolicy:
             chunk_kmin=kmin,
             chunk_kmax=kmax,
             chunk_size=self.chunk_size,
-            top_k_chunks=self.top_k_chunks,
+            top_k_chunks=geo.top_k_chunks,
             sink=geo.sink,
             window=geo.window,
             policy=self.name,
@@ -268,12 +298,13 @@ class CompressionPolicy:
     def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
         """Stage 2: budgets per head (and the final classification).
 
-        A prompt with no full chunk between sink and window has nothing to retrieve: its
-        dynamic heads would read the whole prompt, so they are made static.
+        A prompt with no full chunk between sink and window has nothing to retrieve (its
+        dynamic heads would read the whole prompt), and a request that retrieves no chunk per
+        step has no use for retrieval: in both cases every head is made static.
         """
-        if geo.retrievable_chunks == 0:
+        if geo.retrievable_chunks == 0 or geo.top_k_chunks == 0:
             is_dynamic = torch.zeros_like(is_dynamic)
-        return TopDownAllocator(demote_unaffordable=True).allocate(
+        return TopDownAllocator(demote_unaffordable=self.demote_unaffordable).allocate(
             focus,
             is_dynamic,
             prompt_len=geo.prompt_len,

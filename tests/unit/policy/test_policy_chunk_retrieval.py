@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridkv_sglang.policy import (
     ChunkRetriever,
+    budget_top_k,
     chunk_bounds,
     dynamic_head_budget,
     resident_bounds,
@@ -157,3 +160,44 @@ def test_retriever_rejects_bad_hyper_parameters() -> None:
         ChunkRetriever(top_k_chunks=0)
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_bounds(torch.randn(4, 1, 2), 0)
+
+
+@pytest.mark.parametrize(
+    "n,sink,window,chunk,head_budget,expected",
+    [
+        (400, 4, 32, 16, 40, 0),  # resident 16 + 32 = 48 > 40: not one chunk fits
+        (400, 4, 32, 16, 48, 0),
+        (400, 4, 32, 16, 63, 0),
+        (400, 4, 32, 16, 64, 1),
+        (400, 4, 32, 16, 80, 2),
+        (400, 4, 32, 16, 400, 22),  # capped at the 22 retrievable chunks
+        (1200, 4, 32, 16, 120, 4),
+        (36, 4, 32, 16, 36, 0),  # nothing retrievable
+    ],
+)
+def test_budget_top_k_cases(
+    n: int, sink: int, window: int, chunk: int, head_budget: int, expected: int
+) -> None:
+    assert budget_top_k(n, sink, window, chunk, head_budget) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    sink=st.integers(0, 20),
+    window=st.integers(1, 64),
+    chunk=st.integers(1, 32),
+    head_budget=st.integers(1, 3000),
+)
+def test_budget_top_k_is_the_most_that_fits(
+    n: int, sink: int, window: int, chunk: int, head_budget: int
+) -> None:
+    window = min(window, n)
+    sink = min(sink, n - window)
+    k = budget_top_k(n, sink, window, chunk, head_budget)
+    first, end = retrievable_chunk_range(n, sink, window, chunk)
+    assert 0 <= k <= end - first
+    if k > 0:
+        assert dynamic_head_budget(n, sink, window, chunk, k) <= head_budget
+    if k < end - first:
+        assert dynamic_head_budget(n, sink, window, chunk, k + 1) > head_budget

@@ -127,10 +127,46 @@ def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
 def test_all_static_and_all_dynamic_types() -> None:
     static = _plan("all_static", budget=0.1)
     assert not static.has_dynamic and static.chunk_kmin is None
-    dynamic = _plan("all_dynamic", budget=0.1)
-    assert dynamic.is_dynamic.all()
-    assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 8))
+    dynamic = _plan("all_dynamic", budget=0.2)  # b_mean 80: (80 - 48) // 16 = 2 chunks
+    assert dynamic.is_dynamic.all() and dynamic.top_k_chunks == 2
+    assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 2))
     assert dynamic.kept_entries() == L * HKV * (16 + 400 - 368)  # [0, 16) and [368, 400)
+
+
+@pytest.mark.parametrize(
+    "n,budget,k",
+    [(400, 0.2, 2), (400, 0.5, 9), (400, 1.0, 22), (1200, 0.1, 4), (1200, 0.05, 0), (400, 0.1, 0)],
+)
+def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> None:
+    """Equal-budget ablation: a dynamic head reads <= b_mean, at most one chunk short of it."""
+    plan = _plan("all_dynamic", n=n, budget=budget, top_k_chunks=8)
+    b_mean = uniform_head_budget(n, budget, None)
+    _check_contract(plan)
+    if k == 0:  # not one chunk fits: pruned like all_static, at most B (or every head's floor)
+        assert not plan.has_dynamic
+        assert int(plan.budgets.sum()) <= max(b_mean, 36) * L * HKV
+        return
+    assert plan.is_dynamic.all() and plan.top_k_chunks == k  # top_k_chunks=8 is ignored
+    read = plan.dynamic_read_per_step()
+    first, end = plan.retrievable_chunks
+    assert read <= b_mean and (read > b_mean - 16 or k == end - first)
+    assert plan.stats()["read_fraction"] <= budget + 1e-9
+
+
+@pytest.mark.parametrize("n,budget", [(400, 0.1), (400, 0.2), (1200, 0.1), (1200, 0.2)])
+def test_hybridkv_budget_top_k_caps_dynamic_reads(n: int, budget: float) -> None:
+    """dynamic_top_k='budget': k <= top_k_chunks and a dynamic head reads within
+    max(b_mean, resident + one chunk); 'fixed' reads top_k_chunks chunks whatever the budget."""
+    b_mean = uniform_head_budget(n, budget, None)
+    fixed = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0)
+    capped = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0, dynamic_top_k="budget")
+    _check_contract(capped)
+    assert fixed.top_k_chunks == 8
+    assert 1 <= capped.top_k_chunks <= 8
+    assert capped.dynamic_read_per_step() <= max(b_mean, dynamic_head_budget(n, 4, 32, 16, 1))
+    assert int(capped.budgets.sum()) <= b_mean * L * HKV
+    # Cheaper dynamic heads leave the static heads at least as much.
+    assert capped.is_dynamic.sum() >= fixed.is_dynamic.sum()
 
 
 def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
@@ -234,6 +270,7 @@ def test_stats_read_fraction() -> None:
         ("hybridkv", {"theta": 1.2}, "theta"),
         ("hybridkv", {"max_dynamic_fraction": -0.1}, "max_dynamic_fraction"),
         ("all_static", {"static_priority": "visual"}, "static_priority"),
+        ("hybridkv", {"dynamic_top_k": "auto"}, "dynamic_top_k"),
     ],
 )
 def test_build_policy_rejects_bad_values(name: str, kw: dict, match: str) -> None:
