@@ -19,7 +19,7 @@ from hybridkv_sglang.policy import build_policy
 
 ENV_VAR = "HYBRIDKV_CONFIG"
 
-PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"]
+PolicyName = Literal["hybridkv", "snapkv", "streaming", "all_static", "all_dynamic", "adakv"]
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
 DynamicTopK = Literal["fixed", "budget"]
@@ -38,7 +38,7 @@ class HybridKVConfig(BaseModel):
     policy: PolicyName = Field(
         "hybridkv",
         description="hybridkv (the method) or a baseline run by the same machinery: snapkv, "
-        "streaming, all_static, all_dynamic",
+        "streaming, all_static, all_dynamic, adakv",
     )
     budget: float = Field(
         0.1, description="fraction of the prompt's KV entries kept per request, in (0, 1]"
@@ -78,6 +78,29 @@ class HybridKVConfig(BaseModel):
         description="compact mode: pinned host buffer (MiB) holding dynamic heads' prompt KV; "
         "0 keeps dynamic heads' KV on the device",
     )
+
+    static_tables_eager: bool = Field(
+        False,
+        description="build eager decode steps' tables in the fixed buffers CUDA-graph replays "
+        "read (the graph path without a graph: for debugging it, and for CPU tests)",
+    )
+    graph_table_entries: int = Field(
+        1 << 22,
+        description="fixed decode tables: folded KV entries per layer (int32 each); a decode "
+        "batch reading more runs without a CUDA graph",
+    )
+    graph_bound_chunks: int = Field(
+        32768,
+        description="fixed decode tables: chunk key bounds per layer (2 x head_dim values each); "
+        "a decode batch whose dynamic heads have more chunks runs without a CUDA graph",
+    )
+
+    @field_validator("graph_table_entries", "graph_bound_chunks")
+    @classmethod
+    def _positive(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
 
     @field_validator("min_prompt_tokens", "host_tier_mib")
     @classmethod

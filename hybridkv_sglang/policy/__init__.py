@@ -4,6 +4,7 @@ Entry points for the runtime: :func:`build_policy` -> a policy with ``observe_la
 end of prefill) and ``finalize`` (-> :class:`CompressionPlan`).
 """
 
+from hybridkv_sglang.policy.adakv import AdaKVPolicy, flattened_top_budgets
 from hybridkv_sglang.policy.allocate import (
     BudgetAllocation,
     TopDownAllocator,
@@ -48,6 +49,7 @@ from hybridkv_sglang.policy.window_attention import window_attention
 
 __all__ = [
     "POLICIES",
+    "AdaKVPolicy",
     "AllDynamicPolicy",
     "AllStaticPolicy",
     "BudgetAllocation",
@@ -68,6 +70,7 @@ __all__ = [
     "build_policy",
     "chunk_bounds",
     "dynamic_head_budget",
+    "flattened_top_budgets",
     "focus_set",
     "focus_size",
     "pooled_scores",

@@ -41,7 +41,9 @@ class SnapKVPolicy(CompressionPolicy):
     def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
         return torch.zeros_like(focus, dtype=torch.bool)
 
-    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+    def allocate(
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+    ) -> BudgetAllocation:
         return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.window)))
 
     def select(
@@ -71,7 +73,9 @@ class StreamingPolicy(CompressionPolicy):
     def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
         return torch.zeros_like(focus, dtype=torch.bool)
 
-    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+    def allocate(
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+    ) -> BudgetAllocation:
         return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.sink)))
 
     def select(

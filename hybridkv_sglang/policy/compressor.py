@@ -255,7 +255,7 @@ class CompressionPolicy:
         scores = torch.stack([o.scores for o in obs])  # [L, H, N]
         geo = self.geometry(n)
         is_dynamic = self.classify(focus, geo)
-        alloc = self.allocate(focus, is_dynamic, geo)
+        alloc = self.allocate(focus, is_dynamic, geo, scores)
         dynamic = alloc.is_dynamic.to(scores.device)
         budgets = alloc.budgets.to(scores.device)
 
@@ -295,8 +295,13 @@ class CompressionPolicy:
         """Stage 1: ``focus [L, H_kv]`` int64 -> ``[L, H_kv]`` bool, ``True`` = dynamic."""
         raise NotImplementedError
 
-    def allocate(self, focus: Tensor, is_dynamic: Tensor, geo: Geometry) -> BudgetAllocation:
+    def allocate(
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+    ) -> BudgetAllocation:
         """Stage 2: budgets per head (and the final classification).
+
+        ``scores [L, H_kv, N]`` float32 are the observed key scores, for policies whose budgets
+        follow them (the method sizes heads by ``|U|`` alone).
 
         A prompt with no full chunk between sink and window has nothing to retrieve (its
         dynamic heads would read the whole prompt), and a request that retrieves no chunk per

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from hybridkv_sglang.policy.adakv import AdaKVPolicy
 from hybridkv_sglang.policy.baselines import (
     AllDynamicPolicy,
     AllStaticPolicy,
@@ -15,7 +16,14 @@ from hybridkv_sglang.policy.compressor import CompressionPolicy, HybridKVPolicy
 
 POLICIES: dict[str, type[CompressionPolicy]] = {
     cls.name: cls
-    for cls in (HybridKVPolicy, SnapKVPolicy, StreamingPolicy, AllStaticPolicy, AllDynamicPolicy)
+    for cls in (
+        HybridKVPolicy,
+        SnapKVPolicy,
+        StreamingPolicy,
+        AllStaticPolicy,
+        AllDynamicPolicy,
+        AdaKVPolicy,
+    )
 }
 
 

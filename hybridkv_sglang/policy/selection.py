@@ -56,3 +56,18 @@ def sink_window_mask(prompt_len: int, sink: int, window: int, device: torch.devi
     """``[N]`` bool, ``True`` on the first ``sink`` and the last ``window`` positions."""
     pos = torch.arange(prompt_len, device=device)
     return (pos < sink) | (pos >= prompt_len - window)
+
+
+def keep_sink_window_then_top(scores: Tensor, budgets: Tensor, sink: int, window: int) -> Tensor:
+    """Mask keeping sink and window first, then the highest ``scores`` (no text prior).
+
+    Args:
+        scores: ``[R, N]`` float, any per-position criterion (higher is kept first).
+        budgets: ``[R]`` int, positions per row (``>= sink + window`` keeps both whole).
+
+    Returns:
+        ``[R, N]`` bool, ``min(budgets[r], N)`` ``True`` per row.
+    """
+    n = scores.shape[-1]
+    tier = sink_window_mask(n, sink, window, scores.device).to(torch.int64)
+    return keep_top_by_priority(tier, scores, budgets)

@@ -296,7 +296,24 @@ def test_registry_importable_from_compressor() -> None:
     from hybridkv_sglang.policy.compressor import build_policy as b2
 
     assert P2 is POLICIES and b2 is build_policy
-    assert set(POLICIES) == {"hybridkv", "snapkv", "streaming", "all_static", "all_dynamic"}
+    assert set(POLICIES) == {
+        "hybridkv",
+        "snapkv",
+        "streaming",
+        "all_static",
+        "all_dynamic",
+        "adakv",
+    }
+
+
+def test_config_accepts_every_registered_policy() -> None:
+    from typing import get_args
+
+    from hybridkv_sglang.config import HybridKVConfig, PolicyName
+
+    assert set(get_args(PolicyName)) == set(POLICIES)
+    for name in POLICIES:
+        assert HybridKVConfig(policy=name).policy == name
 
 
 def test_policy_package_does_not_import_sglang() -> None:
