@@ -43,6 +43,7 @@ from hybridkv_sglang.policy.head_stats import (
     pooled_scores,
 )
 from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy, pyramid_budgets
 from hybridkv_sglang.policy.registry import POLICIES, build_policy
 from hybridkv_sglang.policy.text_prior import TextPriorSelector
 from hybridkv_sglang.policy.window_attention import window_attention
@@ -62,6 +63,7 @@ __all__ = [
     "HeadStatsReducer",
     "HybridKVPolicy",
     "LayerObservation",
+    "PyramidKVPolicy",
     "SnapKVPolicy",
     "StreamingPolicy",
     "TextPriorSelector",
@@ -74,6 +76,7 @@ __all__ = [
     "focus_set",
     "focus_size",
     "pooled_scores",
+    "pyramid_budgets",
     "resident_bounds",
     "resident_mask",
     "retrievable_chunk_range",

@@ -13,6 +13,7 @@ from hybridkv_sglang.policy.baselines import (
     StreamingPolicy,
 )
 from hybridkv_sglang.policy.compressor import CompressionPolicy, HybridKVPolicy
+from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy
 
 POLICIES: dict[str, type[CompressionPolicy]] = {
     cls.name: cls
@@ -23,6 +24,7 @@ POLICIES: dict[str, type[CompressionPolicy]] = {
         AllStaticPolicy,
         AllDynamicPolicy,
         AdaKVPolicy,
+        PyramidKVPolicy,
     )
 }
 

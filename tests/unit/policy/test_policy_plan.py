@@ -303,6 +303,7 @@ def test_registry_importable_from_compressor() -> None:
         "all_static",
         "all_dynamic",
         "adakv",
+        "pyramidkv",
     }
 
 
