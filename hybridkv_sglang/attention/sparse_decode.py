@@ -92,12 +92,16 @@ def sparse_decode_reference(
 class FlashInferFoldedDecode:
     """One FlashInfer batch-decode wrapper serving every (request, kv head) row of a step.
 
-    Plan once per step on the host (``plan(table, ...)``: uses ``table.kv_indptr_host`` and host
-    last-page lengths, so no device-to-host copy), then ``run`` once per layer with
-    ``q [R, G, D]`` (``q.view(B * H_kv, G, D)``) and the layer's ``k_buffer`` / ``v_buffer``
+    Plan on the host (``plan(table, ...)``: uses ``table.kv_indptr_host`` and host last-page
+    lengths, so no device-to-host copy), then ``run`` with ``q [R, G, D]``
+    (``q.view(B * H_kv, G, D)``) and the layer's ``k_buffer`` / ``v_buffer``
     ``[slots, H_kv, D]``, viewed as ``[slots * H_kv, 1, 1, D]`` pages of one token, one head.
     ``use_tensor_cores`` is forced on for group sizes FlashInfer's CUDA-core decode lacks
     (e.g. Qwen2.5-VL-7B's G = 7).
+
+    With ``graph_buffers=(kv_indptr [R + 1], kv_indices [E], kv_last_page_len [R])`` (int32
+    device) the wrapper is FlashInfer's CUDA-graph form: it reads its table from those fixed
+    buffers, always over ``R`` rows, and ``run`` may be captured; plan before every replay.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class FlashInferFoldedDecode:
         workspace_buffer: Tensor | None = None,
         workspace_bytes: int = 128 * 1024 * 1024,
         use_tensor_cores: bool | None = None,
+        graph_buffers: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         import flashinfer  # lazy: CUDA-only at run time
 
@@ -124,8 +129,18 @@ class FlashInferFoldedDecode:
         self.use_tensor_cores = use_tensor_cores
         if workspace_buffer is None:
             workspace_buffer = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        graph: dict[str, Any] = {}
+        if graph_buffers is not None:
+            indptr, indices, last_page_len = graph_buffers
+            graph = {
+                "use_cuda_graph": True,
+                "paged_kv_indptr_buffer": indptr,
+                "paged_kv_indices_buffer": indices,
+                "paged_kv_last_page_len_buffer": last_page_len,
+            }
+        self.graph_rows = None if graph_buffers is None else graph_buffers[2].numel()
         self.wrapper: Any = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace_buffer, "NHD", use_tensor_cores=use_tensor_cores
+            workspace_buffer, "NHD", use_tensor_cores=use_tensor_cores, **graph
         )
         self._planned_rows: int | None = None
 
@@ -138,12 +153,34 @@ class FlashInferFoldedDecode:
         sm_scale: float | None = None,
     ) -> None:
         """Plan one decode step (host work; outside CUDA-graph capture)."""
-        rows = table.num_rows
+        self.plan_rows(
+            table.kv_indptr_host,  # host: plan reads it without a device-to-host copy
+            table.kv_indices,
+            q_dtype=q_dtype,
+            kv_dtype=kv_dtype,
+            sm_scale=sm_scale,
+        )
+
+    def plan_rows(
+        self,
+        kv_indptr_host: Tensor,
+        kv_indices: Tensor,
+        *,
+        q_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
+        sm_scale: float | None = None,
+    ) -> None:
+        """Plan from a host ``indptr [R + 1]`` and device ``indices`` (at least ``indptr[-1]``)."""
+        rows = kv_indptr_host.numel() - 1
+        if self.graph_rows is not None and rows != self.graph_rows:
+            raise ValueError(
+                f"plan_rows: a CUDA-graph wrapper serves {self.graph_rows} rows, got {rows}"
+            )
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.wrapper.plan(
-            table.kv_indptr_host,  # host: plan reads it without a device-to-host copy
-            table.kv_indices,
+            kv_indptr_host,
+            kv_indices[: int(kv_indptr_host[-1])],
             torch.ones(rows, dtype=torch.int32),  # host last-page lengths, page size 1
             self.group_size,  # num_qo_heads
             1,  # num_kv_heads
@@ -155,12 +192,15 @@ class FlashInferFoldedDecode:
         )
         self._planned_rows = rows
 
-    def run(self, q: Tensor, k_buffer: Tensor, v_buffer: Tensor) -> Tensor:
+    def run(
+        self, q: Tensor, k_buffer: Tensor, v_buffer: Tensor, sm_scale: float | None = None
+    ) -> Tensor:
         """Attend.
 
         Args:
             q: ``[R, G, D]`` (R = requests × H_kv, request-major), the planned rows.
             k_buffer, v_buffer: ``[slots, H_kv, D]`` one layer of SGLang's KV pool.
+            sm_scale: overrides the planned scale (one plan serving layers that differ).
 
         Returns:
             ``[R, G, D]`` in ``q.dtype``.
@@ -175,4 +215,7 @@ class FlashInferFoldedDecode:
         d = k_buffer.shape[-1]
         k_pages = k_buffer.view(-1, 1, 1, d)
         v_pages = v_buffer.view(-1, 1, 1, v_buffer.shape[-1])
-        return self.wrapper.run(q, (k_pages, v_pages))
+        if sm_scale is None:
+            return self.wrapper.run(q, (k_pages, v_pages))
+        # ``forward`` sets the scale, then runs (SGLang's FlashInfer backend calls it the same way)
+        return self.wrapper.forward(q, (k_pages, v_pages), sm_scale=sm_scale)

@@ -9,6 +9,7 @@ FlashInfer on CUDA, SGLang's torch-native backend on CPU.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,12 +26,14 @@ from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime import compaction
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
+from hybridkv_sglang.runtime.graph_decode import DECODE_BATCHES, GraphDecode, graph_limits
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import PrefillChunk, dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 from hybridkv_sglang.storage.host_tier import HostTier
+from hybridkv_sglang.storage.static_decode import StaticDecodeTables
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ def check_supported(
         "--enable-mixed-chunk (decode rows would take the dense extend path)": bool(
             server_args.enable_mixed_chunk
         ),
-        "CUDA graphs (add --disable-cuda-graph)": str(server_args.device).startswith("cuda")
-        and not server_args.disable_cuda_graph,
+        "prefill CUDA graphs (add --disable-prefill-cuda-graph; decode CUDA graphs are "
+        "supported)": str(server_args.device).startswith("cuda")
+        and prefill_graph_backend(server_args) != "disabled",
         "storage='compact' without the radix cache (remove --disable-radix-cache)": compact
         and bool(server_args.disable_radix_cache),
         "storage='compact' with --enable-hierarchical-cache": compact
@@ -76,21 +80,53 @@ def check_supported(
         )
 
 
+def prefill_graph_backend(server_args: Any) -> str:
+    """The prefill CUDA-graph backend SGLang resolved (``"disabled"`` when off)."""
+    if server_args.disable_cuda_graph or getattr(server_args, "disable_prefill_cuda_graph", False):
+        return "disabled"
+    config = getattr(server_args, "cuda_graph_config", None)
+    prefill = getattr(config, "prefill", None)
+    return str(getattr(prefill, "backend", "disabled"))
+
+
+@dataclass(frozen=True)
+class DecodeGeometry:
+    """What the fixed decode buffers are sized from (read once from the model runner)."""
+
+    group_size: int
+    head_dim: int
+    max_context_len: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    device: torch.device
+
+
 class HybridKVAttnBackend(AttentionBackend):
     """Wraps a dense backend; owns prefill-end and decode-metadata hooks."""
 
     forward = AttentionBackend.forward
 
-    def __init__(self, dense: AttentionBackend, config: HybridKVConfig, num_layers: int) -> None:
+    def __init__(
+        self,
+        dense: AttentionBackend,
+        config: HybridKVConfig,
+        num_layers: int,
+        geometry: DecodeGeometry | None = None,
+    ) -> None:
         super().__init__()
         self.dense = dense
         self.config = config
         self.num_layers = num_layers
+        self.geometry = geometry
         self.policy = build_policy(config.policy, **config.policy_values())
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
         self.decode_batch: DecodeBatchLayout | None = None
         self._folded_decode: FlashInferFoldedDecode | None = None
+        self.graph: GraphDecode | None = None
+        self._static_step = False
+        """This forward's decode reads the fixed buffers (a graph replay, or eager when
+        ``static_tables_eager``)."""
         self._delegate_base_api()
 
     def _delegate_base_api(self) -> None:
@@ -125,11 +161,42 @@ class HybridKVAttnBackend(AttentionBackend):
         self.prefill_compression = None
         self.middle_chunks = []
         self.decode_batch = None
+        self._static_step = False
         mode = forward_batch.forward_mode
         if mode == ForwardMode.EXTEND:
             self._on_extend_metadata(forward_batch)
         elif mode.is_decode():
             self._on_decode_metadata(forward_batch)
+            if self.config.static_tables_eager:
+                self._stage_static_step(self.decode_batch, eager=True)
+
+    # CUDA graphs (decode) ---------------------------------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        if not self.config.enabled:
+            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+            return
+        self.graph = self._build_graph(max_bs)
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
+        """Before a decode graph's capture or replay (host side): stage the fixed tables."""
+        if self.graph is None or not forward_batch.forward_mode.is_decode():
+            return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self.prefill_compression = None
+        self.middle_chunks = []
+        self.decode_batch = self._replay_batch(forward_batch, in_capture)
+        self._stage_static_step(self.decode_batch, eager=False)
+        return None
+
+    def graph_misfit(self, forward_batch: Any) -> str | None:
+        """Why this decode batch cannot replay a graph (``None``: it can); counted."""
+        if self.graph is None or not forward_batch.forward_mode.is_decode():
+            return None
+        reason = self.graph.misfit(self._batch_layout(forward_batch))
+        if reason is not None:
+            STATS.count("graph_fallbacks")
+            logger.debug("hybridkv: decode batch runs eagerly: %s", reason)
+        return reason
 
     def forward_extend(
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
@@ -146,6 +213,8 @@ class HybridKVAttnBackend(AttentionBackend):
     def forward_decode(
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
     ) -> torch.Tensor:
+        if self._static_step:
+            return self._static_decode(q, k, v, layer, forward_batch, save_kv_cache)
         if self.decode_batch is None or not self.decode_batch.has_compressed:
             return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         return self._sparse_decode(q, k, v, layer, forward_batch, save_kv_cache)
@@ -194,21 +263,104 @@ class HybridKVAttnBackend(AttentionBackend):
         return self._folded_decode
 
     def _on_decode_metadata(self, forward_batch: Any) -> None:
+        STATS.record_decode_step(list(forward_batch.rids or []))
+        self.decode_batch = self._batch_layout(forward_batch)
+
+    def _batch_layout(self, forward_batch: Any) -> DecodeBatchLayout:
+        """The decode batch's layouts, from a real ``ForwardBatch`` (rids and host pool rows)."""
         rids = list(forward_batch.rids or [])
-        STATS.record_decode_step(rids)
         pool_rows = forward_batch.req_pool_indices_cpu
         if pool_rows is None:
             pool_rows = forward_batch.req_pool_indices.cpu()
-        pool_rows = pool_rows.tolist()
+        return self._layouts_for(rids, pool_rows.tolist(), forward_batch.seq_lens_cpu.tolist())
+
+    def _layouts_for(
+        self, rids: list[str], pool_rows: list[int], seq_lens: list[int]
+    ) -> DecodeBatchLayout:
         layouts = [
             COMPRESSED.layout_for(rid, row) for rid, row in zip(rids, pool_rows, strict=True)
         ]
-        self.decode_batch = DecodeBatchLayout(
-            req_pool_indices=pool_rows,
-            seq_lens=forward_batch.seq_lens_cpu.tolist(),
-            layouts=layouts,
+        padding = len(seq_lens) - len(rids)  # a graph's padded requests read slot 0, densely
+        return DecodeBatchLayout(
+            req_pool_indices=pool_rows + [0] * padding,
+            seq_lens=seq_lens,
+            layouts=layouts + [None] * padding,
             num_kv_heads=self.dense.token_to_kv_pool.head_num,
         )
+
+    def _replay_batch(self, view: Any, in_capture: bool) -> DecodeBatchLayout:
+        """The batch behind a graph's replay view, which has no rids (see ``graph_decode``)."""
+        if view.seq_lens_cpu is None:
+            raise RuntimeError("hybridkv: a decode graph replay came without host seq_lens")
+        seq_lens = view.seq_lens_cpu[: view.batch_size].tolist()
+        record = None if in_capture else DECODE_BATCHES.find(view.out_cache_loc)
+        if record is None:
+            if not in_capture and len(COMPRESSED):
+                raise RuntimeError(
+                    "hybridkv: a decode graph replay whose batch was never recorded at "
+                    "ForwardBatch.init_new; compressed requests cannot be matched to it"
+                )
+            return self._layouts_for([], [], seq_lens)
+        STATS.record_decode_step(list(record.rids))
+        return self._layouts_for(list(record.rids), list(record.req_pool_indices), seq_lens)
+
+    def _stage_static_step(self, batch: DecodeBatchLayout | None, eager: bool) -> None:
+        if self.graph is None or batch is None:
+            return
+        if eager and self.graph.misfit(batch) is not None:
+            STATS.count("static_table_misfits")
+            return
+        kv_dtype = self.dense.token_to_kv_pool.get_key_buffer(0).dtype
+        self.graph.stage(batch, self.dense.req_to_token_pool.req_to_token, kv_dtype)
+        self._static_step = True
+        STATS.count("static_table_steps")
+
+    def _build_graph(self, max_bs: int) -> GraphDecode:
+        """The fixed decode buffers for batches of up to ``max_bs`` requests."""
+        geo = self.geometry
+        if geo is None:
+            raise RuntimeError("hybridkv: fixed decode tables need the model's decode geometry")
+        pool = self.dense.token_to_kv_pool
+        cfg = self.config
+        limits = graph_limits(
+            max_bs,
+            pool.head_num,
+            geo.max_context_len,
+            cfg.chunk_size,
+            cfg.top_k_chunks,
+            cfg.graph_table_entries,
+            cfg.graph_bound_chunks,
+        )
+        tables = StaticDecodeTables(
+            self.num_layers, pool.head_num, geo.head_dim, limits, geo.kv_dtype, geo.device
+        )
+        logger.info(
+            "hybridkv: fixed decode tables for %d rows, %d entries and %d chunk bounds per "
+            "layer (%.1f MiB)",
+            limits.max_rows,
+            limits.max_entries,
+            limits.max_bound_chunks,
+            tables.nbytes / 2**20,
+        )
+        return GraphDecode(tables, geo.group_size, geo.head_dim, geo.q_dtype)
+
+    def _static_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+        """One layer over the fixed buffers: device work only, so it can be captured."""
+        assert self.graph is not None
+        pool = self.dense.token_to_kv_pool
+        if save_kv_cache and k is not None and v is not None:
+            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        heads, dim = pool.head_num, layer.qk_head_dim
+        group = layer.tp_q_head_num // heads
+        out = self.graph.attend(
+            layer.layer_id,
+            q.reshape(-1, heads, group, dim).reshape(-1, group, dim),
+            pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id),
+            self.dense.req_to_token_pool.req_to_token,
+            layer.scaling,
+        )
+        return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
     def _sparse_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
         """One sparse call over every (request, kv head) row of this layer."""
@@ -267,7 +419,27 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         num_layers,
         config.model_dump_json(),
     )
-    return HybridKVAttnBackend(dense, config, num_layers)
+    backend = HybridKVAttnBackend(dense, config, num_layers, decode_geometry(model_runner))
+    if config.enabled and config.static_tables_eager:
+        backend.graph = backend._build_graph(model_runner.req_to_token_pool.size)
+    return backend
+
+
+def decode_geometry(model_runner: Any) -> DecodeGeometry:
+    """Head shapes, context length and dtypes of the model this backend serves."""
+    from sglang.srt.runtime_context import get_parallel
+
+    pool = model_runner.token_to_kv_pool
+    key = pool.get_key_buffer(0)
+    q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
+    return DecodeGeometry(
+        group_size=max(1, q_heads // pool.head_num),
+        head_dim=key.shape[-1],
+        max_context_len=model_runner.req_to_token_pool.req_to_token.shape[1],
+        q_dtype=model_runner.dtype,
+        kv_dtype=key.dtype,
+        device=key.device,
+    )
 
 
 def create_compact_storage(

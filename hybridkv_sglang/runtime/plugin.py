@@ -15,6 +15,7 @@ from hybridkv_sglang.runtime.compaction import (
     count_compact_slots,
     release_compact,
 )
+from hybridkv_sglang.runtime.graph_decode import limit_graph_to_fit, record_decode_batch
 from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
 from hybridkv_sglang.runtime.stats import add_to_internal_state
 
@@ -25,7 +26,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register the ``hybridkv`` attention backend and the scheduler-side hooks."""
+    """Register the ``hybridkv`` attention backend and its hooks (scheduler side, decode
+    batch records and the decode CUDA-graph eligibility check)."""
     global _registered
     if _registered:
         return
@@ -40,6 +42,17 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
         record_extend_batch,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+        record_decode_batch,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner."
+        "can_run_graph",
+        limit_graph_to_fit,
         HookType.AFTER,
     )
     HookRegistry.register(

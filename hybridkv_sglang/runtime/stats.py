@@ -90,6 +90,11 @@ class HybridKVStats:
                 record.dynamic_tier = done.dynamic_tier
                 record.host_tier_full = done.host_tier_full
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to a running total (e.g. decode steps over the fixed tables)."""
+        with self._lock:
+            self._totals[name] += n
+
     def record_decode_step(self, rids: list[str]) -> None:
         with self._lock:
             self._totals["decode_tokens"] += len(rids)

@@ -170,6 +170,24 @@ class StaticDecodeTables:
         self.num_rows = 0
         self._bound_layouts: tuple[CompressedLayout | CompactLayout, ...] = ()
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory the fixed buffers hold."""
+        buffers = (
+            self.kv_indptr,
+            self.kv_indices,
+            self.dyn_q_row,
+            self.dyn_req,
+            self.dyn_head,
+            self.dyn_first,
+            self.dyn_dest,
+            self.kmin,
+            self.kmax,
+            self.chunk_row,
+            self.chunk_col,
+        )
+        return sum(t.numel() * t.element_size() for t in buffers)
+
     # ------------------------------------------------------------------ out of the graph
     def stage(self, batch: DecodeBatchLayout, req_to_token: Tensor) -> None:
         """Write this step's tables (all but the retrieved chunks) into the buffers (host side).

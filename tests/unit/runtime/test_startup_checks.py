@@ -26,9 +26,28 @@ def _args(**overrides):
     return SimpleNamespace(**{**base, **overrides})
 
 
+def _graphs(prefill: str) -> SimpleNamespace:
+    """SGLang's resolved CUDA-graph config: decode captured, prefill as given."""
+    return SimpleNamespace(
+        decode=SimpleNamespace(backend="full"), prefill=SimpleNamespace(backend=prefill)
+    )
+
+
 def test_plain_cpu_server_is_accepted():
     check_supported(_args(), sliding_window_size=None)
     check_supported(_args(device="cuda"), sliding_window_size=-1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"cuda_graph_config": _graphs("disabled")},
+        {"cuda_graph_config": _graphs("breakable"), "disable_prefill_cuda_graph": True},
+    ],
+)
+def test_decode_cuda_graphs_are_accepted(overrides):
+    """Decode graphs replay the fixed decode tables; only prefill graphs are refused."""
+    check_supported(_args(device="cuda", disable_cuda_graph=False, **overrides), None)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +56,11 @@ def test_plain_cpu_server_is_accepted():
         ({"speculative_algorithm": "EAGLE"}, None, "speculative decoding"),
         ({"page_size": 16}, None, "--page-size > 1"),
         ({"enable_mixed_chunk": True}, None, "--enable-mixed-chunk"),
-        ({"device": "cuda", "disable_cuda_graph": False}, None, "--disable-cuda-graph"),
+        (
+            {"device": "cuda", "disable_cuda_graph": False, "cuda_graph_config": _graphs("full")},
+            None,
+            "--disable-prefill-cuda-graph",
+        ),
         ({}, 4096, "sliding-window"),
     ],
 )

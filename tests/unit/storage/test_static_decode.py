@@ -86,9 +86,11 @@ def test_misfits_name_the_limit():
     req_to_token, prompt_lens, layouts = _requests(0)
     seq_lens = [n + 3 for n in prompt_lens]
     batch = DecodeBatchLayout([1, 2, 3, 4], seq_lens, layouts, HEADS)
+    padding = LIMITS.max_rows - len(seq_lens) * HEADS
+    needed = max(int(layer_row_lengths(batch, layer).sum()) for layer in range(LAYERS)) + padding
     small = {
         "rows": dict(max_rows=3 * HEADS),
-        "entries in layer": dict(max_entries=600),
+        "entries in layer": dict(max_entries=needed - 1),
         "chunk bounds": dict(max_bound_chunks=8),
         "top_k": dict(top_k=2),
         "chunks in a row": dict(max_row_chunks=3),
