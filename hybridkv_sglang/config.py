@@ -20,7 +20,14 @@ from hybridkv_sglang.policy import build_policy
 ENV_VAR = "HYBRIDKV_CONFIG"
 
 PolicyName = Literal[
-    "hybridkv", "snapkv", "streaming", "all_static", "all_dynamic", "adakv", "pyramidkv"
+    "hybridkv",
+    "snapkv",
+    "streaming",
+    "all_static",
+    "all_dynamic",
+    "adakv",
+    "pyramidkv",
+    "flashcache",
 ]
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
@@ -40,7 +47,7 @@ class HybridKVConfig(BaseModel):
     policy: PolicyName = Field(
         "hybridkv",
         description="hybridkv (the method) or a baseline run by the same machinery: snapkv, "
-        "streaming, all_static, all_dynamic, adakv, pyramidkv",
+        "streaming, all_static, all_dynamic, adakv, pyramidkv, flashcache",
     )
     budget: float = Field(
         0.1, description="fraction of the prompt's KV entries kept per request, in (0, 1]"

@@ -35,6 +35,7 @@ from hybridkv_sglang.policy.compressor import (
     HybridKVPolicy,
     LayerObservation,
 )
+from hybridkv_sglang.policy.flashcache import FlashCachePolicy, dct_lowpass, outlier_scores
 from hybridkv_sglang.policy.head_stats import (
     HeadStats,
     HeadStatsReducer,
@@ -57,6 +58,7 @@ __all__ = [
     "ChunkRetriever",
     "CompressionPlan",
     "CompressionPolicy",
+    "FlashCachePolicy",
     "FocusClassifier",
     "Geometry",
     "HeadStats",
@@ -71,10 +73,12 @@ __all__ = [
     "budget_top_k",
     "build_policy",
     "chunk_bounds",
+    "dct_lowpass",
     "dynamic_head_budget",
     "flattened_top_budgets",
     "focus_set",
     "focus_size",
+    "outlier_scores",
     "pooled_scores",
     "pyramid_budgets",
     "resident_bounds",

@@ -121,6 +121,8 @@ class CompressionPolicy:
     needs_chunk_bounds: ClassVar[bool] = True
     demote_unaffordable: ClassVar[bool] = True
     """Stage 2 demotes the dynamic heads ``B`` cannot pay for (see :class:`TopDownAllocator`)."""
+    needs_values: ClassVar[bool] = False
+    """``observe_layer`` reads the prompt's values; the runtime gathers them only then."""
 
     budget: float = 0.1
     budget_tokens: int | None = None
@@ -195,7 +197,12 @@ class CompressionPolicy:
         return max(1, min(self.top_k_chunks, fits))
 
     def observe_layer(
-        self, layer_id: int, q_window: Tensor, keys: Tensor, sm_scale: float
+        self,
+        layer_id: int,
+        q_window: Tensor,
+        keys: Tensor,
+        sm_scale: float,
+        values: Tensor | None = None,
     ) -> LayerObservation:
         """Reduce one layer at the end of prefill.
 
@@ -206,6 +213,8 @@ class CompressionPolicy:
                 shorter than the window gives fewer rows; the kept window is still ``window``).
             keys: ``[N, H_kv, D]`` float, the prompt's keys in position order.
             sm_scale: softmax scale of the layer.
+            values: ``[N, H_kv, D]`` float, the prompt's values; read only by policies with
+                ``needs_values`` (the runtime passes ``None`` to the others).
         """
         if layer_id < 0:
             raise ValueError(f"layer_id must be >= 0, got {layer_id}")

@@ -13,6 +13,7 @@ from hybridkv_sglang.policy.baselines import (
     StreamingPolicy,
 )
 from hybridkv_sglang.policy.compressor import CompressionPolicy, HybridKVPolicy
+from hybridkv_sglang.policy.flashcache import FlashCachePolicy
 from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy
 
 POLICIES: dict[str, type[CompressionPolicy]] = {
@@ -25,6 +26,7 @@ POLICIES: dict[str, type[CompressionPolicy]] = {
         AllDynamicPolicy,
         AdaKVPolicy,
         PyramidKVPolicy,
+        FlashCachePolicy,
     )
 }
 

@@ -91,7 +91,12 @@ class PrefillCompression:
         self.outcomes = [PrefillOutcome(request, reason) for request, reason in requests]
 
     def observe(
-        self, layer: Any, q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        k_buffer: torch.Tensor,
+        req_to_token: torch.Tensor,
+        v_buffer: torch.Tensor | None = None,
     ) -> None:
         """Reduce one layer for every eligible request.
 
@@ -100,6 +105,8 @@ class PrefillCompression:
             q: ``[T, H_q, D]`` this forward's queries (after RoPE), requests back to back.
             k_buffer: ``[slots, H_kv, D]`` the layer's key pool.
             req_to_token: ``[P, ctx]`` int32 request-to-slot map.
+            v_buffer: ``[slots, H_kv, D]`` the layer's value pool; gathered only for a policy
+                with ``needs_values`` (which fails its requests, served dense, without it).
         """
         for outcome in self.outcomes:
             if outcome.dense_reason is not None:
@@ -112,9 +119,16 @@ class PrefillCompression:
                 else:
                     q_window = self.window_tails.window_queries(r, layer.layer_id, rows)
                 slots = req_to_token[r.req_pool_idx, : r.prompt_len].to(torch.int64)
+                values = {}
+                if self.policy.needs_values:
+                    if v_buffer is None:
+                        raise ValueError(
+                            f"policy {self.policy.name!r} needs the value pool at prefill end"
+                        )
+                    values["values"] = v_buffer[slots]
                 outcome.observations.append(
                     self.policy.observe_layer(
-                        layer.layer_id, q_window, k_buffer[slots], layer.scaling
+                        layer.layer_id, q_window, k_buffer[slots], layer.scaling, **values
                     )
                 )
             except Exception as err:  # contained: this request stays dense

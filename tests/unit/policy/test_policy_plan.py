@@ -38,8 +38,12 @@ def _request(
 
 def _plan(name: str, n: int = 400, **kw: object) -> CompressionPlan:
     qs, ks, is_text = _request(n)
+    gen = torch.Generator().manual_seed(100)
+    vs = [torch.randn(n, HKV, D, generator=gen) for _ in range(L)]  # read by flashcache only
     policy = build_policy(name, **kw)
-    obs = [policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5) for layer in range(L)]
+    obs = [
+        policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5, vs[layer]) for layer in range(L)
+    ]
     return policy.finalize(obs[::-1], is_text)  # any order
 
 
@@ -304,6 +308,7 @@ def test_registry_importable_from_compressor() -> None:
         "all_dynamic",
         "adakv",
         "pyramidkv",
+        "flashcache",
     }
 
 
