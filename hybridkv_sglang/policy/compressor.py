@@ -6,9 +6,11 @@ layer is reduced at once to ``O(H_kv · N)`` numbers (focus sizes, pooled scores
 so no layer's ``[H_kv, w, N]`` window attention outlives its observation.
 
 Every policy (the method and its baselines) runs through the same machinery and differs only in
-three hooks: classify (stage 1), allocate (stage 2) and select (stage 3a). Policies are frozen
-dataclasses built from plain values, never from ``HybridKVConfig``; all of them accept the same
-hyper-parameters so the runtime can build any of them from one config.
+its hooks: classify (stage 1), allocate (stage 2), select (stage 3a), chunks_per_step (how many
+chunks its dynamic heads retrieve) and, for a policy that scores keys without attention,
+observe_layer itself. Policies are frozen dataclasses built from plain values, never from
+``HybridKVConfig``; all of them accept the same hyper-parameters so the runtime can build any of
+them from one config.
 
 HybridKV: Hybrid KV Cache Compression for Efficient Multimodal LLM Inference (Zeng et al., 2026,
 arXiv:2604.05887): static heads pruned with a text prior, dynamic heads served by chunk retrieval.
@@ -113,8 +115,8 @@ class CompressionPolicy:
             (opt-in: sink/window, the head's focus set, text, visual); see
             :class:`TextPriorSelector`.
         dynamic_top_k: ``"fixed"`` (DESIGN §2: every dynamic head retrieves ``top_k_chunks``)
-            or ``"budget"`` (opt-in: at most ``top_k_chunks``, and no more than keep a dynamic
-            head's read within ``b_mean``, at least one chunk); see :meth:`chunks_per_step`.
+            or ``"budget"`` (opt-in: ``top_k_chunks`` capped at what keeps a dynamic head's read
+            within ``b_mean``, at least one chunk); see :meth:`chunks_per_step`.
     """
 
     name: ClassVar[str] = "base"
