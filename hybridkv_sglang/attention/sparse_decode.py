@@ -143,6 +143,7 @@ class FlashInferFoldedDecode:
             workspace_buffer, "NHD", use_tensor_cores=use_tensor_cores, **graph
         )
         self._planned_rows: int | None = None
+        self._planned_key: tuple[Tensor, torch.dtype, torch.dtype, float] | None = None
 
     def plan(
         self,
@@ -151,15 +152,34 @@ class FlashInferFoldedDecode:
         q_dtype: torch.dtype,
         kv_dtype: torch.dtype,
         sm_scale: float | None = None,
-    ) -> None:
-        """Plan one decode step (host work; outside CUDA-graph capture)."""
+    ) -> bool:
+        """Plan one layer's table (host work; outside CUDA-graph capture).
+
+        FlashInfer's plan depends only on the row lengths (the host indptr) and dtypes, so a
+        table with the same lengths as the last plan (another layer of the same step, e.g. every
+        layer of a batch of dense or all-dynamic rows) reuses it: only the table's device tensors
+        are rebound, as ``plan`` itself binds them. Returns whether a plan ran.
+        """
+        scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else sm_scale
+        key = self._planned_key
+        if (
+            self.graph_rows is None
+            and key is not None
+            and key[1:] == (q_dtype, kv_dtype, scale)
+            and torch.equal(key[0], table.kv_indptr_host)
+        ):
+            self.wrapper._paged_kv_indptr_buf = table.kv_indptr
+            self.wrapper._paged_kv_indices_buf = table.kv_indices
+            return False
         self.plan_rows(
             table.kv_indptr_host,  # host: plan reads it without a device-to-host copy
             table.kv_indices,
             q_dtype=q_dtype,
             kv_dtype=kv_dtype,
-            sm_scale=sm_scale,
+            sm_scale=scale,
         )
+        self._planned_key = (table.kv_indptr_host.clone(), q_dtype, kv_dtype, scale)
+        return True
 
     def plan_rows(
         self,

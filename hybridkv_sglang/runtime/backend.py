@@ -124,6 +124,8 @@ class HybridKVAttnBackend(AttentionBackend):
         self.decode_batch: DecodeBatchLayout | None = None
         self._folded_decode: FlashInferFoldedDecode | None = None
         self.graph: GraphDecode | None = None
+        self._planned_shape: torch.Tensor | None = None
+        """Host indptr of the last eager sparse-decode layer (its FlashInfer plan's shape)."""
         self._static_step = False
         """This forward's decode reads the fixed buffers (a graph replay, or eager when
         ``static_tables_eager``)."""
@@ -241,6 +243,7 @@ class HybridKVAttnBackend(AttentionBackend):
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
             self.dense.req_to_token_pool.req_to_token,
+            pool.get_value_buffer(layer.layer_id),
         )
         if layer.layer_id != self.num_layers - 1:
             return
@@ -379,6 +382,12 @@ class HybridKVAttnBackend(AttentionBackend):
         )
         k_buffer = pool.get_key_buffer(layer.layer_id)
         v_buffer = pool.get_value_buffer(layer.layer_id)
+        shape = self._planned_shape
+        new_shape = shape is None or not torch.equal(shape, table.kv_indptr_host)
+        if new_shape:
+            self._planned_shape = table.kv_indptr_host
+        STATS.count("decode_layer_tables")
+        STATS.count("decode_plans", int(new_shape))  # FlashInfer plans once per row shape
         if k_buffer.is_cuda:
             decode = self._flashinfer_decode(group, dim, k_buffer.device)
             decode.plan(

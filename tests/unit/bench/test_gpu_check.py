@@ -1,0 +1,35 @@
+"""The prepared device check runs end to end on CPU (--dry-run): the same code the GPU runs,
+through the same launcher, at small shapes; every check must pass and every number be there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the launcher's dry run sets it itself
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
+    assert result["dry_run"] is True
+    names = [c["check"] for c in result["checks"]]
+    assert len(names) == 6 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert any("chunk fill" in n for n in names)
+    for row in result["speed"]:
+        assert row["dense_sdpa_ms"] > 0 and row["hybridkv_fixed_step_ms"] > 0
+        assert 0.05 <= row["read_fraction"] <= 0.15
+    assert (tmp_path / "gpu_check_cpu-dry-run.png").stat().st_size > 0
