@@ -3,6 +3,8 @@ page-table build path without host syncs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,7 +20,13 @@ from hybridkv_sglang.kernels.page_table_indices import (
     build_page_table_indices_ref,
     kv_indptr_from_lengths,
 )
-from hybridkv_sglang.storage.page_tables import build_folded_page_table
+from hybridkv_sglang.kernels.ragged_chunk_scores import (
+    ragged_chunk_scores,
+    ragged_chunk_scores_ref,
+)
+from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
+from hybridkv_sglang.storage.page_tables import PositionsCSR, build_folded_page_table
+from hybridkv_sglang.storage.static_decode import StaticDecodeTables
 
 CUDA = "cuda"
 
@@ -125,3 +133,77 @@ def test_folded_table_on_cuda_matches_definition_without_sync():
     expect = naive_indices(cpu_pool, batch)
     assert table.kv_indices.cpu().tolist() == [e for row in expect for e in row]
     assert torch.equal(table.kv_indptr.cpu(), table.kv_indptr_host)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("rows", "groups", "chunks", "dim"), [(1, 1, 1, 64), (64, 7, 40000, 128)])
+def test_ragged_chunk_scores_compiled_matches_ref(rows, groups, chunks, dim, dtype):
+    gen = torch.Generator(device=CUDA).manual_seed(rows + chunks)
+    q = torch.randn(rows, groups, dim, generator=gen, device=CUDA).to(dtype)
+    lo = torch.randn(chunks, dim, generator=gen, device=CUDA)
+    hi = (lo + torch.rand(chunks, dim, generator=gen, device=CUDA)).to(dtype)
+    lo = lo.to(dtype)
+    row = torch.randint(-1, rows + 1, (chunks,), generator=gen, device=CUDA)
+    ref = ragged_chunk_scores_ref(q, lo, hi, row)
+    got = ragged_chunk_scores(q, lo, hi, row)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    magnitude = torch.maximum(lo.abs(), hi.abs()).float()
+    bound = (q.float().abs().amax(1)[row.clamp(0, rows - 1)] * magnitude).sum(-1)
+    assert bool(((got - ref).abs()[finite] <= 1e-5 * bound[finite] + 1e-5).all())
+
+
+def test_static_chunk_fill_captures_in_a_cuda_graph_and_replays_the_eager_tables():
+    """The in-graph half of the fixed decode tables: captured once, replayed over new steps."""
+    from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS
+    from tests.unit.storage.test_static_decode import LIMITS, _requests
+
+    req_to_token, prompt_lens, cpu_layouts = _requests(0)
+    req_to_token = req_to_token.to(CUDA)
+    layouts = [None if lay is None else _to_cuda(lay) for lay in cpu_layouts]
+    tables = StaticDecodeTables(LAYERS, HEADS, DIM, LIMITS, torch.float32, CUDA)
+    rows = len(prompt_lens) * HEADS
+    q = torch.zeros(LAYERS, rows, GROUP, DIM, device=CUDA)
+
+    def batch(step: int) -> DecodeBatchLayout:
+        lens = [n + 3 + step for n in prompt_lens]
+        return DecodeBatchLayout([1, 2, 3, 4], lens, layouts, HEADS)
+
+    def fill() -> None:
+        for layer in range(LAYERS):
+            tables.fill_chunks(layer, q[layer], req_to_token)
+
+    tables.stage(batch(0), req_to_token)
+    q.normal_()
+    fill()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fill()
+    for step in range(1, 4):
+        current = batch(step)
+        tables.stage(current, req_to_token)
+        q.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(LAYERS):
+            expected = current.layer_table(layer, q[layer], req_to_token)
+            assert torch.equal(tables.layer_table(layer).kv_indices, expected.kv_indices)
+
+
+def _to_cuda(layout):
+    """The same plan's layout with its tensors on the GPU."""
+
+    def csr(c: PositionsCSR) -> PositionsCSR:
+        return PositionsCSR(c.indptr_host, c.indptr.to(CUDA), c.positions.to(CUDA))
+
+    layers = tuple(
+        dataclasses.replace(
+            lay,
+            static_kept=csr(lay.static_kept),
+            chunk_kmin=None if lay.chunk_kmin is None else lay.chunk_kmin.to(CUDA),
+            chunk_kmax=None if lay.chunk_kmax is None else lay.chunk_kmax.to(CUDA),
+        )
+        for lay in layout.layers
+    )
+    return dataclasses.replace(layout, layers=layers)

@@ -138,6 +138,16 @@ def test_mixed_batch_of_image_and_text_requests_equals_stock(stock_server, keep_
     assert run_all(keep_all_server.base_url) == run_all(stock_server.base_url)
 
 
+def test_one_flashinfer_plan_serves_every_layer_of_a_keep_all_step(keep_all_server, tiny_model):
+    """Keeping every token, every layer's rows have the same lengths: one plan per step."""
+    generate(keep_all_server.base_url, chat_prompt("Name a colour.", images=1), images(1, 448, 5))
+    totals = keep_all_server.hybridkv_stats()["totals"]
+    config = json.loads((tiny_model / "config.json").read_text())
+    layers = config.get("text_config", config)["num_hidden_layers"]
+    assert totals["decode_layer_tables"] > 0
+    assert totals["decode_layer_tables"] == layers * totals["decode_plans"]
+
+
 def test_server_info_carries_hybridkv_snapshot(keep_all_server):
     info = keep_all_server.server_info()
     snapshot = info["internal_states"][0]["hybridkv"]
