@@ -163,15 +163,16 @@ def _launch_cuda(
     """Like ``launch_server`` on a GPU: stock FlashInfer vs hybridkv (which wraps FlashInfer).
 
     ``launch_server`` is CPU-only (it pins ``--device cpu``, float32 and, for stock,
-    ``torch_native``). CUDA graphs are off for both, since hybridkv refuses them for now.
-    UNTESTED here (written on a machine without a GPU).
+    ``torch_native``). Both decode under CUDA graphs unless ``--no-cuda-graph`` (prefill graphs
+    are off for both: hybridkv refuses them). UNTESTED here (written on a machine without a GPU).
     """
     port = free_port()
+    graphs = ["--disable-prefill-cuda-graph"] if args.cuda_graph else ["--disable-cuda-graph"]
     flags = [
         "--model-path", str(model),
         "--device", "cuda",
         "--dtype", args.cuda_dtype,
-        "--disable-cuda-graph",
+        *graphs,
         "--max-total-tokens", str(sizes["max_total_tokens"]),
         "--context-length", str(sizes["context_length"]),
         "--max-running-requests", str(sizes["max_running_requests"]),
@@ -460,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=None, help="default: .cache/bench-models")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cuda-dtype", default="bfloat16")
+    parser.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--device cuda: decode under CUDA graphs (stock and hybridkv alike)",
+    )
     parser.add_argument(
         "--chunked-prefill-size", type=int, default=2048,
         help="same for every server; bounds the images per ViT call (SGLang's CPU vision "

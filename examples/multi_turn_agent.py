@@ -3,7 +3,7 @@
 Each turn's prompt starts with the same image, so SGLang's radix cache serves the image prefix
 (``cached_tokens`` grows) and hybridkv compresses each turn afresh for its own question.
 
-    hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --disable-cuda-graph --port 30000
+    hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --port 30000
     python examples/multi_turn_agent.py --url http://127.0.0.1:30000 --image screen.png
 """
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible chat API with an image, against a server started by ``hybridkv-serve``,
 then the per-request compression stats hybridkv reports through ``/server_info``.
 
-    hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --disable-cuda-graph --port 30000
+    hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --port 30000
     python examples/openai_client.py --url http://127.0.0.1:30000 --image photo.jpg
 """
 

@@ -1,6 +1,6 @@
 """An SGLang frontend program with ``sgl.image``, against a server started by ``hybridkv-serve``.
 
-hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --disable-cuda-graph --port 30000
+hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --port 30000
 python examples/sgl_image_program.py --url http://127.0.0.1:30000 --image photo.jpg
 """
 
