@@ -175,10 +175,11 @@ class HybridKVAttnBackend(AttentionBackend):
     # CUDA graphs (decode) ---------------------------------------------------------------
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        if not self.config.enabled:
-            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
-            return
-        self.graph = self._build_graph(max_bs)
+        """The dense backend's graph state (graphs of other modes stay its own), plus the fixed
+        decode tables when compression is on."""
+        self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+        if self.config.enabled:
+            self.graph = self._build_graph(max_bs)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
         """Before a decode graph's capture or replay (host side): stage the fixed tables."""
@@ -194,7 +195,10 @@ class HybridKVAttnBackend(AttentionBackend):
         """Why this decode batch cannot replay a graph (``None``: it can); counted."""
         if self.graph is None or not forward_batch.forward_mode.is_decode():
             return None
-        reason = self.graph.misfit(self._batch_layout(forward_batch))
+        if forward_batch.seq_lens_cpu is None:
+            reason = "no host seq_lens"
+        else:
+            reason = self.graph.misfit(self._batch_layout(forward_batch))
         if reason is not None:
             STATS.count("graph_fallbacks")
             logger.debug("hybridkv: decode batch runs eagerly: %s", reason)
@@ -304,6 +308,11 @@ class HybridKVAttnBackend(AttentionBackend):
                     "ForwardBatch.init_new; compressed requests cannot be matched to it"
                 )
             return self._layouts_for([], [], seq_lens)
+        if list(record.seq_lens) != seq_lens[: len(record.seq_lens)]:
+            raise RuntimeError(
+                f"hybridkv: a decode graph replay does not match its recorded batch (seq_lens "
+                f"{seq_lens} vs {list(record.seq_lens)})"
+            )
         STATS.record_decode_step(list(record.rids))
         return self._layouts_for(list(record.rids), list(record.req_pool_indices), seq_lens)
 

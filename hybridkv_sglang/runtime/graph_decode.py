@@ -50,6 +50,7 @@ class DecodeBatchRecord:
     out_cache_loc: Tensor
     rids: tuple[str, ...]
     req_pool_indices: tuple[int, ...]
+    seq_lens: tuple[int, ...]
 
 
 class DecodeBatchRecords:
@@ -82,13 +83,15 @@ def record_decode_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of ``ForwardBatch.init_new``: remember a decode batch's requests."""
     if forward_batch is None or not forward_batch.forward_mode.is_decode():
         return forward_batch
-    rids, loc = forward_batch.rids, forward_batch.out_cache_loc
-    if rids is None or loc is None:
+    rids, loc, lens = forward_batch.rids, forward_batch.out_cache_loc, forward_batch.seq_lens_cpu
+    if rids is None or loc is None or lens is None:
         return forward_batch
     rows = forward_batch.req_pool_indices_cpu
     if rows is None:
         rows = forward_batch.req_pool_indices.cpu()
-    DECODE_BATCHES.add(DecodeBatchRecord(loc, tuple(rids), tuple(int(r) for r in rows.tolist())))
+    DECODE_BATCHES.add(
+        DecodeBatchRecord(loc, tuple(rids), tuple(rows.tolist()), tuple(lens.tolist()))
+    )
     return forward_batch
 
 
@@ -190,14 +193,11 @@ def graph_limits(
     )
 
 
-def limit_graph_to_fit(result: Any, runner: Any, forward_batch: Any, *args: Any, **kw: Any) -> Any:
+def limit_graph_to_fit(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of ``DecodeCudaGraphRunner.can_run_graph``: eager when the buffers cannot
-    serve the batch (the backend says why)."""
-    if not result:
+    serve the batch (the backend says why; other backends are left alone)."""
+    forward_batch = args[0] if args else kwargs.get("forward_batch")
+    check = getattr(type(getattr(runner, "attn_backend", None)), "graph_misfit", None)
+    if not result or check is None or forward_batch is None:
         return result
-    backend = getattr(runner, "attn_backend", None)
-    check = getattr(backend, "graph_misfit", None)
-    if check is None:
-        return result
-    reason = check(forward_batch)
-    return reason is None
+    return check(runner.attn_backend, forward_batch) is None
