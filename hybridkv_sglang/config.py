@@ -95,21 +95,16 @@ class HybridKVConfig(BaseModel):
     )
     graph_table_entries: int = Field(
         1 << 22,
+        ge=1,
         description="fixed decode tables: folded KV entries per layer (int32 each); a decode "
         "batch reading more runs without a CUDA graph",
     )
     graph_bound_chunks: int = Field(
         32768,
+        ge=1,
         description="fixed decode tables: chunk key bounds per layer (2 x head_dim values each); "
         "a decode batch whose dynamic heads have more chunks runs without a CUDA graph",
     )
-
-    @field_validator("graph_table_entries", "graph_bound_chunks")
-    @classmethod
-    def _positive(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
-        return v
 
     @field_validator("min_prompt_tokens", "host_tier_mib")
     @classmethod

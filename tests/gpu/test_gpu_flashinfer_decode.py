@@ -107,7 +107,7 @@ def test_graph_decode_captured_then_replayed_matches_reference():
     from hybridkv_sglang.runtime.graph_decode import GraphDecode
     from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
     from hybridkv_sglang.storage.static_decode import StaticDecodeTables
-    from tests.gpu.test_gpu_kernels import _to_cuda
+    from tests.gpu.test_gpu_kernels import _to_cuda, captured
     from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE
     from tests.unit.storage.test_static_decode import LIMITS, _requests
 
@@ -135,11 +135,7 @@ def test_graph_decode_captured_then_replayed_matches_reference():
 
     graph_decode.stage(batch(0), req_to_token, torch.bfloat16)
     q.normal_()
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = captured(step)
     for n in range(1, 4):
         current = batch(n)
         graph_decode.stage(current, req_to_token, torch.bfloat16)

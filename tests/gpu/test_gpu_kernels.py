@@ -175,11 +175,7 @@ def test_static_chunk_fill_captures_in_a_cuda_graph_and_replays_the_eager_tables
 
     tables.stage(batch(0), req_to_token)
     q.normal_()
-    fill()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fill()
+    graph = captured(fill)
     for step in range(1, 4):
         current = batch(step)
         tables.stage(current, req_to_token)
@@ -189,6 +185,16 @@ def test_static_chunk_fill_captures_in_a_cuda_graph_and_replays_the_eager_tables
         for layer in range(LAYERS):
             expected = current.layer_table(layer, q[layer], req_to_token)
             assert torch.equal(tables.layer_table(layer).kv_indices, expected.kv_indices)
+
+
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """Run ``fn`` once (kernels compile outside the capture), then capture it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def _to_cuda(layout):

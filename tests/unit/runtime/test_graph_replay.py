@@ -19,7 +19,8 @@ from hybridkv_sglang.runtime.graph_decode import limit_graph_to_fit, record_deco
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
-from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan, _pool
+from tests.unit.runtime.test_compact_layout import _real_pool, _request_rows
+from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
 
 PROMPTS, TAIL, GRAPH_BS = [150, 203, 97, 61], 6, 6
 
@@ -39,20 +40,9 @@ class _Dense(AttentionBackend):
 @pytest.fixture
 def served():
     """A backend with two compressed requests (pool rows 2 and 3) among four, and their data."""
-    req_to_token, keys, values = _pool(PROMPTS, TAIL, seed=4)
-    pool = MHATokenToKVPool(
-        size=keys.shape[1] - 1,
-        page_size=1,
-        dtype=torch.float32,
-        head_num=HEADS,
-        head_dim=DIM,
-        layer_num=LAYERS,
-        device="cpu",
-        enable_memory_saver=False,
-    )
-    for layer in range(LAYERS):
-        pool.get_key_buffer(layer).copy_(keys[layer])
-        pool.get_value_buffer(layer).copy_(values[layer])
+    pool, allocator = _real_pool(seed=4)
+    req_to_token = _request_rows(allocator, PROMPTS, TAIL)
+    keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
     plans = {
         2: _plan("hybridkv", req_to_token[2], keys, 203, 4, budget=0.2),
         3: _plan("all_dynamic", req_to_token[3], keys, 97, 4, budget=0.3),
