@@ -179,7 +179,7 @@ class HybridKVAttnBackend(AttentionBackend):
         decode tables when compression is on."""
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
         if self.config.enabled:
-            self.graph = self._build_graph(max_bs)
+            self.graph = self.build_graph_decode(max_bs)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
         """Before a decode graph's capture or replay (host side): stage the fixed tables."""
@@ -322,12 +322,12 @@ class HybridKVAttnBackend(AttentionBackend):
         if eager and self.graph.misfit(batch) is not None:
             STATS.count("static_table_misfits")
             return
-        kv_dtype = self.dense.token_to_kv_pool.get_key_buffer(0).dtype
-        self.graph.stage(batch, self.dense.req_to_token_pool.req_to_token, kv_dtype)
+        assert self.geometry is not None  # the graph was built from it
+        self.graph.stage(batch, self.dense.req_to_token_pool.req_to_token, self.geometry.kv_dtype)
         self._static_step = True
         STATS.count("static_table_steps")
 
-    def _build_graph(self, max_bs: int) -> GraphDecode:
+    def build_graph_decode(self, max_bs: int) -> GraphDecode:
         """The fixed decode buffers for batches of up to ``max_bs`` requests."""
         geo = self.geometry
         if geo is None:
@@ -439,7 +439,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     )
     backend = HybridKVAttnBackend(dense, config, num_layers, decode_geometry(model_runner))
     if config.enabled and config.static_tables_eager:
-        backend.graph = backend._build_graph(model_runner.req_to_token_pool.size)
+        backend.graph = backend.build_graph_decode(model_runner.req_to_token_pool.size)
     return backend
 
 
