@@ -1,28 +1,43 @@
 """Answer quality under KV compression: exact-match accuracy, full cache vs hybridkv vs baselines.
 
 For every configuration the harness starts a server (or uses ``--url``), sends each question of a
-held-out set through ``/v1/chat/completions`` (greedy), scores the reply by exact match, and reads
-what hybridkv did to each request (fraction of the prompt KV read per decode step) from
-``GET /server_info``. Configurations:
+held-out set through ``/v1/chat/completions`` (greedy, with the reply's tokens), scores the reply
+by exact match, and reads what hybridkv did to each request (fraction of the prompt KV read per
+decode step) from ``GET /server_info``. Configurations:
 
 * ``full``: the uncompressed reference, stock ``sglang.launch_server --attention-backend
   torch_native`` on CPU (``--full stock``, the default there) or ``hybridkv-serve`` with
   ``enabled=false`` (``--full disabled``; always on GPU);
-* ``<policy>@<budget>`` for every ``--policies`` entry (``hybridkv`` and the baselines run by the
-  same machinery: ``snapkv``, ``all_static``, ``all_dynamic``, ``streaming``) and every
-  ``--budgets`` fraction, served by ``hybridkv-serve`` with ``HybridKVConfig(policy=, budget=,
-  window=, sink=, min_prompt_tokens=, **--hybridkv-json)``.
+* ``<policy>@<budget>`` for every ``--policies`` entry and every ``--budgets`` fraction, served by
+  ``hybridkv-serve`` with ``HybridKVConfig(policy=, budget=, window=, sink=, min_prompt_tokens=,
+  **--hybridkv-json)``. A policy is a name of the registry ``hybridkv_sglang.policy.POLICIES``
+  (``hybridkv`` and its baselines) or a variant of ``VARIANTS`` / ``--variant`` (a registered
+  policy with more config fields, e.g. ``hybridkv_bk`` = hybridkv with ``dynamic_top_k=budget``).
+
+Which tokens decide. hybridkv compresses a request at the end of its prefill forward, so the first
+reply token of every turn is computed over the full cache and is the same in every configuration
+(the harness checks it: ``first_token_agreement`` with the ``full`` row); every later token is
+decoded over the compressed cache. The default tile set therefore only asks questions whose answer
+needs a tile after the first token (the value after the echoed key of "Describe the <key>
+square." -> "<key> <value>", the second value of "What is inside the <k1> and <k2> squares?" ->
+"<v1> <v2>"), so every difference between two rows comes from compressed decode steps. Besides the
+exact-match accuracy (with a 95 % Wilson interval) each row reports ``decode_token_accuracy``: the
+share of the gold answer's tokens after its first that the reply reproduces at their position (the
+gold answer tokenized by the model's tokenizer, the reply's tokens as the server returned them).
+Rows at the same budget are compared question by question against each hybridkv row (McNemar's
+exact test on the discordant questions, and the accuracy difference with a 95 % interval).
 
 Default question set: the "tile" task (``hybridkv_sglang.testing.quality_task``) with the
 committed model ``bench/quality_model`` (trained by ``bench/train_quality_model.py``): K = 16, 32
-and 64 images of 16 visual tokens each (prompts of ~340 to ~1,200 tokens, 75-85 % visual);
-"Describe the <key> square." (-> "<key> <value>"), two-region "What is inside the <k1> and <k2>
-squares?" (-> "<v1> <v2>") and 2-3 turn conversations of describe questions whose later turns ask
-about images no earlier turn asked about. In each, an answer token that needs a tile is decoded
-after the prefill, from the compressed cache (the first answer token comes from the dense prefill
-forward). ``min_prompt_tokens`` defaults to 128 so every prompt of the set is compressed;
-``window`` stays at the config default (32), which with this model's short questions also covers
-the last image's 16 visual tokens.
+and 64 images of 16 visual tokens each (prompts of ~340 to ~1,200 tokens, 75-85 % visual), 20
+conversations per kind and K of ``describe``, ``pair_name``, ``multi_turn`` (2-3 describe turns,
+each about a new image) and ``multi_mixed`` (describe, pair_name, describe over four images): 240
+conversations, 450 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
+compressed; ``window`` stays at the config default (32), which with this model's short questions
+also covers the last image's 16 visual tokens. Each server answers a warm-up conversation, then
+its prefix cache is flushed (a repeated prompt is served from the cache, and hybridkv then observes
+only the queries of the tokens it computes), then every conversation, ``--concurrency`` at a time
+(SGLang batches them; greedy replies are the same as one at a time).
 
 Dataset format (``--dataset FILE.jsonl``, one conversation per line)::
 
@@ -51,8 +66,9 @@ Run::
     python bench/quality.py --url http://127.0.0.1:30000 --label hybridkv@0.1 --dataset ...
 
 Writes ``bench/results/quality.json`` (machine, arguments, dataset summary, one row per
-configuration) and ``bench/results/quality.png`` (accuracy against budget and against the
-realised read fraction), and prints the table.
+configuration, the paired comparisons) and ``bench/results/quality.png`` (accuracy with its 95 %
+interval against the budget and against the measured read fraction, one line per policy), and
+prints both tables.
 """
 
 from __future__ import annotations
@@ -62,6 +78,7 @@ import base64
 import concurrent.futures
 import contextlib
 import json
+import math
 import mimetypes
 import os
 import platform
@@ -82,15 +99,34 @@ import requests
 from tqdm import tqdm
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
+from hybridkv_sglang.policy import POLICIES as POLICY_REGISTRY
 from hybridkv_sglang.testing.server import RunningServer, free_port, launch_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "bench" / "quality_model"
 RESULTS = ROOT / "bench" / "results"
-POLICIES = ("hybridkv", "snapkv", "all_static", "all_dynamic", "streaming")
+POLICIES: tuple[str, ...] = tuple(POLICY_REGISTRY)
+"""Every registered policy (``hybridkv`` and the baselines run by the same machinery)."""
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hybridkv_bk": ("hybridkv", {"dynamic_top_k": "budget"}),
+}
+"""Named variants: label -> (registered policy, extra HybridKVConfig fields)."""
+DEFAULT_POLICIES: tuple[str, ...] = (
+    "hybridkv",
+    "hybridkv_bk",
+    "snapkv",
+    "adakv",
+    "pyramidkv",
+    "all_static",
+    "all_dynamic",
+    "streaming",
+)
+"""The default run's rows (``flashcache`` too with ``--policies``): 8 x 2 budgets + full fit the
+60-minute budget of a 2-core machine."""
 IMAGE_PLACEHOLDER = "<image>"
 REQUEST_TIMEOUT_S = 600
-
+Z95 = 1.959964
+"""Two-sided 95 % normal quantile."""
 
 # ---------------------------------------------------------------------------------------------
 # Dataset
@@ -247,18 +283,137 @@ def is_correct(reply: str, answers: Sequence[str], match: str = "exact") -> bool
     return False
 
 
+def decode_token_matches(reply_tokens: Sequence[str], gold_tokens: Sequence[str]) -> int:
+    """How many gold tokens after the first the reply has at the same position (the first token
+    comes from the dense prefill forward; the others from compressed decode steps)."""
+    return sum(
+        1
+        for i in range(1, len(gold_tokens))
+        if i < len(reply_tokens) and reply_tokens[i] == gold_tokens[i]
+    )
+
+
+class GoldTokenizer:
+    """Gold answers as the model's tokens (text pieces, as the server returns reply tokens)."""
+
+    def __init__(self, model: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self._lock = threading.Lock()
+        self._pieces: dict[str, tuple[str, ...]] = {}
+
+    def pieces(self, answer: str) -> tuple[str, ...]:
+        with self._lock:
+            if answer not in self._pieces:
+                ids = self._tokenizer.encode(answer, add_special_tokens=False)
+                self._pieces[answer] = tuple(self._tokenizer.decode([i]) for i in ids)
+            return self._pieces[answer]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sound near 0 and 1, unlike Wald's)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    # At 0 or n successes the bound is exactly 0 or 1 (rounding would leave 1e-16 off).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    return (low, 1.0 if successes == n else min(1.0, centre + half))
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: discordant pairs ~ Binomial(a_only + b_only, 1/2)."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> dict[str, Any]:
+    """Accuracy of ``a`` minus ``b`` on the same questions: difference, 95 % interval (normal
+    approximation of the paired difference), discordant counts and McNemar's exact p-value."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"expected two equally long non-empty lists, got {len(a)} and {len(b)}")
+    n = len(a)
+    a_only = sum(x and not y for x, y in zip(a, b, strict=True))
+    b_only = sum(y and not x for x, y in zip(a, b, strict=True))
+    difference = (a_only - b_only) / n
+    se = math.sqrt(max(0.0, a_only + b_only - (a_only - b_only) ** 2 / n)) / n
+    return {
+        "questions": n,
+        "a_only": a_only,
+        "b_only": b_only,
+        "difference": round(difference, 4),
+        "ci95": [round(difference - z * se, 4), round(difference + z * se, 4)],
+        "p_mcnemar": round(mcnemar_exact_p(a_only, b_only), 4),
+    }
+
+
+def paired_comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each hybridkv row (method ``hybridkv``, any variant) against every other compressed row at
+    its budget, on the same questions (``correct_bits``)."""
+    out = []
+    for ours in rows:
+        if ours["method"] != "hybridkv":
+            continue
+        for other in rows:
+            if other is ours or other["budget"] != ours["budget"] or other["method"] == "full":
+                continue
+            if other["method"] == "hybridkv" and other["config"] < ours["config"]:
+                continue  # each hybridkv pair once
+            bits_a = [c == "1" for c in ours["correct_bits"]]
+            bits_b = [c == "1" for c in other["correct_bits"]]
+            out.append(
+                {
+                    "a": ours["config"],
+                    "b": other["config"],
+                    "budget": ours["budget"],
+                    "a_read_fraction": ours["mean_read_fraction"],
+                    "b_read_fraction": other["mean_read_fraction"],
+                    **paired_difference(bits_a, bits_b),
+                }
+            )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Configurations and servers
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One column of the comparison: ``hybridkv=None`` is the stock server."""
+    """One row of the comparison: ``hybridkv=None`` is the stock server. ``policy`` is the row's
+    line in the plot (a registered name or a variant label), ``method`` the registered policy."""
 
     name: str
     policy: str
+    method: str
     budget: float | None
     hybridkv: HybridKVConfig | None
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """``LABEL=POLICY:JSON`` (``hybridkv_bk=hybridkv:{"dynamic_top_k": "budget"}``)."""
+    label, sep, rest = text.partition("=")
+    policy, _, fields = rest.partition(":")
+    if not sep or not label or policy not in POLICIES:
+        raise ValueError(
+            f"--variant: expected LABEL=POLICY:JSON with POLICY from {POLICIES}, got {text!r}"
+        )
+    extra = json.loads(fields) if fields else {}
+    if not isinstance(extra, dict):
+        raise ValueError(
+            f"--variant {label}: expected a JSON object of config fields, got {fields}"
+        )
+    return label, (policy, extra)
 
 
 def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
@@ -269,17 +424,25 @@ def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
         "min_prompt_tokens": args.min_prompt_tokens,
         **extra,
     }
+    variants = {**VARIANTS, **dict(parse_variant(v) for v in args.variant)}
     configs = []
     if args.full != "none":
         stock = args.full == "stock" and args.device == "cpu"
         full = None if stock else HybridKVConfig(enabled=False, **common)
-        configs.append(EvalConfig("full", "full", 1.0, full))
-    for policy in args.policies:
-        if policy not in POLICIES:
-            raise ValueError(f"--policies: expected names from {POLICIES}, got {policy!r}")
+        configs.append(EvalConfig("full", "full", "full", 1.0, full))
+    for label in args.policies:
+        if label in POLICIES:
+            policy, fields = label, {}
+        elif label in variants:
+            policy, fields = variants[label]
+        else:
+            raise ValueError(
+                f"--policies: expected names from {POLICIES} or variants {sorted(variants)}, "
+                f"got {label!r}"
+            )
         for budget in args.budgets:
-            config = HybridKVConfig(policy=policy, budget=budget, **common)
-            configs.append(EvalConfig(f"{policy}@{budget:g}", policy, budget, config))
+            config = HybridKVConfig(**{**common, **fields, "policy": policy, "budget": budget})
+            configs.append(EvalConfig(f"{label}@{budget:g}", label, policy, budget, config))
     return configs
 
 
@@ -385,8 +548,11 @@ class TurnResult:
     turn: int
     rid: str
     reply: str
+    tokens: tuple[str, ...]  # the reply's tokens as text pieces (empty if the server gave none)
     answers: tuple[str, ...]
     correct: bool
+    decode_tokens: int  # gold answer tokens after the first (decoded over the compressed cache)
+    decode_tokens_correct: int
     prompt_tokens: int | None
     stats: dict[str, Any] | None = None
 
@@ -431,6 +597,7 @@ def chat(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid
         "messages": messages,
         "temperature": 0.0,
         "max_tokens": max_new_tokens,
+        "logprobs": True,
         "rid": rid,
     }
     response = requests.post(
@@ -441,8 +608,18 @@ def chat(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid
     return response.json()
 
 
+def reply_tokens(choice: dict[str, Any]) -> tuple[str, ...]:
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return tuple(entry["token"] for entry in content)
+
+
 def run_case(
-    base_url: str, case: EvalCase, args: argparse.Namespace, tag: str, collector: StatsCollector
+    base_url: str,
+    case: EvalCase,
+    args: argparse.Namespace,
+    tag: str,
+    collector: StatsCollector,
+    gold: GoldTokenizer,
 ) -> list[TurnResult]:
     replies: list[str] = []
     results = []
@@ -450,8 +627,11 @@ def run_case(
     for i, turn in enumerate(case.turns):
         rid = f"{tag}-{case.case_id}-t{i}-{uuid.uuid4().hex[:8]}"
         body = chat(base_url, message_list(case, replies, i + 1), max_new, rid)
-        reply = body["choices"][0]["message"]["content"] or ""
+        choice = body["choices"][0]
+        reply = choice["message"]["content"] or ""
         replies.append(reply)
+        tokens = reply_tokens(choice)
+        gold_tokens = gold.pieces(turn.answers[0])
         usage = body.get("usage") or {}
         results.append(
             TurnResult(
@@ -461,8 +641,11 @@ def run_case(
                 i,
                 rid,
                 reply,
+                tokens,
                 turn.answers,
                 is_correct(reply, turn.answers, args.match),
+                max(0, len(gold_tokens) - 1),
+                decode_token_matches(tokens, gold_tokens),
                 usage.get("prompt_tokens"),
             )
         )
@@ -470,18 +653,38 @@ def run_case(
     return results
 
 
-def run_config(base_url: str, cases: Sequence[EvalCase], args: argparse.Namespace, tag: str):
-    """All cases through one server: per-turn results and wall time (after one warm-up case)."""
+def flush_cache(base_url: str) -> bool:
+    """Empty the server's prefix cache (after the warm-up), so no measured prompt is a repeat."""
+    with contextlib.suppress(requests.RequestException):
+        return requests.post(f"{base_url}/flush_cache", timeout=120).status_code == 200
+    return False
+
+
+def run_config(
+    base_url: str,
+    cases: Sequence[EvalCase],
+    args: argparse.Namespace,
+    tag: str,
+    gold: GoldTokenizer,
+) -> tuple[list[TurnResult], float, bool]:
+    """All cases through one server, ``--concurrency`` at a time: per-turn results in case order,
+    wall time (after one warm-up case and a cache flush) and whether hybridkv stats came back."""
     collector = StatsCollector(base_url)
-    run_case(base_url, cases[0], args, f"{tag}-warmup", collector)
+    run_case(base_url, cases[0], args, f"{tag}-warmup", collector, gold)
+    if not flush_cache(base_url):
+        tqdm.write(f"{tag}: could not flush the prefix cache; {cases[0].case_id} is a repeat")
     started = time.perf_counter()
     results: list[TurnResult] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = [pool.submit(run_case, base_url, c, args, tag, collector) for c in cases]
-        for future in tqdm(
-            concurrent.futures.as_completed(futures), total=len(futures), desc=tag, leave=False
-        ):
-            results.extend(future.result())
+    questions = sum(len(c.turns) for c in cases)
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool,
+        tqdm(total=questions, desc=tag, unit="q", leave=False, dynamic_ncols=True) as bar,
+    ):
+        futures = [pool.submit(run_case, base_url, c, args, tag, collector, gold) for c in cases]
+        for future in concurrent.futures.as_completed(futures):
+            case_results = future.result()
+            results.extend(case_results)
+            bar.update(len(case_results))
     seconds = time.perf_counter() - started
     collector.fetch()
     for result in results:
@@ -491,8 +694,23 @@ def run_config(base_url: str, cases: Sequence[EvalCase], args: argparse.Namespac
     return results, seconds, collector.available
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def first_token_agreement(
+    results: Sequence[TurnResult], reference: Sequence[TurnResult]
+) -> tuple[float | None, int]:
+    """Share of turns whose first reply token equals the reference's, over the turns whose
+    prompt is the reference's (every earlier reply of the conversation the same); and their
+    count. The first token comes from the dense prefill forward, so this should be 1."""
+    same_history: dict[str, bool] = {}
+    agree = compared = 0
+    for ours, ref in zip(results, reference, strict=True):
+        assert (ours.case_id, ours.turn) == (ref.case_id, ref.turn)
+        if ours.turn == 0:
+            same_history[ours.case_id] = True
+        if same_history[ours.case_id] and ours.tokens and ref.tokens:
+            compared += 1
+            agree += ours.tokens[0] == ref.tokens[0]
+        same_history[ours.case_id] &= ours.reply == ref.reply
+    return (round(agree / compared, 4) if compared else None), compared
 
 
 def summarize(
@@ -511,16 +729,24 @@ def summarize(
         read = [s["read_fraction"] for s in stats]
     reasons = Counter(s.get("dense_reason") or "compressed" for s in stats)
     correct = sum(r.correct for r in results)
+    decode_total = sum(r.decode_tokens for r in results)
+    decode_ok = sum(r.decode_tokens_correct for r in results)
     prompt_tokens = [r.prompt_tokens for r in results if r.prompt_tokens]
+    low, high = wilson_interval(correct, len(results))
     return {
         "config": config.name,
         "policy": config.policy,
+        "method": config.method,
         "budget": config.budget,
         "hybridkv": None if config.hybridkv is None else config.hybridkv.model_dump(),
         "accuracy": round(correct / len(results), 4),
+        "ci95": [round(low, 4), round(high, 4)],
         "correct": correct,
         "questions": len(results),
-        "mean_read_fraction": None if not read else round(_mean(read) or 0.0, 4),
+        "decode_token_accuracy": round(decode_ok / decode_total, 4) if decode_total else None,
+        "decode_tokens": decode_total,
+        "mean_read_fraction": round(statistics.mean(read), 4) if read else None,
+        "read_fraction_range": [round(min(read), 4), round(max(read), 4)] if read else None,
         "requests_with_stats": len(stats) if has_stats else None,
         "compression_outcomes": dict(reasons) if has_stats else None,
         "accuracy_by_kind": accuracy_by(lambda r: r.kind),
@@ -543,43 +769,72 @@ def summarize(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        f"{'config':<18} {'budget':>7} {'accuracy':>9} {'read frac':>10} {'questions':>10}",
-        "-" * 58,
+        f"{'config':<18} {'budget':>6} {'accuracy':>8} {'95% interval':>14} {'read frac':>9} "
+        f"{'decode tok':>10} {'questions':>9}",
+        "-" * 80,
     ]
     for row in rows:
         budget = "-" if row["budget"] is None else f"{row['budget']:.0%}"
         read = "-" if row["mean_read_fraction"] is None else f"{row['mean_read_fraction']:.3f}"
+        low, high = row["ci95"]
+        token = row.get("decode_token_accuracy")
         lines.append(
-            f"{row['config']:<18} {budget:>7} {row['accuracy']:>9.1%} {read:>10} "
-            f"{row['questions']:>10}"
+            f"{row['config']:<18} {budget:>6} {row['accuracy']:>8.1%} "
+            f"{f'{low:.1%}-{high:.1%}':>14} {read:>9} "
+            f"{'-' if token is None else f'{token:.1%}':>10} {row['questions']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        f"{'a':<18} {'b':<18} {'a - b':>7} {'95% interval':>16} {'a only':>6} {'b only':>6} "
+        f"{'McNemar p':>9}",
+        "-" * 86,
+    ]
+    for c in comparisons:
+        low, high = c["ci95"]
+        lines.append(
+            f"{c['a']:<18} {c['b']:<18} {c['difference']:>+7.1%} "
+            f"{f'{low:+.1%} {high:+.1%}':>16} {c['a_only']:>6} {c['b_only']:>6} "
+            f"{c['p_mcnemar']:>9.3g}"
         )
     return "\n".join(lines)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy (95 % interval bars) against the budget and against the measured read fraction,
+    one line per policy; the full cache as a dashed line and band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     full = [r for r in rows if r["policy"] == "full"]
     policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != "full"]
     for ax, x_key, x_label in (
         (axes[0], "budget", "budget (fraction of prompt KV kept)"),
-        (axes[1], "mean_read_fraction", "mean fraction of prompt KV read per decode step"),
+        (axes[1], "mean_read_fraction", "measured fraction of prompt KV read per decode step"),
     ):
-        for policy in policies:
-            pts = sorted(
-                (r[x_key], r["accuracy"])
+        for n, policy in enumerate(policies):
+            points = sorted(
+                (r[x_key], r["accuracy"], *r["ci95"])
                 for r in rows
                 if r["policy"] == policy and r[x_key] is not None
             )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
+            if not points:
+                continue
+            # Spread the policies a little along x at equal budgets so the bars do not overlap.
+            shift = 1.0 + 0.012 * (n - (len(policies) - 1) / 2) if x_key == "budget" else 1.0
+            xs = [p[0] * shift for p in points]
+            ys = [p[1] for p in points]
+            yerr = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", markersize=4, capsize=3, label=policy)
         for r in full:
             ax.axhline(r["accuracy"], color="black", linestyle="--", label="full cache")
+            ax.axhspan(*r["ci95"], color="black", alpha=0.08)
         ax.set_xscale("log")
         ticks = sorted({r[x_key] for r in rows if r[x_key] is not None and r["policy"] != "full"})
         if len(ticks) > 6:
@@ -588,11 +843,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_xlabel(x_label)
-        ax.set_ylabel("exact-match accuracy")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("exact-match accuracy (95 % Wilson interval)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -620,6 +874,10 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Exact-match accuracy: full cache vs hybridkv vs baselines at KV budgets."
@@ -627,22 +885,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint path or hub id")
     parser.add_argument("--dataset", type=Path, help="JSONL question set (default: tile task)")
     parser.add_argument("--ks", type=_ints, default=[16, 32, 64], help="tile set: images/prompt")
-    parser.add_argument("--per-kind", type=int, default=8, help="tile set: cases per kind and K")
+    parser.add_argument("--per-kind", type=int, default=20, help="tile set: cases per kind and K")
     parser.add_argument("--seed", type=int, default=1_000_000, help="tile set seed (held out)")
     parser.add_argument(
         "--kinds",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=_names,
         default=None,
-        help="tile set: question kinds (default describe,pair_name,multi_turn; also single, "
-        "pair_same)",
+        help="tile set: question kinds (default describe,pair_name,multi_turn,multi_mixed; also "
+        "single, pair_same)",
     )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N cases")
-    parser.add_argument("--budgets", type=_floats, default=[0.05, 0.1, 0.2])
+    parser.add_argument("--budgets", type=_floats, default=[0.1, 0.2])
     parser.add_argument(
         "--policies",
-        type=lambda s: [x for x in s.split(",") if x],
-        default=list(POLICIES),
-        help=f"comma-separated, from {','.join(POLICIES)} (empty: full only)",
+        type=_names,
+        default=list(DEFAULT_POLICIES),
+        help=f"comma-separated, from {','.join(POLICIES)} or a variant ({','.join(VARIANTS)}, "
+        "--variant); empty: full only",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='LABEL=POLICY:JSON, a policy with more config fields (hybridkv_x=hybridkv:{"w": 1})',
     )
     parser.add_argument(
         "--full",
@@ -653,12 +918,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=HybridKVConfig().window)
     parser.add_argument("--sink", type=int, default=HybridKVConfig().sink)
     parser.add_argument("--min-prompt-tokens", type=int, default=128)
-    parser.add_argument("--hybridkv-json", help="more HybridKVConfig fields, as JSON")
+    parser.add_argument("--hybridkv-json", help="more HybridKVConfig fields for every row, JSON")
     parser.add_argument("--match", choices=("exact", "prefix"), default="exact")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8, help="conversations in flight")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--max-total-tokens", type=int, default=32768, help="CPU servers")
+    parser.add_argument("--max-total-tokens", type=int, default=65536, help="CPU servers")
     parser.add_argument("--context-length", type=int, default=4096, help="CPU servers")
     parser.add_argument(
         "--server-args", default="", help="extra SGLang flags, one string (e.g. '--tp 2')"
@@ -704,40 +969,52 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no cases to evaluate")
 
     if args.url:
-        budget = args.label_budget
-        configs = [EvalConfig(args.label, args.label.split("@")[0], budget, None)]
+        label = args.label.split("@")[0]
+        configs = [EvalConfig(args.label, label, label, args.label_budget, None)]
     else:
         configs = build_configs(args)
-    rows = []
+    gold = GoldTokenizer(args.model)
+    rows, reference = [], None
     with ServerPipeline(args, ahead=0 if args.url else args.prestart) as pipeline:
-        for i, config in enumerate(configs):
+        for i, config in enumerate(tqdm(configs, desc="configs", unit="config")):
             tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
             if args.url:
                 url, waited = args.url.rstrip("/"), 0.0
             else:
                 pipeline.prepare(configs[i : i + 1 + args.prestart])
                 url, waited = pipeline.wait(config)
-            results, seconds, has_stats = run_config(url, cases, args, tag)
+            results, seconds, has_stats = run_config(url, cases, args, tag, gold)
             if not args.url:
                 pipeline.stop(config)
             row = summarize(config, results, seconds, has_stats)
+            if config.method == "full":
+                reference = results
+            elif reference is not None:
+                agreement, compared = first_token_agreement(results, reference)
+                row["first_token_agreement"] = agreement
+                row["first_tokens_compared"] = compared
             if args.url:
                 row["hybridkv"] = None
                 if not has_stats:
-                    row["mean_read_fraction"] = None
+                    row["mean_read_fraction"] = row["read_fraction_range"] = None
             else:
                 row["server_wait_seconds"] = round(waited, 1)
             rows.append(row)
             read = row["mean_read_fraction"]
+            low, high = row["ci95"]
             tqdm.write(
-                f"{config.name}: accuracy {row['accuracy']:.1%} "
+                f"{config.name}: accuracy {row['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
                 f"({row['correct']}/{row['questions']}), read fraction "
                 f"{'-' if read is None else f'{read:.3f}'}, {seconds:.0f} s"
             )
 
     total = time.perf_counter() - total_started
+    comparisons = paired_comparisons(rows)
     table = format_table(rows)
+    comparison_table = format_comparisons(comparisons)
     print(table)
+    print()
+    print(comparison_table)
     print(f"total {total / 60:.1f} min")
     result = {
         "benchmark": "quality",
@@ -752,7 +1029,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "total_seconds": round(total, 1),
         "rows": rows,
+        "comparisons": comparisons,
         "table": table,
+        "comparison_table": comparison_table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path = args.out.with_suffix(".json")

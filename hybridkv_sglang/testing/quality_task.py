@@ -11,14 +11,18 @@ around a dark VALUE-colour core. A prompt shows K images and asks about tiles by
 * ``pair_same``: "Are the red and blue squares the same inside?" -> "yes" / "no" (balanced)
 * ``multi_turn``: 2-3 ``describe`` questions in one conversation, each about an image no earlier
   turn asked about (later turns need tokens an earlier question did not point at)
+* ``multi_mixed``: describe, then pair_name, then describe, four different images (each turn asks
+  about images no earlier turn asked about; the pair turn needs two regions)
 
 Which kinds measure compression: a server compresses a request's KV cache after its prefill, and
 the first answer token comes from the prefill's own (dense) forward. A ``single`` answer is that
-one token, so compression cannot change it; the value of ``describe`` (and of every
-``multi_turn`` turn) and the second value of ``pair_name`` are decoded from the compressed cache.
-The default benchmark set is therefore ``EVAL_KINDS`` = describe, pair_name, multi_turn.
-``pair_same`` is out too: the committed model never learned the comparison (it answers "no" to
-every such question, chance level) though it trained on them.
+one token, so compression cannot change it; the value of ``describe`` (and of every ``describe``
+turn of a conversation) and the second value of ``pair_name`` are decoded from the compressed
+cache. The default benchmark set is therefore ``EVAL_KINDS`` = describe, pair_name, multi_turn,
+multi_mixed. ``pair_same`` is out too: the committed model never learned the comparison (it
+answers "no" to every such question, chance level) though it trained on them. Lists of three or
+more keys ("What is inside the red, blue and green squares?") are not generated: the model,
+trained on pairs, does not answer them (0 % with the full cache).
 
 Asked keys are unique within a prompt. With K <= 8 every image has its own key colour; with K > 8,
 ``ASKABLE_KEYS_LARGE_K`` images carry unique (askable) keys and the rest reuse up to three of the
@@ -94,10 +98,26 @@ TASK_WORDS = (*KEYS, *VALUES, "yes", "no", "inside", "square", "squares", "same"
 """Words the task's tokenizer encodes as single tokens (``tiny_model`` ``extra_words``)."""
 
 QuestionKind = Literal["single", "describe", "pair_name", "pair_same"]
-CaseKind = Literal["single", "describe", "pair_name", "pair_same", "multi_turn"]
-CASE_KINDS: tuple[CaseKind, ...] = ("single", "describe", "pair_name", "pair_same", "multi_turn")
-EVAL_KINDS: tuple[CaseKind, ...] = ("describe", "pair_name", "multi_turn")
+CaseKind = Literal["single", "describe", "pair_name", "pair_same", "multi_turn", "multi_mixed"]
+CASE_KINDS: tuple[CaseKind, ...] = (
+    "single",
+    "describe",
+    "pair_name",
+    "pair_same",
+    "multi_turn",
+    "multi_mixed",
+)
+EVAL_KINDS: tuple[CaseKind, ...] = ("describe", "pair_name", "multi_turn", "multi_mixed")
 """The compression benchmark's default kinds: an answer token comes from the compressed cache."""
+MIN_ASKABLE: dict[CaseKind, int] = {
+    "single": 1,
+    "describe": 1,
+    "pair_name": 2,
+    "pair_same": 2,
+    "multi_turn": 2,
+    "multi_mixed": 4,
+}
+"""Distinct askable keys (hence images) each kind needs."""
 LEARNED_KINDS: tuple[CaseKind, ...] = ("single", "describe", "pair_name", "multi_turn")
 """What the committed model answers (its held-out accuracy is measured on these)."""
 
@@ -246,8 +266,8 @@ def make_case(seed: int, k: int, kind: CaseKind, *, case_id: str | None = None) 
         raise ValueError(f"kind must be one of {CASE_KINDS}, got {kind!r}")
     rng = random.Random(f"tile-case:{seed}:{k}:{kind}")
     tiles, askable = sample_tiles(rng, k)
-    if kind not in ("single", "describe") and len(askable) < 2:
-        raise ValueError(f"kind {kind!r} needs k >= 2, got {k}")
+    if len(askable) < MIN_ASKABLE[kind]:
+        raise ValueError(f"kind {kind!r} needs k >= {MIN_ASKABLE[kind]}, got {k}")
     if kind == "single":
         turns: tuple[Turn, ...] = (single_turn(tiles, rng.choice(askable)),)
     elif kind == "describe":
@@ -261,9 +281,16 @@ def make_case(seed: int, k: int, kind: CaseKind, *, case_id: str | None = None) 
         v2 = v1 if same else rng.choice([v for v in VALUES if v != v1])
         tiles = _set_value(tiles, k2, v2)
         turns = (pair_same_turn(tiles, k1, k2),)
-    else:  # multi_turn: each turn about an image no earlier turn asked about
+    elif kind == "multi_turn":  # each turn about an image no earlier turn asked about
         n_turns = min(len(askable), rng.choice((2, 3)))
         turns = tuple(describe_turn(tiles, key) for key in rng.sample(askable, n_turns))
+    else:  # multi_mixed: describe, pair_name, describe over four different images
+        k1, k2, k3, k4 = rng.sample(askable, 4)
+        turns = (
+            describe_turn(tiles, k1),
+            pair_name_turn(tiles, k2, k3),
+            describe_turn(tiles, k4),
+        )
     return TileCase(case_id or f"{kind}-k{k}-s{seed}", kind, seed, tiles, turns)
 
 

@@ -1,6 +1,7 @@
 """bench/quality.py end to end on CPU: the committed tile-task model served by ``hybridkv-serve``
-(full cache = hybridkv with enabled=false, and hybridkv at a 20 % budget), a small question set
-at K = 16 images, every column filled in, full-cache accuracy high."""
+(full cache = hybridkv with enabled=false, hybridkv at a 20 % budget and its dynamic_top_k=budget
+variant), a small question set at K = 16 images, every column filled in, full-cache accuracy high,
+the first reply token the same as the full cache's, the two hybridkv rows compared."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_harness_end_to_end_on_cpu(tmp_path):
         "--ks", "16",
         "--per-kind", "2",
         "--full", "disabled",
-        "--policies", "hybridkv",
+        "--policies", "hybridkv,hybridkv_bk",
         "--budgets", "0.2",
         "--out", str(out),
         "--log-dir", str(tmp_path / "logs"),
@@ -49,12 +50,15 @@ def test_harness_end_to_end_on_cpu(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     rows = {row["config"]: row for row in result["rows"]}
-    assert list(rows) == ["full", "hybridkv@0.2"]
+    assert list(rows) == ["full", "hybridkv@0.2", "hybridkv_bk@0.2"]
     for row in rows.values():
         assert row["questions"] == result["dataset"]["questions"] >= 8
-        assert isinstance(row["accuracy"], float)
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
         assert isinstance(row["mean_read_fraction"], float)
         assert row["requests_with_stats"] == row["questions"]
+        # Every scored answer has a token after the first (decoded over the compressed cache).
+        assert row["decode_tokens"] >= row["questions"]
+        assert isinstance(row["decode_token_accuracy"], float)
     full, compressed = rows["full"], rows["hybridkv@0.2"]
     assert full["accuracy"] >= 0.8, full["wrong_examples"]
     assert full["mean_read_fraction"] == 1.0
@@ -62,4 +66,10 @@ def test_harness_end_to_end_on_cpu(tmp_path):
     # Every prompt of the set (~340+ tokens) is compressed at min_prompt_tokens 128.
     assert compressed["compression_outcomes"] == {"compressed": compressed["questions"]}
     assert 0.1 < compressed["mean_read_fraction"] < 0.3
+    # The first reply token comes from the dense prefill forward: the full cache's, every turn.
+    assert compressed["first_token_agreement"] == 1.0
+    assert compressed["first_tokens_compared"] >= result["dataset"]["cases"]
+    (comparison,) = result["comparisons"]
+    assert (comparison["a"], comparison["b"]) == ("hybridkv@0.2", "hybridkv_bk@0.2")
+    assert comparison["questions"] == full["questions"]
     print(f"harness end to end: {elapsed:.0f} s")

@@ -1,9 +1,10 @@
-"""bench/quality.py without servers: the JSONL format, message layout, scoring, configurations;
-and bench/train_quality_model.py's direct encoding against the processor."""
+"""bench/quality.py without servers: the JSONL format, message layout, scoring, statistics,
+configurations; and bench/train_quality_model.py's direct encoding against the processor."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -88,6 +89,103 @@ def test_scoring(quality_bench, reply, answers, match, expected):
     assert quality_bench.is_correct(reply, answers, match) is expected
 
 
+@pytest.mark.parametrize(
+    ("reply", "gold", "expected"),
+    [
+        (("red", " navy"), ("red", " navy"), 1),
+        (("blue", " navy"), ("red", " navy"), 1),  # the first token is the dense prefill's
+        (("red", "pink", " navy"), ("red", " navy"), 0),  # "redpink navy": shifted, wrong
+        (("red",), ("red", " navy"), 0),
+        (("navy", " teal", " teal"), ("navy", " teal"), 1),
+        ((), ("navy", " teal"), 0),
+    ],
+)
+def test_decode_token_matches(quality_bench, reply, gold, expected):
+    assert quality_bench.decode_token_matches(reply, gold) == expected
+
+
+def test_gold_tokens_are_the_reply_pieces(quality_bench):
+    gold = quality_bench.GoldTokenizer(quality_bench.DEFAULT_MODEL)
+    assert gold.pieces("red navy") == ("red", " navy")
+    assert gold.pieces("navy teal") == ("navy", " teal")
+
+
+@pytest.mark.parametrize(("successes", "n"), [(0, 10), (3, 10), (10, 10), (450, 450), (400, 450)])
+def test_wilson_interval(quality_bench, successes, n):
+    low, high = quality_bench.wilson_interval(successes, n)
+    assert 0.0 <= low <= successes / n <= high <= 1.0
+    assert high - low < 2 * 1.96 * math.sqrt(0.25 / n) + 1e-9  # never wider than Wald at p=0.5
+    # Reference values (Newcombe 1998, table I): 0/10, 3/10 (rounded to 4 places).
+    assert quality_bench.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert quality_bench.wilson_interval(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-4)
+
+
+def test_mcnemar_and_paired_difference(quality_bench):
+    assert quality_bench.mcnemar_exact_p(0, 0) == 1.0
+    assert quality_bench.mcnemar_exact_p(5, 5) == 1.0
+    assert quality_bench.mcnemar_exact_p(6, 0) == pytest.approx(2 / 64)
+    assert quality_bench.mcnemar_exact_p(0, 6) == quality_bench.mcnemar_exact_p(6, 0)
+    a = [True] * 80 + [True] * 12 + [False] * 3 + [False] * 5
+    b = [True] * 80 + [False] * 12 + [True] * 3 + [False] * 5
+    result = quality_bench.paired_difference(a, b)
+    assert (result["a_only"], result["b_only"], result["questions"]) == (12, 3, 100)
+    assert result["difference"] == pytest.approx(0.09)
+    low, high = result["ci95"]
+    assert low < 0.09 < high and low > 0  # 12 vs 3 discordant: significant
+    assert result["p_mcnemar"] < 0.05
+    same = quality_bench.paired_difference(a, a)
+    assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["p_mcnemar"] == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        quality_bench.paired_difference(a, b[:-1])
+
+
+def test_paired_comparisons_pair_each_hybridkv_row_at_its_budget(quality_bench):
+    def row(config, method, budget, bits):
+        return {"config": config, "method": method, "budget": budget, "correct_bits": bits,
+                "mean_read_fraction": budget}  # fmt: skip
+
+    rows = [
+        row("full", "full", 1.0, "1111"),
+        row("hybridkv@0.1", "hybridkv", 0.1, "1110"),
+        row("hybridkv_bk@0.1", "hybridkv", 0.1, "1111"),
+        row("snapkv@0.1", "snapkv", 0.1, "1000"),
+        row("snapkv@0.2", "snapkv", 0.2, "0000"),
+    ]
+    pairs = [(c["a"], c["b"]) for c in quality_bench.paired_comparisons(rows)]
+    assert pairs == [
+        ("hybridkv@0.1", "hybridkv_bk@0.1"),
+        ("hybridkv@0.1", "snapkv@0.1"),
+        ("hybridkv_bk@0.1", "snapkv@0.1"),
+    ]
+    (vs_snap,) = [c for c in quality_bench.paired_comparisons(rows) if c["a"] == "hybridkv@0.1"
+                  and c["b"] == "snapkv@0.1"]  # fmt: skip
+    assert (vs_snap["a_only"], vs_snap["b_only"]) == (2, 0)
+
+
+def test_first_token_agreement_counts_turns_with_the_same_prompt(quality_bench):
+    def turn(case, i, reply, tokens):
+        return quality_bench.TurnResult(
+            case, "multi_turn", 16, i, "rid", reply, tokens, ("x",), True, 1, 1, 100
+        )
+
+    reference = [
+        turn("a", 0, "red navy", ("red", " navy")),
+        turn("a", 1, "blue teal", ("blue", " teal")),
+        turn("b", 0, "red navy", ("red", " navy")),
+        turn("b", 1, "blue teal", ("blue", " teal")),
+    ]
+    ours = [
+        turn("a", 0, "red navy", ("red", " navy")),
+        turn("a", 1, "pink teal", ("pink", " teal")),  # same prompt, other first token
+        turn("b", 0, "redpink navy", ("red", "pink", " navy")),
+        turn("b", 1, "green teal", ("green", " teal")),  # other history: not compared
+    ]
+    assert quality_bench.first_token_agreement(ours, reference) == (
+        pytest.approx(2 / 3, abs=1e-4),
+        3,
+    )
+
+
 def test_configurations(quality_bench):
     args = quality_bench.parse_args(["--budgets", "0.05,0.2", "--policies", "hybridkv,snapkv"])
     configs = quality_bench.build_configs(args)
@@ -110,6 +208,30 @@ def test_configurations(quality_bench):
         quality_bench.build_configs(quality_bench.parse_args(["--policies", "h2o"]))
 
 
+def test_every_registered_policy_and_the_variants_are_accepted(quality_bench):
+    from hybridkv_sglang.policy import POLICIES
+
+    assert set(quality_bench.POLICIES) == set(POLICIES) >= {"adakv", "pyramidkv", "flashcache"}
+    args = quality_bench.parse_args(["--budgets", "0.1", "--full", "none"])
+    configs = quality_bench.build_configs(args)
+    assert [c.policy for c in configs] == list(quality_bench.DEFAULT_POLICIES)
+    by_name = {c.name: c for c in configs}
+    assert by_name["hybridkv_bk@0.1"].method == "hybridkv"
+    assert by_name["hybridkv_bk@0.1"].hybridkv.dynamic_top_k == "budget"
+    assert by_name["hybridkv@0.1"].hybridkv.dynamic_top_k == "fixed"
+    assert by_name["adakv@0.1"].hybridkv.policy == "adakv"
+    flash = quality_bench.parse_args(["--policies", "flashcache", "--full", "none"])
+    assert {c.hybridkv.policy for c in quality_bench.build_configs(flash)} == {"flashcache"}
+    custom = quality_bench.parse_args(
+        ["--variant", 'snap_w8=snapkv:{"window": 8}', "--policies", "snap_w8", "--budgets", "0.2"]
+    )
+    (_, snap) = quality_bench.build_configs(custom)
+    assert (snap.name, snap.method, snap.hybridkv.window) == ("snap_w8@0.2", "snapkv", 8)
+    for bad in ("snap_w8", "x=h2o:{}", "x=snapkv:[1]"):
+        with pytest.raises(ValueError, match="--variant"):
+            quality_bench.parse_variant(bad)
+
+
 def test_default_set_covers_every_kind_and_k(quality_bench):
     cases = quality_bench.tile_cases(1_000_000, [16, 32, 64], 2)
     assert len(cases) == 3 * len(qt.EVAL_KINDS) * 2
@@ -125,14 +247,22 @@ def test_default_set_covers_every_kind_and_k(quality_bench):
 def test_table_and_plot(quality_bench, tmp_path):
     rows = [
         {"config": "full", "policy": "full", "budget": 1.0, "accuracy": 1.0,
-         "mean_read_fraction": 1.0, "questions": 10},
+         "ci95": [0.72, 1.0], "mean_read_fraction": 1.0, "questions": 10,
+         "decode_token_accuracy": 1.0},
         {"config": "hybridkv@0.1", "policy": "hybridkv", "budget": 0.1, "accuracy": 0.9,
-         "mean_read_fraction": 0.11, "questions": 10},
+         "ci95": [0.6, 0.98], "mean_read_fraction": 0.11, "questions": 10,
+         "decode_token_accuracy": 0.85},
         {"config": "hybridkv@0.2", "policy": "hybridkv", "budget": 0.2, "accuracy": 0.95,
-         "mean_read_fraction": None, "questions": 10},
+         "ci95": [0.7, 0.99], "mean_read_fraction": None, "questions": 10,
+         "decode_token_accuracy": None},
     ]  # fmt: skip
     table = quality_bench.format_table(rows)
     assert "hybridkv@0.1" in table and "90.0%" in table and "0.110" in table
+    assert "60.0%-98.0%" in table and "85.0%" in table
+    comparison = {"a": "hybridkv@0.1", "b": "snapkv@0.1", "difference": 0.05,
+                  "ci95": [-0.01, 0.11], "a_only": 7, "b_only": 2, "p_mcnemar": 0.18}  # fmt: skip
+    text = quality_bench.format_comparisons([comparison])
+    assert "+5.0%" in text and "-1.0% +11.0%" in text and "0.18" in text
     quality_bench.plot(rows, tmp_path / "q.png", "test")
     assert (tmp_path / "q.png").stat().st_size > 1000
 

@@ -60,11 +60,18 @@ def test_question_set_is_deterministic_and_sized():
     one = qt.make_question_set(seed=5, ks=(16, 32), per_kind=3)
     two = qt.make_question_set(seed=5, ks=(16, 32), per_kind=3)
     assert one == two
-    assert len(one) == 2 * len(qt.EVAL_KINDS) * 3
+    per_k = len(qt.EVAL_KINDS) * 3
+    assert len(one) == 2 * per_k
     assert {c.kind for c in one} == set(qt.EVAL_KINDS)
     assert len({c.case_id for c in one}) == len(one)
-    assert Counter(c.k for c in one) == {16: 9, 32: 9}
-    assert qt.make_question_set(seed=6, ks=(16,), per_kind=3) != one[:9]
+    assert Counter(c.k for c in one) == {16: per_k, 32: per_k}
+    assert qt.make_question_set(seed=6, ks=(16,), per_kind=3) != one[:per_k]
+
+
+def test_default_benchmark_set_has_enough_questions():
+    cases = qt.make_question_set(per_kind=20)
+    questions = sum(len(c.turns) for c in cases)
+    assert len(cases) == 3 * 4 * 20 and 420 <= questions <= 480  # >= 400 for 3-point resolution
 
 
 def test_training_cases_follow_the_rng():
@@ -115,8 +122,12 @@ def test_asked_keys_are_unique_and_repeated_keys_repeat(k):
 
 
 @pytest.mark.parametrize("kind", qt.CASE_KINDS)
-@pytest.mark.parametrize("k", (2, 9, 16, 64))
+@pytest.mark.parametrize("k", (2, 4, 9, 16, 64))
 def test_answers_are_right_by_construction(kind, k):
+    if k < qt.MIN_ASKABLE[kind]:
+        with pytest.raises(ValueError, match=f"needs k >= {qt.MIN_ASKABLE[kind]}"):
+            qt.make_case(0, k, kind)
+        return
     for seed in range(3):
         case = qt.make_case(seed, k, kind)
         decoded = [decode_image(a) for a in case.image_arrays()]
@@ -148,6 +159,10 @@ def test_two_region_and_multi_turn_structure():
         asked = [t.keys[0] for t in multi.turns]
         assert 2 <= len(asked) <= 3
         assert len(set(asked)) == len(asked), "a later turn must ask about a new image"
+        mixed = qt.make_case(seed, 32, "multi_mixed")
+        assert [t.kind for t in mixed.turns] == ["describe", "pair_name", "describe"]
+        keys = [key for t in mixed.turns for key in t.keys]
+        assert len(set(keys)) == 4, "every turn asks about images no earlier turn asked about"
 
 
 def test_task_words_are_single_tokens(quality_processor):
