@@ -173,6 +173,40 @@ def test_hybridkv_budget_top_k_caps_dynamic_reads(n: int, budget: float) -> None
     assert capped.is_dynamic.sum() >= fixed.is_dynamic.sum()
 
 
+TUNED = {  # docs/quality-diagnosis.md's configuration for the tile-task model
+    "sink": 0,
+    "chunk_size": 4,
+    "top_k_chunks": 64,
+    "static_priority": "focus",
+    "dynamic_top_k": "budget",
+}
+
+
+@pytest.mark.parametrize(
+    "n,budget,fits",
+    [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 22), (1200, 0.2, 52)],
+)
+def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) -> None:
+    """No sink, 4-token chunks: the resident set is the window rounded out to a chunk border
+    (nothing before it); a dynamic head retrieves the ``fits`` chunks within b_mean (at least
+    one, then the static heads pay for it), and the request reads at most B whenever B pays
+    every head's window."""
+    b_mean = uniform_head_budget(n, budget, None)
+    plan = _plan("hybridkv", n=n, budget=budget, **TUNED)
+    _check_contract(plan)
+    prefix_end, tail_start = plan.resident_bounds()
+    assert plan.sink == 0 and prefix_end == 0 and 32 <= n - tail_start < 32 + 4
+    assert plan.top_k_chunks == max(1, fits)
+    if b_mean < 32:  # the window alone is over budget: every head keeps exactly the window
+        assert not plan.has_dynamic and torch.all(plan.budgets == 32)
+        return
+    assert int(plan.budgets.sum()) <= b_mean * L * HKV
+    assert plan.stats()["read_fraction"] <= budget + 1e-9
+    assert plan.dynamic_read_per_step() == n - tail_start + max(1, fits) * 4
+    if fits:
+        assert plan.has_dynamic and plan.dynamic_read_per_step() <= b_mean
+
+
 def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
     """static_priority='focus' keeps each static head's focus set when its budget allows."""
     plan = _plan("hybridkv", budget=0.2, static_priority="focus")
