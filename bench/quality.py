@@ -457,7 +457,7 @@ def serve(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> Itera
             max_total_tokens=args.max_total_tokens,
             context_length=args.context_length,
             max_running_requests=args.concurrency * 2,
-            extra_args=args.server_args,
+            extra_args=["--max-prefill-tokens", str(args.max_prefill_tokens), *args.server_args],
         ) as server:
             yield server.base_url
         return
@@ -925,6 +925,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--max-total-tokens", type=int, default=65536, help="CPU servers")
     parser.add_argument("--context-length", type=int, default=4096, help="CPU servers")
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=1300,
+        help="CPU servers: new tokens per prefill batch. SGLang's CPU vision attention masks all "
+        "patches of a batch at once (quadratic in its images); 1300 holds one K=64 prompt",
+    )
     parser.add_argument(
         "--server-args", default="", help="extra SGLang flags, one string (e.g. '--tp 2')"
     )
