@@ -24,8 +24,8 @@ questions), per turn:
    * *recall* = share of the full-cache attention mass over the prompt (mean over the GQA group)
      that falls on the read set; *target recall* the same over the asked tile's 4 visual tokens;
      *target coverage* the share of those 4 tokens read. The *value step* is the decode step that
-     emits a tile's value (``describe``: the step after the echoed key; ``pair_name``: the second
-     value; the first answer token comes from the dense prefill and no policy changes it).
+     emits a tile's value: the first decode step (``describe``'s value after the echoed key,
+     ``pair_name``'s second value; the first answer token comes from the dense prefill).
 4. **Emulated compressed decode**: greedy decode again from the same prefill cache with every text
    layer's decode attention restricted to the plan's read set (what the server computes), scored
    by exact match like ``bench/quality.py``. Multi-turn history carries the gold answers (the full
@@ -230,8 +230,9 @@ def make_questions(
                 key: tile_positions(ids, image_token, images[key], case.tiles[images[key]])
                 for key in turn.keys
             }
-            # describe: step 1 emits the value after the echoed key; pair_name: step 1 emits
-            # the second value (step 0, the first value, comes from the dense prefill).
+            # Decode step 0 (the first forward over the compressed cache) emits the value after
+            # the echoed key (describe) or the second value (pair_name); the first answer token
+            # comes from the dense prefill.
             value_key = turn.keys[0] if turn.kind == "describe" else turn.keys[-1]
             out.append(
                 Question(
@@ -239,7 +240,7 @@ def make_questions(
                     turn=turn_index,
                     ids=ids,
                     observed_rows=rows,
-                    target_by_step={1: pos[value_key]},
+                    target_by_step={0: pos[value_key]},
                     tile_positions=sorted(p for ps in pos.values() for p in ps),
                 )
             )
@@ -386,7 +387,7 @@ class Runner:
         }
         # Where the full model looks at the value step (per layer, kv head).
         steps = probe.decode
-        value_step = 1
+        value_step = 0
         if value_step < len(steps):
             targets = question.target_by_step[value_step]
             probs = torch.stack([steps[value_step][layer][1] for layer in layers])  # [L,H,G,T]
@@ -399,7 +400,7 @@ class Runner:
             )
         # How much of the decode attention the always-kept floor holds (full cache).
         floor_mass = defaultdict(list)
-        for step in steps[1:]:
+        for step in steps:
             probs = torch.stack([step[layer][1] for layer in layers])[..., :n]  # [L,H,G,N]
             total = probs.sum(-1)
             floor_mass["sink"].append((probs[..., : args.sink].sum(-1) / total).mean(-1))
@@ -500,9 +501,9 @@ def summarize(records: list[dict[str, Any]], labels: Sequence[str]) -> list[dict
         for r, c in zip(got, cfgs, strict=True):
             acc_kind[r["kind"]].append(int(c["correct"]))
             acc_k[str(r["k"])].append(int(c["correct"]))
-        steps = [s for c in cfgs for s in c["steps"][1:]]  # decode steps that read compressed KV
-        value = [c["steps"][1] for c in cfgs if len(c["steps"]) > 1]
-        value_k = [r["k"] for r, c in zip(got, cfgs, strict=True) if len(c["steps"]) > 1]
+        steps = [s for c in cfgs for s in c["steps"]]  # every decode step reads compressed KV
+        value = [c["steps"][0] for c in cfgs if c["steps"]]
+        value_k = [r["k"] for r, c in zip(got, cfgs, strict=True) if c["steps"]]
         per_head = torch.tensor([s["recall"] for s in steps]).mean(0)
         value_target = torch.tensor([s["target_recall"] for s in value])
         value_cov = torch.tensor([s["target_coverage"] for s in value])
