@@ -28,6 +28,7 @@ PolicyName = Literal[
     "adakv",
     "pyramidkv",
     "flashcache",
+    "lookm",
 ]
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
@@ -47,7 +48,8 @@ class HybridKVConfig(BaseModel):
     policy: PolicyName = Field(
         "hybridkv",
         description="hybridkv (the method) or a baseline run by the same machinery: snapkv, "
-        "streaming, all_static, all_dynamic, adakv, pyramidkv, flashcache",
+        "streaming, all_static, all_dynamic, adakv, pyramidkv, flashcache, lookm (needs "
+        "storage compact)",
     )
     budget: float = Field(
         0.1, description="fraction of the prompt's KV entries kept per request, in (0, 1]"
@@ -116,7 +118,13 @@ class HybridKVConfig(BaseModel):
     @model_validator(mode="after")
     def _policy_accepts_values(self) -> HybridKVConfig:
         """The policy validates its own hyper-parameters; building it once checks them all."""
-        build_policy(self.policy, **self.policy_values())
+        policy = build_policy(self.policy, **self.policy_values())
+        if policy.merges_evicted and self.storage != "compact":
+            raise ValueError(
+                f"policy {self.policy!r} merges evicted KV into kept KV, which only compact "
+                f"storage can hold (the prefix slots are shared with the radix cache); set "
+                f"storage='compact', got {self.storage!r}"
+            )
         return self
 
     POLICY_FIELDS: ClassVar[tuple[str, ...]] = (

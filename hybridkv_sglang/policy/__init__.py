@@ -43,6 +43,7 @@ from hybridkv_sglang.policy.head_stats import (
     focus_size,
     pooled_scores,
 )
+from hybridkv_sglang.policy.lookm import LookMPolicy, average_merge
 from hybridkv_sglang.policy.plan import CompressionPlan
 from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy, pyramid_budgets
 from hybridkv_sglang.policy.registry import POLICIES, build_policy
@@ -65,11 +66,13 @@ __all__ = [
     "HeadStatsReducer",
     "HybridKVPolicy",
     "LayerObservation",
+    "LookMPolicy",
     "PyramidKVPolicy",
     "SnapKVPolicy",
     "StreamingPolicy",
     "TextPriorSelector",
     "TopDownAllocator",
+    "average_merge",
     "budget_top_k",
     "build_policy",
     "chunk_bounds",

@@ -18,7 +18,8 @@ from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
 from hybridkv_sglang.policy.selection import keep_top_by_priority
 
 
-def _uniform(focus: Tensor, per_head: int) -> BudgetAllocation:
+def uniform_allocation(focus: Tensor, per_head: int) -> BudgetAllocation:
+    """Every head static with ``per_head`` entries."""
     return BudgetAllocation(
         is_dynamic=torch.zeros_like(focus, dtype=torch.bool),
         budgets=torch.full_like(focus, per_head, dtype=torch.int64),
@@ -44,7 +45,7 @@ class SnapKVPolicy(CompressionPolicy):
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
     ) -> BudgetAllocation:
-        return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.window)))
+        return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.window)))
 
     def select(
         self,
@@ -76,7 +77,7 @@ class StreamingPolicy(CompressionPolicy):
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
     ) -> BudgetAllocation:
-        return _uniform(focus, min(geo.prompt_len, max(geo.head_budget, geo.sink)))
+        return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.sink)))
 
     def select(
         self,

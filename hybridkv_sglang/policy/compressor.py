@@ -121,6 +121,8 @@ class CompressionPolicy:
 
     name: ClassVar[str] = "base"
     needs_chunk_bounds: ClassVar[bool] = True
+    merges_evicted: ClassVar[bool] = False
+    """Plans ask the runtime to merge evicted KV into kept KV (compact storage only)."""
     demote_unaffordable: ClassVar[bool] = True
     """Stage 2 demotes the dynamic heads ``B`` cannot pay for (see :class:`TopDownAllocator`)."""
     needs_values: ClassVar[bool] = False
@@ -299,6 +301,7 @@ class CompressionPolicy:
             sink=geo.sink,
             window=geo.window,
             policy=self.name,
+            merge_evicted=self.merges_evicted,
         )
 
     # ------------------------------------------------------------------ hooks

@@ -52,6 +52,9 @@ class CompressionPlan:
     """Observation window actually kept (clamped to ``N``)."""
     policy: str = "hybridkv"
     """Name of the policy that made the plan (a key of ``POLICIES``)."""
+    merge_evicted: bool = False
+    """Static heads' evicted KV is to be merged into their kept KV (LOOK-M); only compact
+    storage can hold merged KV."""
 
     def __post_init__(self) -> None:
         num_layers, num_heads = self.is_dynamic.shape

@@ -14,6 +14,7 @@ from hybridkv_sglang.policy.baselines import (
 )
 from hybridkv_sglang.policy.compressor import CompressionPolicy, HybridKVPolicy
 from hybridkv_sglang.policy.flashcache import FlashCachePolicy
+from hybridkv_sglang.policy.lookm import LookMPolicy
 from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy
 
 POLICIES: dict[str, type[CompressionPolicy]] = {
@@ -27,6 +28,7 @@ POLICIES: dict[str, type[CompressionPolicy]] = {
         AdaKVPolicy,
         PyramidKVPolicy,
         FlashCachePolicy,
+        LookMPolicy,
     )
 }
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
+from hybridkv_sglang.policy.lookm import average_merge
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
@@ -97,6 +98,8 @@ class CompactStorage:
             )
             with self._on_forward_stream():
                 self.fill(copies)
+                if layout.merge_evicted:
+                    self.merge_evicted(compact, prompt_slots.to(torch.int64))
         except Exception:
             tree_cache.token_to_kv_pool_allocator.free(slots)
             if host_ids is not None:
@@ -138,6 +141,27 @@ class CompactStorage:
                 self.host_tier.write(
                     copies.chunk_dst[layer], k_entries[chunk_src], v_entries[chunk_src]
                 )
+
+    def merge_evicted(self, compact: CompactLayout, prompt_slots: torch.Tensor) -> None:
+        """Fold each static head's evicted prompt KV into its compact entries (LOOK-M's merge,
+        ``policy.average_merge``); the prompt slots must still hold the prompt."""
+        plan = compact.plan
+        for layer, (lay, stored) in enumerate(zip(plan.layers, compact.layers, strict=True)):
+            k = self.kv_pool.get_key_buffer(layer)
+            v = self.kv_pool.get_value_buffer(layer)
+            k_entries, v_entries = k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+            bounds = lay.static_kept.indptr_host.tolist()
+            for i, head in enumerate(lay.static_heads.tolist()):
+                kept = lay.static_kept.positions[bounds[i] : bounds[i + 1]].to(torch.int64)
+                evicted = torch.ones(plan.prompt_len, dtype=torch.bool, device=kept.device)
+                evicted[kept] = False
+                gone = prompt_slots[evicted.to(prompt_slots.device)]
+                dst = stored.static_entries.positions[bounds[i] : bounds[i + 1]].to(torch.int64)
+                merged_k, merged_v = average_merge(
+                    k_entries[dst], v_entries[dst], k[gone, head], v[gone, head]
+                )
+                k_entries[dst] = merged_k
+                v_entries[dst] = merged_v
 
     def _on_forward_stream(self) -> Any:
         """Copies join the forward stream, ordered after the forwards that still read the slots."""
@@ -188,15 +212,17 @@ def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any,
         and kv.cache_protected_len >= entry.layout.prompt_len
         and not getattr(tree_cache, "disable", False)
     )
-    if not eligible:
-        return result
-    try:
-        done = storage.compact(req, tree_cache, entry.layout)
-    except Exception as err:  # contained: the request stays in_place
-        logger.warning("hybridkv: compaction of %s failed, kept in_place: %r", req.rid, err)
-        STATS.record_compaction(req.rid, None, "compaction_error")
-        return result
-    STATS.record_compaction(req.rid, done, None if done else "no_free_slots")
+    done = None
+    if eligible:
+        try:
+            done = storage.compact(req, tree_cache, entry.layout)
+        except Exception as err:  # contained: the request stays in_place
+            logger.warning("hybridkv: compaction of %s failed, kept in_place: %r", req.rid, err)
+            STATS.record_compaction(req.rid, None, "compaction_error")
+        else:
+            STATS.record_compaction(req.rid, done, None if done else "no_free_slots")
+    if done is None and entry.layout.merge_evicted:
+        STATS.count("unmerged_requests")  # served in_place: evicted KV dropped, not merged
     return result
 
 

@@ -47,6 +47,8 @@ class CompressedLayout:
     dynamic_rows: DynamicRowLayout
     layers: tuple[LayerLayout, ...]
     read_entries_per_step: int
+    merge_evicted: bool = False
+    """The plan asks for its evicted KV merged into the kept KV (done in compact storage)."""
 
     @classmethod
     def from_plan(cls, plan: CompressionPlan, device: torch.device | str) -> CompressedLayout:
@@ -80,6 +82,7 @@ class CompressedLayout:
             dynamic_rows=dyn_rows,
             layers=tuple(layers),
             read_entries_per_step=read,
+            merge_evicted=plan.merge_evicted,
         )
 
     @property

@@ -178,3 +178,29 @@ def test_small_pool_evicts_released_prefixes_and_keeps_outputs(compact_server, s
     assert totals["compacted_requests"] + totals.get("not_compacted_no_free_slots", 0) == 6
     assert totals["compacted_requests"] >= 3
     assert snapshot["memory"]["pool_tokens"] < 3 * TWO_IMAGE_PROMPT
+
+
+@pytest.fixture(scope="module")
+def lookm_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    config = COMPACT.model_copy(update={"policy": "lookm", "host_tier_mib": 0.0})
+    with serve(tiny_model, server_logs, "lookm", config, **STRICT_MEMORY_CHECK) as server:
+        yield server
+
+
+def test_lookm_merges_into_compact_entries_and_gives_everything_back(lookm_server):
+    """LOOK-M through a real server: every image request compacted (where its merged KV lives),
+    none left unmerged, every slot back afterwards."""
+    outputs = []
+    for i in range(3):
+        text, data = _question(i)
+        got = generate(lookm_server.base_url, text, data, max_new_tokens=16)
+        record = lookm_server.hybridkv_stats()["requests"][got["meta_info"]["id"]]
+        assert record["compressed"] and record["storage"] == "compact", record
+        assert record["extra"]["policy"] == "lookm" and record["dynamic_heads"] == 0
+        assert record["read_fraction"] <= 0.15
+        outputs.append(got["output_ids"])
+    totals = lookm_server.hybridkv_stats()["totals"]
+    assert totals["compacted_requests"] >= 3
+    assert totals.get("unmerged_requests", 0) == 0
+    assert all(len(o) == 16 for o in outputs)
+    assert_nothing_left_behind(lookm_server)

@@ -343,6 +343,7 @@ def test_registry_importable_from_compressor() -> None:
         "adakv",
         "pyramidkv",
         "flashcache",
+        "lookm",
     }
 
 
@@ -352,8 +353,9 @@ def test_config_accepts_every_registered_policy() -> None:
     from hybridkv_sglang.config import HybridKVConfig, PolicyName
 
     assert set(get_args(PolicyName)) == set(POLICIES)
-    for name in POLICIES:
-        assert HybridKVConfig(policy=name).policy == name
+    for name, cls in POLICIES.items():
+        storage = "compact" if cls.merges_evicted else "in_place"
+        assert HybridKVConfig(policy=name, storage=storage).policy == name
 
 
 def test_policy_package_does_not_import_sglang() -> None:

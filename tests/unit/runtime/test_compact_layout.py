@@ -10,6 +10,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
+from hybridkv_sglang.policy import average_merge
 from hybridkv_sglang.runtime.compaction import CompactStorage
 from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
@@ -152,3 +153,45 @@ def test_host_tier_is_all_or_nothing_and_sized_in_mib():
     assert tier.free_chunks == 1
     tier.free(ids)
     assert tier.free_chunks == tier.capacity
+
+
+def test_lookm_compaction_merges_each_heads_evicted_kv_into_its_kept_entries():
+    pool, allocator = _real_pool(5)
+    n, tail = 180, 3
+    req_to_token = _request_rows(allocator, [n], tail)
+    keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
+    plan = _plan("lookm", req_to_token[1], keys, n, 5, budget=0.2)
+    layout = CompressedLayout.from_plan(plan, "cpu")
+    assert layout.merge_evicted
+    prompt = req_to_token[1, :n].to(torch.int64)
+    expected = {}
+    for layer in range(LAYERS):
+        k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        for head in range(HEADS):
+            kept = plan.kept_positions_of(layer, head).long()
+            gone = torch.ones(n, dtype=torch.bool)
+            gone[kept] = False
+            expected[layer, head] = average_merge(
+                k[prompt[kept], head],
+                v[prompt[kept], head],
+                k[prompt[gone], head],
+                v[prompt[gone], head],
+            )
+    storage = CompactStorage(pool, LAYERS, None)
+    slots = allocator.alloc(compact_shape(layout, False).num_slots)
+    built, copies = build_compact_layout(layout, prompt, slots, None)
+    storage.fill(copies)
+    storage.merge_evicted(built, prompt)
+    for layer in range(LAYERS):
+        k_entries = pool.get_key_buffer(layer).view(-1, DIM)
+        v_entries = pool.get_value_buffer(layer).view(-1, DIM)
+        entries = built.layers[layer].static_entries
+        bounds = entries.indptr_host.tolist()
+        for i, head in enumerate(layout.layers[layer].static_heads.tolist()):
+            dst = entries.positions[bounds[i] : bounds[i + 1]].long()
+            merged_k, merged_v = expected[layer, head]
+            assert dst.numel() == plan.budgets[layer, head]
+            torch.testing.assert_close(k_entries[dst], merged_k)
+            torch.testing.assert_close(v_entries[dst], merged_v)
+            kept = plan.kept_positions_of(layer, head).long()
+            assert not torch.allclose(merged_v, pool.get_value_buffer(layer)[prompt[kept], head])
