@@ -494,14 +494,17 @@ def _serve_gpu(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> 
 
 
 class ServerPipeline:
-    """Starts servers ahead of use (``ahead`` beyond the one being evaluated), so SGLang's start-up
-    (a minute or more on a busy CPU) overlaps the previous configuration's questions."""
+    """Starts servers ahead of use (``ahead`` beyond the ``parallel`` being evaluated), so SGLang's
+    start-up (a minute or more on a busy CPU) overlaps the previous configurations' questions.
+    Thread-safe: configurations evaluated in parallel share one pipeline."""
 
-    def __init__(self, args: argparse.Namespace, ahead: int) -> None:
+    def __init__(self, args: argparse.Namespace, ahead: int, parallel: int = 1) -> None:
         self.args = args
         self.ahead = ahead
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, ahead + 1))
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, ahead + parallel))
         self.servers: dict[str, tuple[Any, concurrent.futures.Future]] = {}
+        self._closed: set[str] = set()
+        self._lock = threading.Lock()
 
     def __enter__(self) -> ServerPipeline:
         return self
@@ -512,23 +515,28 @@ class ServerPipeline:
         self.executor.shutdown(wait=True)
 
     def prepare(self, configs: Sequence[EvalConfig]) -> None:
-        for config in configs:
-            if config.name not in self.servers:
-                tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
-                manager = serve(config, self.args, self.args.log_dir / f"{tag}.log")
-                self.servers[config.name] = (manager, self.executor.submit(manager.__enter__))
+        with self._lock:
+            for config in configs:
+                if config.name not in self.servers and config.name not in self._closed:
+                    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
+                    manager = serve(config, self.args, self.args.log_dir / f"{tag}.log")
+                    self.servers[config.name] = (manager, self.executor.submit(manager.__enter__))
 
     def wait(self, config: EvalConfig) -> tuple[str, float]:
         """The server's URL once it answers, and how long this call waited for it."""
         started = time.perf_counter()
-        url = self.servers[config.name][1].result()
+        with self._lock:
+            future = self.servers[config.name][1]
+        url = future.result()
         return url, time.perf_counter() - started
 
     def stop(self, config: EvalConfig) -> None:
         self._close(config.name)
 
     def _close(self, name: str) -> None:
-        manager, future = self.servers.pop(name)
+        with self._lock:
+            manager, future = self.servers.pop(name)
+            self._closed.add(name)
         try:
             future.result()
         except Exception:  # start-up failed: nothing to stop (the error surfaced in wait())
@@ -666,6 +674,7 @@ def run_config(
     args: argparse.Namespace,
     tag: str,
     gold: GoldTokenizer,
+    position: int = 1,
 ) -> tuple[list[TurnResult], float, bool]:
     """All cases through one server, ``--concurrency`` at a time: per-turn results in case order,
     wall time (after one warm-up case and a cache flush) and whether hybridkv stats came back."""
@@ -678,7 +687,9 @@ def run_config(
     questions = sum(len(c.turns) for c in cases)
     with (
         concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool,
-        tqdm(total=questions, desc=tag, unit="q", leave=False, dynamic_ncols=True) as bar,
+        tqdm(
+            total=questions, desc=tag, unit="q", leave=False, position=position, dynamic_ncols=True
+        ) as bar,
     ):
         futures = [pool.submit(run_case, base_url, c, args, tag, collector, gold) for c in cases]
         for future in concurrent.futures.as_completed(futures):
@@ -941,6 +952,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="servers started ahead of the one in use (0: one at a time; each ~2 GB on CPU)",
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="configurations evaluated at once (a CPU server's scheduler uses one core)",
+    )
     parser.add_argument("--url", help="evaluate this running server instead of starting any")
     parser.add_argument("--label", default="served", help="with --url: the row's config name")
     parser.add_argument("--label-budget", type=float, help="with --url: the row's budget")
@@ -981,38 +998,57 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs = build_configs(args)
     gold = GoldTokenizer(args.model)
-    rows, reference = [], None
-    with ServerPipeline(args, ahead=0 if args.url else args.prestart) as pipeline:
-        for i, config in enumerate(tqdm(configs, desc="configs", unit="config")):
-            tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
-            if args.url:
-                url, waited = args.url.rstrip("/"), 0.0
-            else:
-                pipeline.prepare(configs[i : i + 1 + args.prestart])
-                url, waited = pipeline.wait(config)
-            results, seconds, has_stats = run_config(url, cases, args, tag, gold)
+    ahead = 0 if args.url else args.prestart
+    parallel = 1 if args.url else max(1, args.parallel)
+
+    def evaluate(i: int, pipeline: ServerPipeline) -> tuple[dict[str, Any], list[TurnResult]]:
+        config = configs[i]
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
+        if args.url:
+            url, waited = args.url.rstrip("/"), 0.0
+        else:
+            pipeline.prepare(configs[i : i + 1 + ahead])
+            url, waited = pipeline.wait(config)
+        try:
+            results, seconds, has_stats = run_config(
+                url, cases, args, tag, gold, position=1 + i % parallel
+            )
+        finally:
             if not args.url:
                 pipeline.stop(config)
-            row = summarize(config, results, seconds, has_stats)
-            if config.method == "full":
-                reference = results
-            elif reference is not None:
-                agreement, compared = first_token_agreement(results, reference)
-                row["first_token_agreement"] = agreement
-                row["first_tokens_compared"] = compared
-            if args.url:
-                row["hybridkv"] = None
-                if not has_stats:
-                    row["mean_read_fraction"] = row["read_fraction_range"] = None
-            else:
-                row["server_wait_seconds"] = round(waited, 1)
-            rows.append(row)
-            read = row["mean_read_fraction"]
-            low, high = row["ci95"]
-            tqdm.write(
-                f"{config.name}: accuracy {row['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
-                f"({row['correct']}/{row['questions']}), read fraction "
-                f"{'-' if read is None else f'{read:.3f}'}, {seconds:.0f} s"
+        row = summarize(config, results, seconds, has_stats)
+        if args.url:
+            row["hybridkv"] = None
+            if not has_stats:
+                row["mean_read_fraction"] = row["read_fraction_range"] = None
+        else:
+            row["server_wait_seconds"] = round(waited, 1)
+        read = row["mean_read_fraction"]
+        low, high = row["ci95"]
+        tqdm.write(
+            f"{config.name}: accuracy {row['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
+            f"({row['correct']}/{row['questions']}), read fraction "
+            f"{'-' if read is None else f'{read:.3f}'}, {seconds:.0f} s"
+        )
+        return row, results
+
+    done: dict[int, tuple[dict[str, Any], list[TurnResult]]] = {}
+    with (
+        ServerPipeline(args, ahead=ahead, parallel=parallel) as pipeline,
+        concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool,
+        tqdm(total=len(configs), desc="configs", unit="config", position=0) as bar,
+    ):
+        futures = {pool.submit(evaluate, i, pipeline): i for i in range(len(configs))}
+        for future in concurrent.futures.as_completed(futures):
+            done[futures[future]] = future.result()
+            bar.update()
+    rows = [done[i][0] for i in range(len(configs))]
+    reference = next((done[i][1] for i, c in enumerate(configs) if c.method == "full"), None)
+    for i, config in enumerate(configs):
+        row, results = done[i]
+        if reference is not None and config.method != "full":
+            row["first_token_agreement"], row["first_tokens_compared"] = first_token_agreement(
+                results, reference
             )
 
     total = time.perf_counter() - total_started
