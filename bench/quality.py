@@ -109,6 +109,16 @@ POLICIES: tuple[str, ...] = tuple(POLICY_REGISTRY)
 """Every registered policy (``hybridkv`` and the baselines run by the same machinery)."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hybridkv_bk": ("hybridkv", {"dynamic_top_k": "budget"}),
+    "hybridkv_tuned": (
+        "hybridkv",
+        {
+            "sink": 0,
+            "static_priority": "focus",
+            "dynamic_top_k": "budget",
+            "chunk_size": 4,
+            "top_k_chunks": 64,
+        },
+    ),
 }
 """Named variants: label -> (registered policy, extra HybridKVConfig fields)."""
 DEFAULT_POLICIES: tuple[str, ...] = (
@@ -431,8 +441,9 @@ def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
         full = None if stock else HybridKVConfig(enabled=False, **common)
         configs.append(EvalConfig("full", "full", "full", 1.0, full))
     for label in args.policies:
-        if label in POLICIES:
-            policy, fields = label, {}
+        if label in POLICIES:  # a policy that merges KV needs the storage that can hold it
+            policy = label
+            fields = {"storage": "compact"} if POLICY_REGISTRY[label].merges_evicted else {}
         elif label in variants:
             policy, fields = variants[label]
         else:
@@ -966,6 +977,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw --out .png from its .json, run nothing"
     )
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        help="results JSON of an earlier run on the same questions: this run's rows join (or "
+        "replace, by name) its rows and the file is rewritten (use with --full none)",
+    )
     args = parser.parse_args(argv)
     args.server_args = args.server_args.split()
     return args
@@ -1052,6 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     total = time.perf_counter() - total_started
+    if args.add_to:
+        rows, total = rows_added_to(
+            args.add_to, rows, total, {"source": source, **dataset_summary(cases)}
+        )
     comparisons = paired_comparisons(rows)
     table = format_table(rows)
     comparison_table = format_comparisons(comparisons)
@@ -1076,13 +1097,32 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "comparison_table": comparison_table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path = args.out.with_suffix(".json")
+    out = args.add_to.with_suffix("") if args.add_to else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     title = f"{Path(str(args.model)).name}: {source}"
-    plot(rows, args.out.with_suffix(".png"), title)
-    print(f"wrote {json_path} and {args.out.with_suffix('.png')}")
+    plot(rows, out.with_suffix(".png"), title)
+    print(f"wrote {json_path} and {out.with_suffix('.png')}")
     return 0
+
+
+def rows_added_to(
+    path: Path, rows: list[dict[str, Any]], seconds: float, dataset: dict[str, Any]
+) -> tuple[list[dict[str, Any]], float]:
+    """An earlier run's rows with this run's joined (same name: replaced), and the total time.
+
+    Paired comparisons need the same questions, so the earlier run's dataset must be this one.
+    """
+    saved = json.loads(path.read_text())
+    if saved["dataset"] != dataset:
+        raise SystemExit(
+            f"--add-to {path}: its questions differ from this run's ({saved['dataset']['source']} "
+            f"vs {dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
+        )
+    names = {r["config"] for r in rows}
+    kept = [r for r in saved["rows"] if r["config"] not in names]
+    return kept + rows, saved["total_seconds"] + seconds
 
 
 if __name__ == "__main__":

@@ -222,6 +222,11 @@ def test_every_registered_policy_and_the_variants_are_accepted(quality_bench):
     assert by_name["adakv@0.1"].hybridkv.policy == "adakv"
     flash = quality_bench.parse_args(["--policies", "flashcache", "--full", "none"])
     assert {c.hybridkv.policy for c in quality_bench.build_configs(flash)} == {"flashcache"}
+    lookm = quality_bench.parse_args(["--policies", "lookm,hybridkv_tuned", "--full", "none"])
+    lookm_configs = {c.name: c.hybridkv for c in quality_bench.build_configs(lookm)}
+    assert lookm_configs["lookm@0.1"].storage == "compact"  # where its merged KV lives
+    tuned = lookm_configs["hybridkv_tuned@0.2"]
+    assert (tuned.sink, tuned.chunk_size, tuned.static_priority) == (0, 4, "focus")
     custom = quality_bench.parse_args(
         ["--variant", 'snap_w8=snapkv:{"window": 8}', "--policies", "snap_w8", "--budgets", "0.2"]
     )
@@ -291,3 +296,20 @@ def test_direct_encoding_equals_the_processor(train_script, quality_processor):
             assert text == f"{turn.answer}<|im_end|>"
             assert (batch.labels[b, start:end] == batch.input_ids[b, start:end]).all()
         assert int((batch.labels[b] != -100).sum()) == sum(e - s for s, e in spans)
+
+
+def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp_path):
+    dataset = {"source": "tile task, seed 1", "conversations": 2, "questions": 3}
+    earlier = {
+        "dataset": dataset,
+        "total_seconds": 60.0,
+        "rows": [{"config": "full"}, {"config": "snapkv@0.1"}, {"config": "lookm@0.1", "old": 1}],
+    }
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(earlier))
+    new = [{"config": "lookm@0.1"}, {"config": "hybridkv_tuned@0.1"}]
+    rows, seconds = quality_bench.rows_added_to(path, new, 30.0, dataset)
+    assert [r["config"] for r in rows] == ["full", "snapkv@0.1", "lookm@0.1", "hybridkv_tuned@0.1"]
+    assert "old" not in rows[2] and seconds == 90.0
+    with pytest.raises(SystemExit, match="questions differ"):
+        quality_bench.rows_added_to(path, new, 1.0, {**dataset, "questions": 4})
