@@ -32,7 +32,7 @@ committed model ``bench/quality_model`` (trained by ``bench/train_quality_model.
 and 64 images of 16 visual tokens each (prompts of ~340 to ~1,200 tokens, 75-85 % visual), 20
 conversations per kind and K of ``describe``, ``pair_name``, ``multi_turn`` (2-3 describe turns,
 each about a new image) and ``multi_mixed`` (describe, pair_name, describe over four images): 240
-conversations, 450 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
+conversations, 452 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
 compressed; ``window`` stays at the config default (32), which with this model's short questions
 also covers the last image's 16 visual tokens. Each server answers a warm-up conversation, then
 its prefix cache is flushed (a repeated prompt is served from the cache, and hybridkv then observes
