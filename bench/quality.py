@@ -1116,7 +1116,7 @@ def rows_added_to(
     Paired comparisons need the same questions, so the earlier run's dataset must be this one.
     """
     saved = json.loads(path.read_text())
-    if saved["dataset"] != dataset:
+    if saved["dataset"] != json.loads(json.dumps(dataset)):  # as saved: tuples become lists
         raise SystemExit(
             f"--add-to {path}: its questions differ from this run's ({saved['dataset']['source']} "
             f"vs {dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"

@@ -299,7 +299,7 @@ def test_direct_encoding_equals_the_processor(train_script, quality_processor):
 
 
 def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp_path):
-    dataset = {"source": "tile task, seed 1", "conversations": 2, "questions": 3}
+    dataset = {"source": "tile task, seed 1", "questions": 3, "ks": [16, 32]}
     earlier = {
         "dataset": dataset,
         "total_seconds": 60.0,
@@ -308,7 +308,7 @@ def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp
     path = tmp_path / "quality.json"
     path.write_text(json.dumps(earlier))
     new = [{"config": "lookm@0.1"}, {"config": "hybridkv_tuned@0.1"}]
-    rows, seconds = quality_bench.rows_added_to(path, new, 30.0, dataset)
+    rows, seconds = quality_bench.rows_added_to(path, new, 30.0, {**dataset, "ks": (16, 32)})
     assert [r["config"] for r in rows] == ["full", "snapkv@0.1", "lookm@0.1", "hybridkv_tuned@0.1"]
     assert "old" not in rows[2] and seconds == 90.0
     with pytest.raises(SystemExit, match="questions differ"):
