@@ -853,7 +853,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             xs = [p[0] * shift for p in points]
             ys = [p[1] for p in points]
             yerr = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-            ax.errorbar(xs, ys, yerr=yerr, marker="o", markersize=4, capsize=3, label=policy)
+            color = plt.cm.tab20(n % 20)  # more policies than the default 10 colours
+            ax.errorbar(
+                xs, ys, yerr=yerr, marker="o", markersize=4, capsize=3, label=policy, color=color
+            )
         for r in full:
             ax.axhline(r["accuracy"], color="black", linestyle="--", label="full cache")
             ax.axhspan(*r["ci95"], color="black", alpha=0.08)
