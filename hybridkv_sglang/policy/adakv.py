@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation
-from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
-from hybridkv_sglang.policy.selection import keep_sink_window_then_top, sink_window_mask
+from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
+from hybridkv_sglang.policy.compressor import Geometry
+from hybridkv_sglang.policy.selection import sink_window_mask
 
 
 def flattened_top_budgets(scores: Tensor, floor: Tensor, per_head: int) -> Tensor:
@@ -47,7 +48,7 @@ def flattened_top_budgets(scores: Tensor, floor: Tensor, per_head: int) -> Tenso
 
 
 @dataclass(frozen=True)
-class AdaKVPolicy(CompressionPolicy):
+class AdaKVPolicy(SinkWindowTopPolicy):
     """Every head static; each layer keeps ``H_kv × b_mean`` entries, split among its heads by a
     joint top-k of their pooled window-attention scores (SnapKV scores, Ada-KV allocation).
 
@@ -57,10 +58,6 @@ class AdaKVPolicy(CompressionPolicy):
     """
 
     name: ClassVar[str] = "adakv"
-    needs_chunk_bounds: ClassVar[bool] = False
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
@@ -71,17 +68,4 @@ class AdaKVPolicy(CompressionPolicy):
             is_dynamic=torch.zeros_like(focus, dtype=torch.bool),
             budgets=budgets,
             total=geo.head_budget * focus.numel(),
-        )
-
-    def select(
-        self,
-        scores: Tensor,
-        is_text: Tensor,
-        budgets: Tensor,
-        geo: Geometry,
-        focus_sets: Tensor | None = None,
-    ) -> Tensor:
-        n = geo.prompt_len
-        return keep_sink_window_then_top(
-            scores.reshape(-1, n), budgets.reshape(-1), geo.sink, geo.window
         )

@@ -15,7 +15,7 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.chunk_retrieval import budget_top_k
 from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
-from hybridkv_sglang.policy.selection import keep_top_by_priority
+from hybridkv_sglang.policy.selection import keep_sink_window_then_top, keep_top_by_priority
 
 
 def uniform_allocation(focus: Tensor, per_head: int) -> BudgetAllocation:
@@ -28,7 +28,36 @@ def uniform_allocation(focus: Tensor, per_head: int) -> BudgetAllocation:
 
 
 @dataclass(frozen=True)
-class SnapKVPolicy(CompressionPolicy):
+class StaticOnlyPolicy(CompressionPolicy):
+    """Base of the baselines that prune every head once: no stage-1 classification, no chunk
+    bounds."""
+
+    needs_chunk_bounds: ClassVar[bool] = False
+
+    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
+        return torch.zeros_like(focus, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class SinkWindowTopPolicy(StaticOnlyPolicy):
+    """Base of the static baselines that keep sink + window, then the top keys by their score."""
+
+    def select(
+        self,
+        scores: Tensor,
+        is_text: Tensor,
+        budgets: Tensor,
+        geo: Geometry,
+        focus_sets: Tensor | None = None,
+    ) -> Tensor:
+        n = geo.prompt_len
+        return keep_sink_window_then_top(
+            scores.reshape(-1, n), budgets.reshape(-1), geo.sink, geo.window
+        )
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(StaticOnlyPolicy):
     """Every head static with the uniform budget ``max(b_mean, w)``: the window plus the top
     keys by pooled window votes, no text prior.
 
@@ -37,10 +66,6 @@ class SnapKVPolicy(CompressionPolicy):
     """
 
     name: ClassVar[str] = "snapkv"
-    needs_chunk_bounds: ClassVar[bool] = False
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
@@ -61,7 +86,7 @@ class SnapKVPolicy(CompressionPolicy):
 
 
 @dataclass(frozen=True)
-class StreamingPolicy(CompressionPolicy):
+class StreamingPolicy(StaticOnlyPolicy):
     """Every head static with ``max(b_mean, sink)`` entries: the sink plus the most recent tokens.
 
     StreamingLLM: Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2023,
@@ -69,10 +94,6 @@ class StreamingPolicy(CompressionPolicy):
     """
 
     name: ClassVar[str] = "streaming"
-    needs_chunk_bounds: ClassVar[bool] = False
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
@@ -95,14 +116,10 @@ class StreamingPolicy(CompressionPolicy):
 
 
 @dataclass(frozen=True)
-class AllStaticPolicy(CompressionPolicy):
+class AllStaticPolicy(StaticOnlyPolicy):
     """Ablation: the method with every head static (text-prior pruning, budgets ∝ ``|U|``)."""
 
     name: ClassVar[str] = "all_static"
-    needs_chunk_bounds: ClassVar[bool] = False
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
 
 @dataclass(frozen=True)

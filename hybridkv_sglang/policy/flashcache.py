@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation
-from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry, LayerObservation
-from hybridkv_sglang.policy.selection import keep_sink_window_then_top
+from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
+from hybridkv_sglang.policy.compressor import Geometry, LayerObservation
 
 
 def dct_lowpass(x: Tensor, keep: int) -> Tensor:
@@ -74,14 +74,13 @@ def outlier_scores(keys: Tensor, values: Tensor, lowpass_fraction: float) -> Ten
 
 
 @dataclass(frozen=True)
-class FlashCachePolicy(CompressionPolicy):
+class FlashCachePolicy(SinkWindowTopPolicy):
     """Every head static with ``max(b_mean, sink + w)`` entries: sink + window, then the tokens
     whose K and V deviate most from their low-pass base (:func:`outlier_scores`). No attention
     scores and no text prior; ``theta`` and ``pool_kernel`` are unused (``focus_size`` is 0).
     """
 
     name: ClassVar[str] = "flashcache"
-    needs_chunk_bounds: ClassVar[bool] = False
     needs_values: ClassVar[bool] = True
     lowpass_fraction: ClassVar[float] = 0.1
 
@@ -107,9 +106,6 @@ class FlashCachePolicy(CompressionPolicy):
             scores=scores,
         )
 
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
-
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
     ) -> BudgetAllocation:
@@ -118,17 +114,4 @@ class FlashCachePolicy(CompressionPolicy):
             is_dynamic=torch.zeros_like(focus, dtype=torch.bool),
             budgets=torch.full_like(focus, per_head, dtype=torch.int64),
             total=geo.head_budget * focus.numel(),
-        )
-
-    def select(
-        self,
-        scores: Tensor,
-        is_text: Tensor,
-        budgets: Tensor,
-        geo: Geometry,
-        focus_sets: Tensor | None = None,
-    ) -> Tensor:
-        n = geo.prompt_len
-        return keep_sink_window_then_top(
-            scores.reshape(-1, n), budgets.reshape(-1), geo.sink, geo.window
         )

@@ -21,24 +21,20 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation
-from hybridkv_sglang.policy.baselines import uniform_allocation
-from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
+from hybridkv_sglang.policy.baselines import StaticOnlyPolicy, uniform_allocation
+from hybridkv_sglang.policy.compressor import Geometry
 
 _SIMILARITY_BLOCK = 4096
 """Evicted tokens compared at once, bounding the ``[block, kept]`` similarity matrix."""
 
 
 @dataclass(frozen=True)
-class LookMPolicy(CompressionPolicy):
+class LookMPolicy(StaticOnlyPolicy):
     """Every head static with ``max(b_mean, sink + window)`` entries, text-prior selection, and
     the evicted KV averaged into its most similar kept KV (see :func:`average_merge`)."""
 
     name: ClassVar[str] = "lookm"
-    needs_chunk_bounds: ClassVar[bool] = False
     merges_evicted: ClassVar[bool] = True
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation, water_fill
-from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
-from hybridkv_sglang.policy.selection import keep_sink_window_then_top
+from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
+from hybridkv_sglang.policy.compressor import Geometry
 
 
 def pyramid_budgets(
@@ -44,18 +44,14 @@ def pyramid_budgets(
 
 
 @dataclass(frozen=True)
-class PyramidKVPolicy(CompressionPolicy):
+class PyramidKVPolicy(SinkWindowTopPolicy):
     """Every head static; layer ``l`` keeps a budget falling linearly with ``l`` (``beta = 20``,
     the paper's setting), same total ``B`` as uniform budgets; within a head, sink + window, then
     the top keys by pooled window-attention score (SnapKV). No text prior.
     """
 
     name: ClassVar[str] = "pyramidkv"
-    needs_chunk_bounds: ClassVar[bool] = False
     beta: ClassVar[float] = 20.0
-
-    def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return torch.zeros_like(focus, dtype=torch.bool)
 
     def allocate(
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
@@ -68,17 +64,4 @@ class PyramidKVPolicy(CompressionPolicy):
             is_dynamic=torch.zeros_like(focus, dtype=torch.bool),
             budgets=budgets.to(focus.device),
             total=geo.head_budget * focus.numel(),
-        )
-
-    def select(
-        self,
-        scores: Tensor,
-        is_text: Tensor,
-        budgets: Tensor,
-        geo: Geometry,
-        focus_sets: Tensor | None = None,
-    ) -> Tensor:
-        n = geo.prompt_len
-        return keep_sink_window_then_top(
-            scores.reshape(-1, n), budgets.reshape(-1), geo.sink, geo.window
         )
