@@ -9,10 +9,11 @@ decode step) from ``GET /server_info``. Configurations:
   torch_native`` on CPU (``--full stock``, the default there) or ``hybridkv-serve`` with
   ``enabled=false`` (``--full disabled``; always on GPU);
 * ``<policy>@<budget>`` for every ``--policies`` entry and every ``--budgets`` fraction, served by
-  ``hybridkv-serve`` with ``HybridKVConfig(policy=, budget=, window=, sink=, min_prompt_tokens=,
-  **--hybridkv-json)``. A policy is a name of the registry ``hybridkv_sglang.policy.POLICIES``
-  (``hybridkv`` and its baselines) or a variant of ``VARIANTS`` / ``--variant`` (a registered
-  policy with more config fields, e.g. ``hybridkv_bk`` = hybridkv with ``dynamic_top_k=budget``).
+  ``hybridkv-serve`` with ``HybridKVConfig(policy=, budget=, window=, sink=, chunk_size=,
+  top_k_chunks=, min_prompt_tokens=, **--hybridkv-json)``. A policy is a name of the registry
+  ``hybridkv_sglang.policy.POLICIES`` (``hybridkv`` and its baselines) or a variant of
+  ``VARIANTS`` / ``--variant`` (a registered policy with more config fields, e.g.
+  ``hybridkv_design`` = hybridkv with the design's text prior and fixed top-k).
 
 Which tokens decide. hybridkv compresses a request at the end of its prefill forward, so the first
 reply token of every turn is computed over the full cache and is the same in every configuration
@@ -34,10 +35,13 @@ conversations per kind and K of ``describe``, ``pair_name``, ``multi_turn`` (2-3
 each about a new image) and ``multi_mixed`` (describe, pair_name, describe over four images): 240
 conversations, 452 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
 compressed; ``window`` stays at the config default (32), which with this model's short questions
-also covers the last image's 16 visual tokens. Each server answers a warm-up conversation, then
-its prefix cache is flushed (a repeated prompt is served from the cache, and hybridkv then observes
-only the queries of the tokens it computes), then every conversation, ``--concurrency`` at a time
-(SGLang batches them; greedy replies are the same as one at a time).
+also covers the last image's 16 visual tokens; ``sink``, ``chunk_size`` and ``top_k_chunks`` are
+the committed model's settings (``TILE_MODEL_SETTINGS``), the same for every row. Each server
+answers a warm-up conversation, then its prefix cache is flushed (every configuration starts
+from the same empty cache), then every conversation, ``--concurrency`` at a time (SGLang batches
+them; greedy replies are the same as one at a time). Later turns hit the cached prefix of the
+earlier ones; the last ``window`` tokens of every compressed prompt are prefilled again, so each
+turn is observed over a whole window.
 
 Dataset format (``--dataset FILE.jsonl``, one conversation per line)::
 
@@ -108,31 +112,28 @@ RESULTS = ROOT / "bench" / "results"
 POLICIES: tuple[str, ...] = tuple(POLICY_REGISTRY)
 """Every registered policy (``hybridkv`` and the baselines run by the same machinery)."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "hybridkv_bk": ("hybridkv", {"dynamic_top_k": "budget"}),
-    "hybridkv_tuned": (
-        "hybridkv",
-        {
-            "sink": 0,
-            "static_priority": "focus",
-            "dynamic_top_k": "budget",
-            "chunk_size": 4,
-            "top_k_chunks": 64,
-        },
-    ),
+    "hybridkv_design": ("hybridkv", {"static_priority": "text", "dynamic_top_k": "fixed"}),
 }
-"""Named variants: label -> (registered policy, extra HybridKVConfig fields)."""
+"""Named variants: label -> (registered policy, extra HybridKVConfig fields). ``hybridkv_design``
+is hybridkv with DESIGN §2's stage-3 rules (text prior, fixed top-k) instead of the defaults."""
 DEFAULT_POLICIES: tuple[str, ...] = (
     "hybridkv",
-    "hybridkv_bk",
     "snapkv",
     "adakv",
     "pyramidkv",
+    "flashcache",
     "all_static",
     "all_dynamic",
     "streaming",
 )
-"""The default run's rows (``flashcache`` too with ``--policies``): 8 x 2 budgets + full fit the
-60-minute budget of a 2-core machine."""
+"""The default run's rows (``lookm`` and ``hybridkv_design`` with ``--policies``): 8 x 2 budgets
++ full fit the 60-minute budget of a 2-core machine."""
+TILE_MODEL_SETTINGS: dict[str, int] = {"sink": 0, "chunk_size": 4, "top_k_chunks": 64}
+"""Per-model settings of the committed tile-task model, for every row alike
+(``docs/quality-diagnosis.md``): it has no attention sink (< 2 % of any head's mass on the first
+4 tokens), its tiles are 2 x 2 tokens (16-token chunks are coarse against them), and with
+``dynamic_top_k="budget"`` the budget, not ``top_k_chunks``, bounds retrieval. Other models get
+the config defaults unless ``--sink``/``--chunk-size``/``--top-k-chunks`` say otherwise."""
 IMAGE_PLACEHOLDER = "<image>"
 REQUEST_TIMEOUT_S = 600
 Z95 = 1.959964
@@ -411,7 +412,7 @@ class EvalConfig:
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
-    """``LABEL=POLICY:JSON`` (``hybridkv_bk=hybridkv:{"dynamic_top_k": "budget"}``)."""
+    """``LABEL=POLICY:JSON`` (``hybridkv_fixed=hybridkv:{"dynamic_top_k": "fixed"}``)."""
     label, sep, rest = text.partition("=")
     policy, _, fields = rest.partition(":")
     if not sep or not label or policy not in POLICIES:
@@ -426,11 +427,20 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     return label, (policy, extra)
 
 
+def model_settings(args: argparse.Namespace) -> dict[str, int]:
+    """``sink``, ``chunk_size`` and ``top_k_chunks`` of every row: the flags where given, else
+    the committed model's settings (``TILE_MODEL_SETTINGS``) or the config defaults."""
+    committed = Path(args.model).resolve() == DEFAULT_MODEL.resolve()
+    base = TILE_MODEL_SETTINGS if committed else HybridKVConfig().model_dump()
+    flags = {"sink": args.sink, "chunk_size": args.chunk_size, "top_k_chunks": args.top_k_chunks}
+    return {name: base[name] if value is None else value for name, value in flags.items()}
+
+
 def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
     extra = json.loads(args.hybridkv_json) if args.hybridkv_json else {}
     common = {
         "window": args.window,
-        "sink": args.sink,
+        **model_settings(args),
         "min_prompt_tokens": args.min_prompt_tokens,
         **extra,
     }
@@ -942,7 +952,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="reference: stock torch_native server (CPU), hybridkv enabled=false, or none",
     )
     parser.add_argument("--window", type=int, default=HybridKVConfig().window)
-    parser.add_argument("--sink", type=int, default=HybridKVConfig().sink)
+    for flag in ("--sink", "--chunk-size", "--top-k-chunks"):
+        parser.add_argument(
+            flag,
+            type=int,
+            help="every row (default: the committed model's setting, see "
+            "TILE_MODEL_SETTINGS, or the config default for other models)",
+        )
     parser.add_argument("--min-prompt-tokens", type=int, default=128)
     parser.add_argument("--hybridkv-json", help="more HybridKVConfig fields for every row, JSON")
     parser.add_argument("--match", choices=("exact", "prefix"), default="exact")

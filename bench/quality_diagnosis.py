@@ -85,6 +85,8 @@ TUNED: dict[str, Any] = {
     "top_k_chunks": 64,
 }
 """The configuration docs/quality-diagnosis.md recommends for this model (see there why)."""
+DESIGN: dict[str, Any] = {"static_priority": "text", "dynamic_top_k": "fixed"}
+"""DESIGN §2's stage-3 rules, which the variants below start from (the defaults now differ)."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "snapkv": ("snapkv", {}),
     "adakv": ("adakv", {}),
@@ -92,15 +94,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "streaming": ("streaming", {}),
     "all_static": ("all_static", {}),
     "all_dynamic": ("all_dynamic", {}),
-    "hybridkv": ("hybridkv", {}),
-    "hybridkv_focus": ("hybridkv", {"static_priority": "focus"}),
-    "hybridkv_bk": ("hybridkv", {"dynamic_top_k": "budget"}),
+    "hybridkv": ("hybridkv", DESIGN),
+    "hybridkv_focus": ("hybridkv", {**DESIGN, "static_priority": "focus"}),
+    "hybridkv_bk": ("hybridkv", {**DESIGN, "dynamic_top_k": "budget"}),
     "hybridkv_focus_bk": ("hybridkv", {"static_priority": "focus", "dynamic_top_k": "budget"}),
     "hybridkv_focus_bk_c4": (
         "hybridkv",
         {k: v for k, v in TUNED.items() if k != "sink"},
     ),
-    "hybridkv_sink0": ("hybridkv", {"sink": 0}),
+    "hybridkv_sink0": ("hybridkv", {**DESIGN, "sink": 0}),
     "hybridkv_tuned": ("hybridkv", TUNED),
     "hybridkv_tuned_text": ("hybridkv", {**TUNED, "static_priority": "text"}),
     "all_dynamic_sink0_c4": ("all_dynamic", {"sink": 0, "chunk_size": 4}),

@@ -67,15 +67,16 @@ class HybridKVConfig(BaseModel):
     )
     pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
     static_priority: StaticPriority = Field(
-        "text",
-        description="static heads keep sink + window, then: text (text tokens before visual, "
-        "the design's text prior) or focus (the head's own focus set first, then text)",
+        "focus",
+        description="static heads keep sink + window, then: focus (the head's own focus set "
+        "first, then text, then visual tokens) or text (text tokens before visual, the design's "
+        "text prior)",
     )
     dynamic_top_k: DynamicTopK = Field(
-        "fixed",
-        description="chunks a dynamic head retrieves per step: fixed (top_k_chunks, the design) "
-        "or budget (at most top_k_chunks, capped so a dynamic head reads no more than the mean "
-        "per-head budget, at least one chunk)",
+        "budget",
+        description="chunks a dynamic head retrieves per step: budget (at most top_k_chunks, "
+        "capped so a dynamic head reads no more than the mean per-head budget, at least one "
+        "chunk) or fixed (top_k_chunks whatever the budget, the design)",
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")

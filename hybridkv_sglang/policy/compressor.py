@@ -99,7 +99,8 @@ class Geometry:
 
 @dataclass(frozen=True)
 class CompressionPolicy:
-    """Shared machinery and hyper-parameters (defaults: DESIGN §2). Subclasses set the hooks.
+    """Shared machinery and hyper-parameters (defaults: DESIGN §2 except ``static_priority`` and
+    ``dynamic_top_k``, see ``docs/architecture.md``). Subclasses set the hooks.
 
     Attributes:
         budget: fraction of the prompt's KV entries kept per request, in ``(0, 1]``.
@@ -111,12 +112,15 @@ class CompressionPolicy:
         top_k_chunks: chunks a dynamic head retrieves per decode step.
         max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
         pool_kernel: odd max-pool width smoothing the static-head scores.
-        static_priority: ``"text"`` (DESIGN §2: sink/window, text, visual) or ``"focus"``
-            (opt-in: sink/window, the head's focus set, text, visual); see
-            :class:`TextPriorSelector`.
-        dynamic_top_k: ``"fixed"`` (DESIGN §2: every dynamic head retrieves ``top_k_chunks``)
-            or ``"budget"`` (opt-in: ``top_k_chunks`` capped at what keeps a dynamic head's read
-            within ``b_mean``, at least one chunk); see :meth:`chunks_per_step`.
+        static_priority: ``"focus"`` (default: sink/window, the head's focus set, text,
+            visual) or ``"text"`` (DESIGN §2's text prior: sink/window, text, visual); see
+            :class:`TextPriorSelector`. Focus first is the default because the text prior
+            spends the small budgets of heads that attend visual tokens on template text
+            (``docs/quality-diagnosis.md``).
+        dynamic_top_k: ``"budget"`` (default: ``top_k_chunks`` capped at what keeps a dynamic
+            head's read within ``b_mean``, at least one chunk) or ``"fixed"`` (DESIGN §2: every
+            dynamic head retrieves ``top_k_chunks``, the static heads pay the excess); see
+            :meth:`chunks_per_step`. The two agree once ``b_mean`` pays ``top_k_chunks``.
     """
 
     name: ClassVar[str] = "base"
@@ -137,8 +141,8 @@ class CompressionPolicy:
     top_k_chunks: int = 8
     max_dynamic_fraction: float = 0.5
     pool_kernel: int = 7
-    static_priority: str = "text"
-    dynamic_top_k: str = "fixed"
+    static_priority: str = "focus"
+    dynamic_top_k: str = "budget"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:

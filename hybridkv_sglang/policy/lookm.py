@@ -23,6 +23,7 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.baselines import StaticOnlyPolicy, uniform_allocation
 from hybridkv_sglang.policy.compressor import Geometry
+from hybridkv_sglang.policy.text_prior import TextPriorSelector
 
 _SIMILARITY_BLOCK = 4096
 """Evicted tokens compared at once, bounding the ``[block, kept]`` similarity matrix."""
@@ -30,8 +31,9 @@ _SIMILARITY_BLOCK = 4096
 
 @dataclass(frozen=True)
 class LookMPolicy(StaticOnlyPolicy):
-    """Every head static with ``max(b_mean, sink + window)`` entries, text-prior selection, and
-    the evicted KV averaged into its most similar kept KV (see :func:`average_merge`)."""
+    """Every head static with ``max(b_mean, sink + window)`` entries, text-prior selection
+    (LOOK-M's own, whatever ``static_priority`` says), and the evicted KV averaged into its most
+    similar kept KV (see :func:`average_merge`)."""
 
     name: ClassVar[str] = "lookm"
     merges_evicted: ClassVar[bool] = True
@@ -40,6 +42,16 @@ class LookMPolicy(StaticOnlyPolicy):
         self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
     ) -> BudgetAllocation:
         return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.floor)))
+
+    def select(
+        self,
+        scores: Tensor,
+        is_text: Tensor,
+        budgets: Tensor,
+        geo: Geometry,
+        focus_sets: Tensor | None = None,
+    ) -> Tensor:
+        return TextPriorSelector("text").select_mask(scores, is_text, budgets, geo.sink, geo.window)
 
 
 def average_merge(

@@ -27,9 +27,10 @@ STATIC_PRIORITIES = ("text", "focus")
 class TextPriorSelector:
     """Static heads: keep sink + window, then text, then visual tokens by pooled score.
 
-    ``priority="focus"`` (opt-in, not DESIGN §2) ranks the head's own focus set ``U`` between
-    sink/window and text: stage 2 sized the head's budget by ``|U|``, and with text-first a head
-    whose focus is on visual tokens spends that budget on text instead (see bench/fidelity.py).
+    ``priority="focus"`` (the policies' default, not DESIGN §2) ranks the head's own focus set
+    ``U`` between sink/window and text: stage 2 sized the head's budget by ``|U|``, and with
+    text-first a head whose focus is on visual tokens spends that budget on text instead
+    (``docs/quality-diagnosis.md``).
     """
 
     priority: str = "text"

@@ -24,7 +24,7 @@ from hybridkv_sglang.attention.sparse_decode import (
 )
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
-from hybridkv_sglang.runtime import compaction
+from hybridkv_sglang.runtime import compaction, window_prefill
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.graph_decode import DECODE_BATCHES, GraphDecode, graph_limits
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
@@ -426,6 +426,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
     num_layers = model_runner.token_to_kv_pool.layer_num
     WINDOW_TAILS.window = config.window
+    window_prefill.install(config if config.enabled else None)
     compaction.install(
         create_compact_storage(config, model_runner.token_to_kv_pool, num_layers)
         if config.storage == "compact" and config.enabled

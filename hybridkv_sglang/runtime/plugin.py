@@ -18,6 +18,7 @@ from hybridkv_sglang.runtime.compaction import (
 from hybridkv_sglang.runtime.graph_decode import limit_graph_to_fit, record_decode_batch
 from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
 from hybridkv_sglang.runtime.stats import add_to_internal_state
+from hybridkv_sglang.runtime.window_prefill import cap_prefix_for_window
 
 logger = logging.getLogger("hybridkv_sglang")
 
@@ -26,8 +27,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register the ``hybridkv`` attention backend and its hooks (scheduler side, decode
-    batch records and the decode CUDA-graph eligibility check)."""
+    """Register the ``hybridkv`` attention backend and its hooks (scheduler side, prefix-match
+    cap, decode batch records and the decode CUDA-graph eligibility check)."""
     global _registered
     if _registered:
         return
@@ -59,6 +60,11 @@ def register() -> None:
         "sglang.srt.managers.scheduler_components.internal_state."
         "SchedulerInternalStateController.get_internal_state",
         add_to_internal_state,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len",
+        cap_prefix_for_window,
         HookType.AFTER,
     )
     HookRegistry.register(

@@ -34,6 +34,7 @@ class PrefillOutcome:
     observations: list[LayerObservation] = field(default_factory=list)
     layout: CompressedLayout | None = None
     plan_stats: dict[str, Any] = field(default_factory=dict)
+    window_rows: int = 0
 
     def fail(self, err: Exception) -> None:
         self.dense_reason = "compression_error"
@@ -58,6 +59,7 @@ class PrefillOutcome:
             kept_entries=self.plan_stats.get("kept_entries", 0),
             prompt_entries=self.plan_stats.get("dense_entries", 0),
             read_fraction=1.0 if self.layout is None else self.layout.read_fraction,
+            window_rows=self.window_rows,
             extra={"policy": self.plan_stats.get("policy")} if self.plan_stats else {},
         )
 
@@ -126,6 +128,7 @@ class PrefillCompression:
                             f"policy {self.policy.name!r} needs the value pool at prefill end"
                         )
                     values["values"] = v_buffer[slots]
+                outcome.window_rows = int(q_window.shape[0])
                 outcome.observations.append(
                     self.policy.observe_layer(
                         layer.layer_id, q_window, k_buffer[slots], layer.scaling, **values

@@ -128,10 +128,15 @@ def find_prefill_ends(
 
 def dense_reason(request: PrefillEnd, config: HybridKVConfig) -> str | None:
     """Why this request is served uncompressed, or None when the method applies."""
+    return dense_reason_of(request.prompt_len, request.visual_tokens, config)
+
+
+def dense_reason_of(prompt_len: int, visual_tokens: int, config: HybridKVConfig) -> str | None:
+    """``dense_reason`` from the counts alone (the scheduler knows them before any forward)."""
     if not config.enabled:
         return "disabled"
-    if config.visual_only and request.visual_tokens == 0:
+    if config.visual_only and visual_tokens == 0:
         return "no_visual_tokens"
-    if request.prompt_len < max(config.min_prompt_tokens, config.sink + config.window + 1):
+    if prompt_len < max(config.min_prompt_tokens, config.sink + config.window + 1):
         return "short_prompt"
     return None

@@ -31,6 +31,7 @@ class RequestStats:
     kept_entries: int = 0
     prompt_entries: int = 0
     read_fraction: float = 1.0
+    window_rows: int = 0
     decode_steps: int = 0
     storage: str = "in_place"
     compact_slots: int = 0

@@ -1,5 +1,6 @@
 """A compressing server (10 % budget): valid outputs, ~10 % of the prompt KV read per decode step,
-prefix reuse across turns with fresh compression, and nothing left behind after aborts."""
+prefix reuse across turns with fresh compression over a whole observation window, and nothing
+left behind after aborts."""
 
 from __future__ import annotations
 
@@ -47,6 +48,22 @@ def test_second_turn_hits_the_image_prefix_and_recompresses(compressing_server):
     # The second turn ran prefill only on its new tokens, yet planned over its whole prompt.
     assert second_record["prefill_chunks"] == 1
     assert second_record["prompt_entries"] > first_record["prompt_entries"]
+    assert first_record["window_rows"] == second_record["window_rows"] == COMPRESSING.window
+
+
+def test_repeated_prompt_prefills_its_window_again_and_is_planned_alike(compressing_server):
+    url = compressing_server.base_url
+    prompt = chat_prompt("Which picture is greener?", images=2)
+    first, second = (generate(url, prompt, images(2, IMAGE_SIDE, seed=35)) for _ in range(2))
+    # The tree serves everything but the window, which is prefilled again to be observed.
+    prompt_tokens = first["meta_info"]["prompt_tokens"]
+    assert second["meta_info"]["cached_tokens"] == prompt_tokens - COMPRESSING.window
+    seen = compressing_server.hybridkv_stats()["requests"]
+    records = [seen[r["meta_info"]["id"]] for r in (first, second)]
+    assert [r["window_rows"] for r in records] == [COMPRESSING.window] * 2
+    assert records[0]["kept_entries"] == records[1]["kept_entries"]
+    assert records[0]["read_fraction"] == records[1]["read_fraction"]
+    assert second["output_ids"] == first["output_ids"]
 
 
 def test_many_mixed_requests_with_aborts_leave_nothing_behind(compressing_server):

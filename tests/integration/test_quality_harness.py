@@ -1,7 +1,8 @@
 """bench/quality.py end to end on CPU: the committed tile-task model served by ``hybridkv-serve``
-(full cache = hybridkv with enabled=false, hybridkv at a 20 % budget and its dynamic_top_k=budget
-variant), a small question set at K = 16 images, every column filled in, full-cache accuracy high,
-the first reply token the same as the full cache's, the two hybridkv rows compared."""
+(full cache = hybridkv with enabled=false, hybridkv at a 20 % budget and its variant with the
+design's stage-3 rules), a small question set at K = 16 images, every column filled in,
+full-cache accuracy high, the first reply token the same as the full cache's, the two hybridkv
+rows compared."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_harness_end_to_end_on_cpu(tmp_path):
         "--ks", "16",
         "--per-kind", "2",
         "--full", "disabled",
-        "--policies", "hybridkv,hybridkv_bk",
+        "--policies", "hybridkv,hybridkv_design",
         "--budgets", "0.2",
         "--out", str(out),
         "--log-dir", str(tmp_path / "logs"),
@@ -50,7 +51,7 @@ def test_harness_end_to_end_on_cpu(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     rows = {row["config"]: row for row in result["rows"]}
-    assert list(rows) == ["full", "hybridkv@0.2", "hybridkv_bk@0.2"]
+    assert list(rows) == ["full", "hybridkv@0.2", "hybridkv_design@0.2"]
     for row in rows.values():
         assert row["questions"] == result["dataset"]["questions"] >= 8
         assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
@@ -70,6 +71,6 @@ def test_harness_end_to_end_on_cpu(tmp_path):
     assert compressed["first_token_agreement"] == 1.0
     assert compressed["first_tokens_compared"] >= result["dataset"]["cases"]
     (comparison,) = result["comparisons"]
-    assert (comparison["a"], comparison["b"]) == ("hybridkv@0.2", "hybridkv_bk@0.2")
+    assert (comparison["a"], comparison["b"]) == ("hybridkv@0.2", "hybridkv_design@0.2")
     assert comparison["questions"] == full["questions"]
     print(f"harness end to end: {elapsed:.0f} s")

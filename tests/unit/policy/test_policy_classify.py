@@ -73,7 +73,9 @@ def test_planted_heads_static_keeps_focus_dynamic_shifts() -> None:
     # b_mean = 50: head 0 (|U| = 3) fits, head 1 (|U| = 56) does not; B = 100 pays for one
     # dynamic head (b_dyn = 16 resident prefix + 2 * 16 chunks + 16 resident tail = 64) and 36
     # static entries: sink + window + the anchors' max-pooled neighbourhoods (3 x 7 positions).
-    policy = build_policy("hybridkv", budget_tokens=50, window=w, sink=2, top_k_chunks=2)
+    policy = build_policy(
+        "hybridkv", budget_tokens=50, window=w, sink=2, top_k_chunks=2, dynamic_top_k="fixed"
+    )
     obs = policy.observe_layer(0, q, k, sm_scale=1.0)
     assert obs.focus_size.tolist() == [3, 56]
 

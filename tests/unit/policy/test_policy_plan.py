@@ -106,14 +106,16 @@ def test_snapkv_uniform_budgets_window_plus_top_votes() -> None:
 
 
 def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
-    """Text tokens with zero votes: hybridkv keeps them before any visual token, snapkv never."""
+    """Text tokens with zero votes: hybridkv's text prior keeps them before any visual token,
+    snapkv never."""
     n = 400
     qs, ks, _ = _request(n)
     is_text = torch.zeros(n, dtype=torch.bool)
     is_text[100:140] = True
     text = set(range(100, 140))
     for name in ("hybridkv", "snapkv"):
-        policy = build_policy(name, budget=0.25, max_dynamic_fraction=0.0)
+        prior = {"static_priority": "text"} if name == "hybridkv" else {}
+        policy = build_policy(name, budget=0.25, max_dynamic_fraction=0.0, **prior)
         obs = []
         for layer in range(L):
             o = policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5)
@@ -159,11 +161,11 @@ def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> N
 
 @pytest.mark.parametrize("n,budget", [(400, 0.1), (400, 0.2), (1200, 0.1), (1200, 0.2)])
 def test_hybridkv_budget_top_k_caps_dynamic_reads(n: int, budget: float) -> None:
-    """dynamic_top_k='budget': k <= top_k_chunks and a dynamic head reads within
+    """dynamic_top_k='budget' (the default): k <= top_k_chunks and a dynamic head reads within
     max(b_mean, resident + one chunk); 'fixed' reads top_k_chunks chunks whatever the budget."""
     b_mean = uniform_head_budget(n, budget, None)
-    fixed = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0)
-    capped = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0, dynamic_top_k="budget")
+    fixed = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0, dynamic_top_k="fixed")
+    capped = _plan("hybridkv", n=n, budget=budget, max_dynamic_fraction=1.0)
     _check_contract(capped)
     assert fixed.top_k_chunks == 8
     assert 1 <= capped.top_k_chunks <= 8
@@ -286,7 +288,7 @@ def test_layer_helpers_agree_with_rows() -> None:
 
 
 def test_stats_read_fraction() -> None:
-    plan = _plan("hybridkv", budget=0.2)
+    plan = _plan("hybridkv", budget=0.2, dynamic_top_k="fixed")
     s = plan.stats()
     n_dyn = int(plan.is_dynamic.sum())
     static_kept = int(plan.kept_counts()[~plan.is_dynamic].sum())

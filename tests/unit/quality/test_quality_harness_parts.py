@@ -216,17 +216,27 @@ def test_every_registered_policy_and_the_variants_are_accepted(quality_bench):
     configs = quality_bench.build_configs(args)
     assert [c.policy for c in configs] == list(quality_bench.DEFAULT_POLICIES)
     by_name = {c.name: c for c in configs}
-    assert by_name["hybridkv_bk@0.1"].method == "hybridkv"
-    assert by_name["hybridkv_bk@0.1"].hybridkv.dynamic_top_k == "budget"
-    assert by_name["hybridkv@0.1"].hybridkv.dynamic_top_k == "fixed"
+    # hybridkv runs the config defaults; every row shares the committed model's settings.
+    assert by_name["hybridkv@0.1"].hybridkv.dynamic_top_k == "budget"
+    assert by_name["hybridkv@0.1"].hybridkv.static_priority == "focus"
+    for config in configs:
+        settings = (config.hybridkv.sink, config.hybridkv.chunk_size, config.hybridkv.top_k_chunks)
+        assert settings == (0, 4, 64), config.name
     assert by_name["adakv@0.1"].hybridkv.policy == "adakv"
     flash = quality_bench.parse_args(["--policies", "flashcache", "--full", "none"])
     assert {c.hybridkv.policy for c in quality_bench.build_configs(flash)} == {"flashcache"}
-    lookm = quality_bench.parse_args(["--policies", "lookm,hybridkv_tuned", "--full", "none"])
+    lookm = quality_bench.parse_args(["--policies", "lookm,hybridkv_design", "--full", "none"])
     lookm_configs = {c.name: c.hybridkv for c in quality_bench.build_configs(lookm)}
     assert lookm_configs["lookm@0.1"].storage == "compact"  # where its merged KV lives
-    tuned = lookm_configs["hybridkv_tuned@0.2"]
-    assert (tuned.sink, tuned.chunk_size, tuned.static_priority) == (0, 4, "focus")
+    design = lookm_configs["hybridkv_design@0.2"]
+    assert (design.policy, design.static_priority, design.dynamic_top_k) == (
+        "hybridkv",
+        "text",
+        "fixed",
+    )
+    other = quality_bench.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--sink", "2"])
+    seven_b = quality_bench.build_configs(other)[1].hybridkv
+    assert (seven_b.sink, seven_b.chunk_size, seven_b.top_k_chunks) == (2, 16, 8)
     custom = quality_bench.parse_args(
         ["--variant", 'snap_w8=snapkv:{"window": 8}', "--policies", "snap_w8", "--budgets", "0.2"]
     )

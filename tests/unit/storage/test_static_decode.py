@@ -31,7 +31,7 @@ def _requests(seed: int):
     req_to_token, keys, _ = _pool(prompt_lens, tail, seed)
     plans = [
         None,
-        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2),
+        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2, dynamic_top_k="fixed"),
         _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=0.3),
         None,
     ]
