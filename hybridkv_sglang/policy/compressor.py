@@ -171,6 +171,11 @@ class CompressionPolicy:
                 f"dynamic_top_k must be one of {DYNAMIC_TOP_K}, got {self.dynamic_top_k!r}"
             )
 
+    @property
+    def selection_priority(self) -> str:
+        """The static-head priority stage 3a applies (a method may fix its own)."""
+        return self.static_priority
+
     # ----------------------------------------------------------------- driver
     def geometry(self, prompt_len: int) -> Geometry:
         """Clamped window/sink and the two per-head budgets for a prompt of ``N`` tokens."""
@@ -243,7 +248,7 @@ class CompressionPolicy:
             scores=stats.scores,
             chunk_kmin=kmin,
             chunk_kmax=kmax,
-            focus_set=stats.focus_set if self.static_priority == "focus" else None,
+            focus_set=stats.focus_set if self.selection_priority == "focus" else None,
         )
 
     def finalize(
@@ -349,7 +354,7 @@ class CompressionPolicy:
         ``scores [L, H_kv, N]`` float32, ``budgets [L, H_kv]`` int64, ``focus_sets`` ``[L, H_kv,
         N]`` bool or ``None``.
         """
-        return TextPriorSelector(self.static_priority).select_mask(
+        return TextPriorSelector(self.selection_priority).select_mask(
             scores, is_text, budgets, geo.sink, geo.window, focus_sets
         )
 

@@ -23,7 +23,6 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.baselines import StaticOnlyPolicy, uniform_allocation
 from hybridkv_sglang.policy.compressor import Geometry
-from hybridkv_sglang.policy.text_prior import TextPriorSelector
 
 _SIMILARITY_BLOCK = 4096
 """Evicted tokens compared at once, bounding the ``[block, kept]`` similarity matrix."""
@@ -43,15 +42,9 @@ class LookMPolicy(StaticOnlyPolicy):
     ) -> BudgetAllocation:
         return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.floor)))
 
-    def select(
-        self,
-        scores: Tensor,
-        is_text: Tensor,
-        budgets: Tensor,
-        geo: Geometry,
-        focus_sets: Tensor | None = None,
-    ) -> Tensor:
-        return TextPriorSelector("text").select_mask(scores, is_text, budgets, geo.sink, geo.window)
+    @property
+    def selection_priority(self) -> str:
+        return "text"
 
 
 def average_merge(
