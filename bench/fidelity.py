@@ -25,8 +25,9 @@ recalled, ``sum_{j in S} p_j``. A static head attends its kept positions; a dyna
 what the runtime attends at decode: sink and window (rounded out to chunk borders, the rule of
 ``storage.page_tables.DynamicRowLayout``) + the top-k chunks picked by
 ``hybridkv_sglang.kernels.chunk_topk.chunk_topk_ref`` + the tail. ``random`` keeps ``b_mean``
-uniformly random prompt positions per head. ``hybridkv_focus`` is the method with the opt-in
-``static_priority="focus"`` (a static head's own focus set ranks before text).
+uniformly random prompt positions per head. ``hybridkv`` runs the config defaults
+(``static_priority="focus"``: a static head's own focus set ranks before text;
+``dynamic_top_k="budget"``); ``hybridkv_design`` runs DESIGN §2's text prior and fixed top-k.
 
 Run: ``python bench/fidelity.py`` (about 45 s of CPU time on 2 cores); writes
 ``bench/results/fidelity.json`` and ``bench/results/fidelity.png``.
@@ -64,7 +65,7 @@ DISCLAIMER = (
 KINDS = ("concentrated", "text_reader", "shifting", "shifting")
 POLICY_NAMES = (
     "hybridkv",
-    "hybridkv_focus",
+    "hybridkv_design",
     "snapkv",
     "streaming",
     "random",
@@ -72,7 +73,7 @@ POLICY_NAMES = (
     "all_dynamic",
 )
 # Bench-only variants: (registered policy, extra hyper-parameters).
-VARIANTS = {"hybridkv_focus": ("hybridkv", {"static_priority": "focus"})}
+VARIANTS = {"hybridkv_design": ("hybridkv", {"static_priority": "text", "dynamic_top_k": "fixed"})}
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
