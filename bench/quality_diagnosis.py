@@ -7,9 +7,10 @@ questions), per turn:
 1. **Prefill, full cache.** A recording attention function (registered with transformers'
    ``AttentionInterface``) keeps each text layer's queries (after M-RoPE, positions as SGLang
    computes them from ``mm_token_type_ids``), keys and values. The observation window is the last
-   ``window`` rows, or only the rows a server would compute on a prefix-cache hit (later turns of a
-   multi-turn conversation: everything up to the previous turn's reply is cached, so fewer rows are
-   observed; ``--no-prefix-cache`` observes ``window`` rows always).
+   ``window`` rows, as the server observes them (a prefix-cache hit prefills the window again);
+   ``--partial-window`` observes only the rows servers computed before that (later turns of a
+   multi-turn conversation: everything up to the previous turn's reply was cached, so fewer rows
+   were observed).
 2. **Full-cache greedy decode.** At every decode step the attention of the step's query heads over
    the whole cache is kept: the reference the policies are scored against.
 3. **Per policy and budget**, the policy's own ``observe_layer`` / ``finalize``
@@ -194,7 +195,7 @@ class Question:
     turn: int
     ids: list[int]
     observed_rows: int
-    """Window rows a server computes (all of ``window`` unless a prefix-cache hit covers more)."""
+    """Window rows observed (all of ``window`` unless ``--partial-window`` emulates a hit)."""
     target_by_step: dict[int, list[int]]
     """Decode step -> prompt positions of the tile whose value that step emits."""
     tile_positions: list[int]
@@ -214,7 +215,7 @@ def tile_positions(ids: Sequence[int], image_token: int, image: int, tile: qt.Ti
 
 
 def make_questions(
-    cases: Sequence[qt.TileCase], tokenizer: Any, encoder: Encoder, window: int, prefix_cache: bool
+    cases: Sequence[qt.TileCase], tokenizer: Any, encoder: Encoder, window: int, partial: bool
 ) -> list[Question]:
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     out = []
@@ -223,7 +224,7 @@ def make_questions(
         for turn_index, turn in enumerate(case.turns):
             ids = encoder.expand(tokenizer(qt.chat_text(case, upto=turn_index + 1))["input_ids"])
             common = 0
-            if prefix_cache:
+            if partial:
                 while common < min(len(ids), len(cached)) and ids[common] == cached[common]:
                     common += 1
             rows = max(1, min(window, len(ids) - common))
@@ -648,7 +649,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
+    parser.add_argument(
+        "--partial-window",
+        action="store_true",
+        help="later turns observe only the rows after their prefix-cache hit (servers before "
+        "the window re-prefill)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_diagnosis.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "quality_diagnosis.png")
@@ -684,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ks = [int(k) for k in args.ks.split(",")]
     cases = qt.make_question_set(args.seed, ks, args.per_kind, kinds=args.kinds.split(","))
-    questions = make_questions(cases, tokenizer, encoder, args.window, args.prefix_cache)
+    questions = make_questions(cases, tokenizer, encoder, args.window, args.partial_window)
     started = time.time()
     records = [runner.run_question(q, variants) for q in tqdm(questions, desc="questions")]
     labels = [f"{label}@{b:g}" for b in args.budgets for label in variants]
