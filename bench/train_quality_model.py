@@ -16,7 +16,8 @@ Recipe (after ``/work/shared/notes/quality-model.md``, which found what does and
   turns are single questions until K_max reaches ``--pair-from-k`` (4), then two-region questions
   with probability ``--pair-prob`` (0.5): with them from the start, a first run learned to compare
   and list the values present at K = 2 (no key needed) and had not learned the key -> value
-  binding after 3,600 steps.
+  binding after 3,600 steps. A share ``--list-prob`` (default 0) of the two-region questions are
+  ``list_name`` questions instead (three keys, four with probability ``--list-four-prob``).
 * Adaptive curriculum: K_max starts at 2 and grows (+1 up to 8, then x1.25) whenever the loss
   EMA falls below ``--ema-threshold`` (from K_max 8 on also after ``--patience-steps`` at one
   K_max with the EMA below ``--patience-ema``), up to ``--k-final``; K is K_max half the time,
@@ -29,12 +30,23 @@ Recipe (after ``/work/shared/notes/quality-model.md``, which found what does and
   ``--max-minutes`` caps the wall time of one invocation (checkpoint, then exit 3 "not done");
   invoke again to continue. The retrieval "clicks" after a variable time at chance level, so cap
   by time rather than steps.
+* ``--init-from DIR`` fine-tunes an exported model (same architecture; its tokenizer must equal
+  the one built here) instead of starting from random weights: K_max starts at ``--k-start``
+  (default ``--k-final``), lr defaults to 3e-4 (``--warmup-steps`` warm-up). Teaching the
+  committed model lists, keeping its other skills in the mix::
+
+    python bench/train_quality_model.py --init-from bench/quality_model --out DIR --threads 1 \
+        --list-prob 0.6 --list-four-prob 0.3 --describe-prob 0.4 --pair-prob 0.8 --lr 5e-4 \
+        --k-start 16 --k-final 32 --patience-steps 250 --eval-ks 16,32,64 --max-minutes 38
+
+From scratch:
 
     python bench/train_quality_model.py --out bench/quality_model --max-minutes 60
 
 On exit (done or capped) the current weights are exported to ``--out`` with the tokenizer and
 processor files and ``training.json`` (arguments, steps, time, curriculum log, held-out accuracy
-by greedy teacher-forced exact match with transformers).
+by greedy teacher-forced exact match with transformers over single, describe, pair_name,
+multi_turn and list_name, per kind, per K, per kind and K, and for lists of 3 and 4 keys).
 """
 
 from __future__ import annotations
@@ -93,6 +105,8 @@ MODEL_OPTIONS: dict[str, Any] = {
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 EXPORT_SKIP = {MANIFEST_NAME, "model.safetensors", "config.json"}
+EVAL_KINDS: tuple[qt.CaseKind, ...] = (*qt.LEARNED_KINDS, "list_name")
+"""Held-out kinds at export and in the quick evaluation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +144,7 @@ class Encoded:
     pixel_values: Tensor  # [B * K * 64, 1176] float32
     image_grid_thw: Tensor  # [B * K, 3] int64
     answer_spans: list[list[tuple[int, int]]]  # per sample, per turn: [start, end) label positions
+    list_mask: Tensor  # [B, T] bool, label positions of list_name answers
 
 
 class Encoder:
@@ -174,17 +189,19 @@ class Encoder:
         input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        list_mask = torch.zeros((len(rows), length), dtype=torch.bool)
         spans = []
         for b, row in enumerate(rows):
             input_ids[b, : len(row)] = torch.tensor(row)
             attention[b, : len(row)] = 1
             row_spans = self.answer_spans(row)
             spans.append(row_spans)
-            for start, end in row_spans:
+            for (start, end), turn in zip(row_spans, cases[b].turns, strict=True):
                 labels[b, start:end] = input_ids[b, start:end]
+                list_mask[b, start:end] = turn.kind == "list_name"
         arrays = [a for case in cases for a in case.image_arrays()]
         grid = torch.tensor([self.grid] * len(arrays), dtype=torch.long)
-        return Encoded(input_ids, attention, labels, patchify(arrays), grid, spans)
+        return Encoded(input_ids, attention, labels, patchify(arrays), grid, spans, list_mask)
 
 
 def forward_logits(model: Any, batch: Encoded, positions: Tensor | None = None) -> Tensor:
@@ -202,11 +219,17 @@ def forward_logits(model: Any, batch: Encoded, positions: Tensor | None = None) 
     return model.lm_head(hidden)
 
 
-def answer_loss(model: Any, batch: Encoded) -> Tensor:
-    """Mean next-token cross-entropy over the answer tokens (predicted from the previous one)."""
+def answer_loss(model: Any, batch: Encoded) -> tuple[Tensor, float | None]:
+    """Mean next-token cross-entropy over the answer tokens (predicted from the previous one),
+    and the mean over the ``list_name`` answer tokens alone (None if the batch has none)."""
     rows, cols = torch.nonzero(batch.labels[:, 1:] != -100, as_tuple=True)
     logits = forward_logits(model, batch, torch.stack([rows, cols], dim=1))
-    return torch.nn.functional.cross_entropy(logits, batch.labels[rows, cols + 1])
+    losses = torch.nn.functional.cross_entropy(
+        logits, batch.labels[rows, cols + 1], reduction="none"
+    )
+    in_list = batch.list_mask[rows, cols + 1]
+    list_loss = losses[in_list].mean().item() if bool(in_list.any()) else None
+    return losses.mean(), list_loss
 
 
 @torch.no_grad()
@@ -221,17 +244,22 @@ def teacher_forced_exact_match(
     model.eval()
     by_kind: dict[str, list[int]] = {}
     by_k: dict[int, list[int]] = {}
+    by_kind_k: dict[str, list[int]] = {}
     for i in range(0, len(cases), batch_size):
         chunk = cases[i : i + batch_size]
         batch = encoder.encode(chunk)
         predicted = forward_logits(model, batch).argmax(-1)  # [B, T]
         for b, case in enumerate(chunk):
-            for (start, end), _turn in zip(batch.answer_spans[b], case.turns, strict=True):
+            for (start, end), turn in zip(batch.answer_spans[b], case.turns, strict=True):
                 ok = bool(
                     (predicted[b, start - 1 : end - 1] == batch.input_ids[b, start:end]).all()
                 )
                 by_kind.setdefault(case.kind, []).append(int(ok))
                 by_k.setdefault(case.k, []).append(int(ok))
+                by_kind_k.setdefault(f"{case.kind} k{case.k}", []).append(int(ok))
+                if turn.kind == "list_name":
+                    name = f"list_name{len(turn.keys)} k{case.k}"
+                    by_kind_k.setdefault(name, []).append(int(ok))
     model.train()
     everything = [x for v in by_kind.values() for x in v]
     return {
@@ -239,6 +267,7 @@ def teacher_forced_exact_match(
         "questions": len(everything),
         "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "by_k": {str(k): sum(v) / len(v) for k, v in sorted(by_k.items())},
+        "by_kind_k": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_kind_k.items())},
     }
 
 
@@ -254,6 +283,7 @@ class TrainState:
     final_reached_at: int | None = None
     steps_at_k_max: int = 0
     elapsed_s: float = 0.0
+    list_ema: float | None = None
     log: list[dict[str, Any]] | None = None
 
 
@@ -269,7 +299,7 @@ def sample_k(rng: random.Random, k_max: int) -> int:
 
 
 def learning_rate(state: TrainState, args: argparse.Namespace) -> float:
-    warm = min(1.0, (state.step + 1) / 100)
+    warm = min(1.0, (state.step + 1) / args.warmup_steps)
     if state.final_reached_at is None:
         return args.lr * warm
     progress = min(1.0, (state.step - state.final_reached_at) / max(1, args.anneal_steps))
@@ -286,9 +316,24 @@ def build_init_dir(work_dir: Path) -> Path:
     return build_from_spec(work_dir / "init", spec, extra_words=qt.TASK_WORDS)
 
 
-def make_model(init_dir: Path, seed: int) -> Any:
+def check_same_tokenizer(init_dir: Path, model_dir: Path) -> None:
+    """``--init-from``: the exported model's tokenizer must be the one this script builds."""
+    from transformers import AutoTokenizer
+
+    built, exported = (AutoTokenizer.from_pretrained(d) for d in (init_dir, model_dir))
+    if built.get_vocab() != exported.get_vocab():
+        raise SystemExit(f"{model_dir}: its tokenizer differs from the one this script builds")
+
+
+def make_model(init_dir: Path, seed: int, init_from: Path | None = None) -> Any:
+    """A randomly initialised model, or ``init_from``'s weights (same architecture)."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+    if init_from is not None:
+        check_same_tokenizer(init_dir, init_from)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+        model.train()
+        return model
     config = AutoConfig.from_pretrained(init_dir)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
@@ -324,7 +369,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--init-from", type=Path, help="start from this exported model's weights (fine-tune)"
+    )
+    parser.add_argument("--lr", type=float, help="default 1e-3, or 3e-4 with --init-from")
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument(
+        "--k-start", type=int, help="first K_max (default 2, --k-final with --init-from)"
+    )
     parser.add_argument("--k-final", type=int, default=24)
     parser.add_argument("--ema-threshold", type=float, default=0.05)
     parser.add_argument(
@@ -339,6 +391,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--describe-prob", type=float, default=0.5)
     parser.add_argument("--pair-prob", type=float, default=0.5, help="of non-describe turns")
     parser.add_argument(
+        "--list-prob", type=float, default=0.0, help="list_name share of multi-region turns"
+    )
+    parser.add_argument("--list-four-prob", type=float, default=0.5, help="lists of 4 (else 3)")
+    parser.add_argument(
         "--pair-from-k", type=int, default=4, help="two-region questions once K_max reaches this"
     )
     parser.add_argument("--eval-ks", default="8,16,32,64", help="held-out K values at export")
@@ -349,7 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--evaluate", type=Path, help="only evaluate this exported model on the held-out set"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = 3e-4 if args.init_from else 1e-3
+    if args.k_start is None:
+        args.k_start = args.k_final if args.init_from else 2
+    return args
 
 
 def evaluate_exported(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -359,7 +420,7 @@ def evaluate_exported(model_dir: Path, args: argparse.Namespace) -> dict[str, An
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     encoder = Encoder(AutoTokenizer.from_pretrained(model_dir))
     eval_ks = [int(k) for k in args.eval_ks.split(",")]
-    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=qt.LEARNED_KINDS)
+    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=EVAL_KINDS)
     return teacher_forced_exact_match(model, encoder, held_out)
 
 
@@ -377,11 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     encoder = Encoder(AutoTokenizer.from_pretrained(init_dir))
-    model = make_model(init_dir, args.seed)
+    model = make_model(init_dir, args.seed, args.init_from)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05
     )
-    state = TrainState(log=[])
+    state = TrainState(k_max=min(args.k_start, args.k_final), log=[])
     if ckpt_path.exists() and not args.fresh:
         saved = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(saved["model"])
@@ -389,9 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         state = TrainState(**saved["state"])
         print(f"resumed at step {state.step}, K_max {state.k_max}", file=sys.stderr)
     params = sum(p.numel() for p in model.parameters())
-    quick_eval = qt.make_question_set(
-        ks=(8, 16), per_kind=4, seed=2_000_000, kinds=qt.LEARNED_KINDS
-    )
+    quick_eval = qt.make_question_set(ks=(8, 16), per_kind=4, seed=2_000_000, kinds=EVAL_KINDS)
 
     started = time.monotonic()
     base_elapsed = state.elapsed_s
@@ -415,13 +474,15 @@ def main(argv: list[str] | None = None) -> int:
                 max_turns=args.max_turns,
                 describe_prob=args.describe_prob,
                 pair_prob=args.pair_prob if state.k_max >= args.pair_from_k else 0.0,
+                list_prob=args.list_prob,
+                list_four_prob=args.list_four_prob,
             )
             for _ in range(batch_size_for(k, args))
         ]
         batch = encoder.encode(cases)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state, args)
-        loss = answer_loss(model, batch)
+        loss, list_loss = answer_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -429,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         state.step += 1
         value = loss.item()
         state.ema = value if state.ema >= 5.0 else 0.98 * state.ema + 0.02 * value
+        if list_loss is not None:
+            old = state.list_ema
+            state.list_ema = list_loss if old is None else 0.98 * old + 0.02 * list_loss
         state.steps_at_k_max += 1
         patient = (
             state.k_max >= 8
@@ -452,11 +516,22 @@ def main(argv: list[str] | None = None) -> int:
         if state.final_reached_at is not None:
             done = state.step - state.final_reached_at >= args.anneal_steps
         bar.update(1)
-        bar.set_postfix(k=k, k_max=state.k_max, loss=f"{value:.3f}", ema=f"{state.ema:.3f}")
+        list_ema = "-" if state.list_ema is None else f"{state.list_ema:.3f}"
+        bar.set_postfix(
+            k=k, k_max=state.k_max, loss=f"{value:.3f}", ema=f"{state.ema:.3f}", list=list_ema
+        )
         if args.eval_every and state.step % args.eval_every == 0:
             result = teacher_forced_exact_match(model, encoder, quick_eval)
             state.log.append(
-                {"step": state.step, "k_max": state.k_max, "quick_eval": result["accuracy"]}
+                {
+                    "step": state.step,
+                    "k_max": state.k_max,
+                    "minutes": round(state.elapsed_s / 60, 1),
+                    "ema": round(state.ema, 4),
+                    "list_ema": None if state.list_ema is None else round(state.list_ema, 4),
+                    "quick_eval": result["accuracy"],
+                    "quick_eval_by_kind": result["by_kind"],
+                }
             )
             tqdm.write(f"step {state.step} K_max {state.k_max} quick eval {result}")
         if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
@@ -473,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(ckpt_path, model, optimizer, state)
 
     eval_ks = [int(k) for k in args.eval_ks.split(",")]
-    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=qt.LEARNED_KINDS)
+    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=EVAL_KINDS)
     result = teacher_forced_exact_match(model, encoder, held_out)
     info = {
         "done": done,

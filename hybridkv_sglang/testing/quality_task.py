@@ -9,6 +9,8 @@ around a dark VALUE-colour core. A prompt shows K images and asks about tiles by
   makes the retrieval learnable, see ``/work/shared/notes/quality-model.md``)
 * ``pair_name``: "What is inside the red and blue squares?" -> "navy teal" (two regions at once)
 * ``pair_same``: "Are the red and blue squares the same inside?" -> "yes" / "no" (balanced)
+* ``list_name``: "What is inside the red, blue and green squares?" -> "navy teal black" (three or
+  four keys, values in question order: each decode step needs a different image)
 * ``multi_turn``: 2-3 ``describe`` questions in one conversation, each about an image no earlier
   turn asked about (later turns need tokens an earlier question did not point at)
 * ``multi_mixed``: describe, then pair_name, then describe, four different images (each turn asks
@@ -20,9 +22,10 @@ one token, so compression cannot change it; the value of ``describe`` (and of ev
 turn of a conversation) and the second value of ``pair_name`` are decoded from the compressed
 cache. The default benchmark set is therefore ``EVAL_KINDS`` = describe, pair_name, multi_turn,
 multi_mixed. ``pair_same`` is out too: the committed model never learned the comparison (it
-answers "no" to every such question, chance level) though it trained on them. Lists of three or
-more keys ("What is inside the red, blue and green squares?") are not generated: the model,
-trained on pairs, does not answer them (0 % with the full cache).
+answers "no" to every such question, chance level) though it trained on them. ``list_name`` is
+not in the default set either: the committed model, trained on pairs only, does not answer lists
+(0 % with the full cache); training draws them only when asked (``list_prob`` of
+:func:`make_training_case`, default 0).
 
 Asked keys are unique within a prompt. With K <= 8 every image has its own key colour; with K > 8,
 ``ASKABLE_KEYS_LARGE_K`` images carry unique (askable) keys and the rest reuse up to three of the
@@ -97,13 +100,16 @@ COLOUR_JITTER = 12
 TASK_WORDS = (*KEYS, *VALUES, "yes", "no", "inside", "square", "squares", "same", "Describe")
 """Words the task's tokenizer encodes as single tokens (``tiny_model`` ``extra_words``)."""
 
-QuestionKind = Literal["single", "describe", "pair_name", "pair_same"]
-CaseKind = Literal["single", "describe", "pair_name", "pair_same", "multi_turn", "multi_mixed"]
+QuestionKind = Literal["single", "describe", "pair_name", "pair_same", "list_name"]
+CaseKind = Literal[
+    "single", "describe", "pair_name", "pair_same", "list_name", "multi_turn", "multi_mixed"
+]
 CASE_KINDS: tuple[CaseKind, ...] = (
     "single",
     "describe",
     "pair_name",
     "pair_same",
+    "list_name",
     "multi_turn",
     "multi_mixed",
 )
@@ -114,10 +120,13 @@ MIN_ASKABLE: dict[CaseKind, int] = {
     "describe": 1,
     "pair_name": 2,
     "pair_same": 2,
+    "list_name": 4,
     "multi_turn": 2,
     "multi_mixed": 4,
 }
-"""Distinct askable keys (hence images) each kind needs."""
+"""Distinct askable keys (hence images) each kind needs (``list_name`` asks three or four)."""
+LIST_KEYS = (3, 4)
+"""How many keys a ``list_name`` question names."""
 LEARNED_KINDS: tuple[CaseKind, ...] = ("single", "describe", "pair_name", "multi_turn")
 """What the committed model answers (its held-out accuracy is measured on these)."""
 
@@ -250,6 +259,15 @@ def pair_name_turn(tiles: Sequence[Tile], k1: str, k2: str) -> Turn:
     return Turn(f"What is inside the {k1} and {k2} squares?", answer, "pair_name", (k1, k2))
 
 
+def list_name_turn(tiles: Sequence[Tile], *keys: str) -> Turn:
+    """ "What is inside the k1, k2 and k3 squares?" -> the values in question order."""
+    if len(keys) < 3:
+        raise ValueError(f"a list names at least three keys, got {keys}")
+    names = f"{', '.join(keys[:-1])} and {keys[-1]}"
+    answer = " ".join(_value_of(tiles, key) for key in keys)
+    return Turn(f"What is inside the {names} squares?", answer, "list_name", tuple(keys))
+
+
 def pair_same_turn(tiles: Sequence[Tile], k1: str, k2: str) -> Turn:
     same = _value_of(tiles, k1) == _value_of(tiles, k2)
     question = f"Are the {k1} and {k2} squares the same inside?"
@@ -281,6 +299,8 @@ def make_case(seed: int, k: int, kind: CaseKind, *, case_id: str | None = None) 
         v2 = v1 if same else rng.choice([v for v in VALUES if v != v1])
         tiles = _set_value(tiles, k2, v2)
         turns = (pair_same_turn(tiles, k1, k2),)
+    elif kind == "list_name":
+        turns = (list_name_turn(tiles, *rng.sample(askable, rng.choice(LIST_KEYS))),)
     elif kind == "multi_turn":  # each turn about an image no earlier turn asked about
         n_turns = min(len(askable), rng.choice((2, 3)))
         turns = tuple(describe_turn(tiles, key) for key in rng.sample(askable, n_turns))
@@ -318,12 +338,17 @@ def make_training_case(
     max_turns: int = 8,
     describe_prob: float = 0.5,
     pair_prob: float = 0.5,
+    list_prob: float = 0.0,
+    list_four_prob: float = 0.5,
 ) -> TileCase:
     """One training conversation of 1..max_turns questions, pixel seed drawn from ``rng``.
 
-    Each turn is ``describe`` with probability ``describe_prob``, else a two-region question with
-    probability ``pair_prob`` (``pair_name`` or ``pair_same``, the latter with same / different
-    values balanced by setting the second tile's value), else ``single``.
+    Each turn is ``describe`` with probability ``describe_prob``, else a multi-region question
+    with probability ``pair_prob``, else ``single``. A multi-region question is ``list_name``
+    with probability ``list_prob`` (if three keys are askable; four keys with probability
+    ``list_four_prob`` if four are), else ``pair_name`` or ``pair_same`` (the latter with same /
+    different values balanced by setting the second tile's value). With ``list_prob`` = 0 no
+    extra draws are made: the cases equal those of the generator before lists existed.
     """
     tiles, askable = sample_tiles(rng, k)
     specs: list[tuple[QuestionKind, tuple[str, ...]]] = []
@@ -331,6 +356,10 @@ def make_training_case(
         if rng.random() < describe_prob:
             specs.append(("describe", (rng.choice(askable),)))
         elif len(askable) >= 2 and rng.random() < pair_prob:
+            if list_prob > 0 and len(askable) >= 3 and rng.random() < list_prob:
+                four = len(askable) >= 4 and rng.random() < list_four_prob
+                specs.append(("list_name", tuple(rng.sample(askable, 4 if four else 3))))
+                continue
             k1, k2 = rng.sample(askable, 2)
             if rng.random() < 0.5:
                 specs.append(("pair_name", (k1, k2)))
@@ -349,6 +378,7 @@ def make_training_case(
         "single": single_turn,
         "pair_name": pair_name_turn,
         "pair_same": pair_same_turn,
+        "list_name": list_name_turn,
     }
     turns = tuple(build[kind](tiles, *keys) for kind, keys in specs)
     return TileCase("train", "train", rng.randrange(2**31), tiles, turns)

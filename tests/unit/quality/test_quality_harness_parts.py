@@ -286,6 +286,7 @@ def test_direct_encoding_equals_the_processor(train_script, quality_processor):
     encoder = train_script.Encoder(quality_processor.tokenizer)
     rng = random.Random(0)
     cases = [qt.make_training_case(rng, k) for k in (3, 3)] + [qt.make_case(1, 3, "multi_turn")]
+    cases += [qt.make_case(2, 4, "list_name")]
     batch = encoder.encode(cases)
     rows = 0
     for b, case in enumerate(cases):
@@ -305,7 +306,11 @@ def test_direct_encoding_equals_the_processor(train_script, quality_processor):
             text = quality_processor.tokenizer.decode(batch.input_ids[b, start:end].tolist())
             assert text == f"{turn.answer}<|im_end|>"
             assert (batch.labels[b, start:end] == batch.input_ids[b, start:end]).all()
+            assert bool(batch.list_mask[b, start:end].all()) == (turn.kind == "list_name")
         assert int((batch.labels[b] != -100).sum()) == sum(e - s for s, e in spans)
+        assert int(batch.list_mask[b].sum()) == sum(
+            e - s for (s, e), t in zip(spans, case.turns, strict=True) if t.kind == "list_name"
+        )
 
 
 def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp_path):
@@ -323,3 +328,11 @@ def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp
     assert "old" not in rows[2] and seconds == 90.0
     with pytest.raises(SystemExit, match="questions differ"):
         quality_bench.rows_added_to(path, new, 1.0, {**dataset, "questions": 4})
+
+
+def test_fine_tune_defaults(train_script):
+    scratch = train_script.parse_args([])
+    assert (scratch.lr, scratch.k_start, scratch.list_prob) == (1e-3, 2, 0.0)
+    tuned = train_script.parse_args(["--init-from", "m", "--k-final", "32", "--list-prob", "0.5"])
+    assert (tuned.lr, tuned.k_start, tuned.list_prob) == (3e-4, 32, 0.5)
+    assert "list_name" in train_script.EVAL_KINDS

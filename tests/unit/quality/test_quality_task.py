@@ -146,6 +146,8 @@ def test_answers_are_right_by_construction(kind, k):
             elif turn.kind == "pair_same":
                 same = value[turn.keys[0]] == value[turn.keys[1]]
                 assert turn.answer == ("yes" if same else "no")
+            elif turn.kind == "list_name":
+                assert turn.answer == " ".join(value[key] for key in turn.keys)
 
 
 def test_two_region_and_multi_turn_structure():
@@ -163,6 +165,78 @@ def test_two_region_and_multi_turn_structure():
         assert [t.kind for t in mixed.turns] == ["describe", "pair_name", "describe"]
         keys = [key for t in mixed.turns for key in t.keys]
         assert len(set(keys)) == 4, "every turn asks about images no earlier turn asked about"
+
+
+def test_list_questions_name_three_or_four_distinct_askable_keys():
+    sizes = Counter()
+    for seed in range(60):
+        for k in (4, 16, 64):
+            case = qt.make_case(seed, k, "list_name")
+            (turn,) = case.turns
+            _, askable = qt.sample_tiles(random.Random(f"tile-case:{seed}:{k}:list_name"), k)
+            assert turn.kind == "list_name" and len(turn.keys) in qt.LIST_KEYS
+            assert len(set(turn.keys)) == len(turn.keys) and set(turn.keys) <= set(askable)
+            value = {t.key: t.value for t in case.tiles}
+            assert turn.answer == " ".join(value[key] for key in turn.keys)
+            sizes[len(turn.keys)] += 1
+    assert sizes[3] > 40 and sizes[4] > 40
+    with pytest.raises(ValueError, match="needs k >= 4"):
+        qt.make_case(0, 3, "list_name")
+
+
+def test_list_question_text_and_answer_order():
+    tiles = tuple(
+        qt.Tile(key, value, 0, 0)
+        for key, value in (("red", "navy"), ("blue", "teal"), ("green", "black"), ("pink", "olive"))
+    )
+    three = qt.list_name_turn(tiles, "red", "blue", "green")
+    assert three.question == "What is inside the red, blue and green squares?"
+    assert three.answer == "navy teal black" and three.keys == ("red", "blue", "green")
+    four = qt.list_name_turn(tiles, "green", "pink", "red", "blue")
+    assert four.question == "What is inside the green, pink, red and blue squares?"
+    assert four.answer == "black olive navy teal"
+    with pytest.raises(ValueError, match="at least three"):
+        qt.list_name_turn(tiles, "red", "blue")
+
+
+@pytest.mark.parametrize("k", (3, 8, 32))
+def test_training_lists_when_asked(k):
+    sizes = Counter()
+    for seed in range(300):  # about 0.5 * 0.5 * 0.5 * 4.5 = 0.56 lists per case
+        case = qt.make_training_case(random.Random(seed), k, list_prob=0.5, list_four_prob=0.3)
+        value = {t.key: t.value for t in case.tiles}
+        for turn in case.turns:
+            if turn.kind == "list_name":
+                assert len(set(turn.keys)) == len(turn.keys)
+                assert turn.answer == " ".join(value[key] for key in turn.keys)
+                sizes[len(turn.keys)] += 1
+    assert sizes[3] > 60
+    assert (sizes[4] > 20) if k >= 4 else not sizes[4]  # four keys need four askable
+
+
+def test_default_training_cases_are_unchanged_by_lists():
+    """list_prob = 0 draws exactly what the generator drew before list_name existed."""
+    rng = random.Random(3)
+    case = qt.make_training_case(rng, 8)
+    assert case.seed == 1833671387
+    assert [(t.kind, t.keys, t.answer) for t in case.turns] == [
+        ("single", ("blue",), "maroon"),
+        ("single", ("blue",), "maroon"),
+        ("describe", ("purple",), "purple olive"),
+    ]
+    assert rng.random() == 0.3949634040007439
+    rng = random.Random(11)
+    case = qt.make_training_case(rng, 32, list_prob=0.0)
+    assert case.seed == 1810144999
+    assert [(t.kind, t.keys, t.answer) for t in case.turns] == [
+        ("pair_name", ("cyan", "purple"), "navy olive"),
+        ("pair_same", ("orange", "purple"), "no"),
+        ("single", ("pink",), "olive"),
+        ("pair_same", ("pink", "orange"), "no"),
+        ("pair_same", ("purple", "pink"), "yes"),
+        ("describe", ("cyan",), "cyan navy"),
+    ]
+    assert rng.random() == 0.0474015705573535
 
 
 def test_task_words_are_single_tokens(quality_processor):
@@ -200,7 +274,7 @@ def test_prompt_token_counts(quality_processor, k, kind):
     assert visual == 16 * k
     # Images dominate: 16 visual + 2 delimiter tokens per image, ~45 tokens of template + question.
     assert 18 * k + 35 <= prompt <= 18 * k + 60
-    assert visual / prompt > 0.75
+    assert visual / prompt > (0.74 if kind == "list_name" else 0.75)  # lists: longer question
     if k == 16:  # the processor agrees (slower for larger K)
         encoded = quality_processor(
             text=[qt.chat_text(case, upto=1)], images=case.images(), return_tensors="np"
