@@ -46,7 +46,8 @@ From scratch:
 On exit (done or capped) the current weights are exported to ``--out`` with the tokenizer and
 processor files and ``training.json`` (arguments, steps, time, curriculum log, held-out accuracy
 by greedy teacher-forced exact match with transformers over single, describe, pair_name,
-multi_turn and list_name, per kind, per K, per kind and K, and for lists of 3 and 4 keys).
+multi_turn, and list_name when ``--list-prob`` > 0; per kind, per K, per kind and K, and for
+lists of 3 and 4 keys).
 """
 
 from __future__ import annotations
@@ -105,8 +106,6 @@ MODEL_OPTIONS: dict[str, Any] = {
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 EXPORT_SKIP = {MANIFEST_NAME, "model.safetensors", "config.json"}
-EVAL_KINDS: tuple[qt.CaseKind, ...] = (*qt.LEARNED_KINDS, "list_name")
-"""Held-out kinds at export and in the quick evaluation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,15 +412,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def eval_kinds(args: argparse.Namespace) -> tuple[qt.CaseKind, ...]:
+    """Held-out kinds: what the model learned, plus ``list_name`` when lists are trained."""
+    return (*qt.LEARNED_KINDS, "list_name") if args.list_prob > 0 else qt.LEARNED_KINDS
+
+
+def held_out_set(args: argparse.Namespace) -> list[qt.TileCase]:
+    """The held-out questions of the export evaluation (``--eval-ks``, ``--eval-per-kind``)."""
+    eval_ks = [int(k) for k in args.eval_ks.split(",")]
+    return qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=eval_kinds(args))
+
+
 def evaluate_exported(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Held-out teacher-forced exact match of an exported model directory."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     encoder = Encoder(AutoTokenizer.from_pretrained(model_dir))
-    eval_ks = [int(k) for k in args.eval_ks.split(",")]
-    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=EVAL_KINDS)
-    return teacher_forced_exact_match(model, encoder, held_out)
+    return teacher_forced_exact_match(model, encoder, held_out_set(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         state = TrainState(**saved["state"])
         print(f"resumed at step {state.step}, K_max {state.k_max}", file=sys.stderr)
     params = sum(p.numel() for p in model.parameters())
-    quick_eval = qt.make_question_set(ks=(8, 16), per_kind=4, seed=2_000_000, kinds=EVAL_KINDS)
+    quick_eval = qt.make_question_set(
+        ks=(8, 16), per_kind=4, seed=2_000_000, kinds=eval_kinds(args)
+    )
 
     started = time.monotonic()
     base_elapsed = state.elapsed_s
@@ -547,9 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     state.elapsed_s = base_elapsed + (time.monotonic() - started)
     save_checkpoint(ckpt_path, model, optimizer, state)
 
-    eval_ks = [int(k) for k in args.eval_ks.split(",")]
-    held_out = qt.make_question_set(ks=eval_ks, per_kind=args.eval_per_kind, kinds=EVAL_KINDS)
-    result = teacher_forced_exact_match(model, encoder, held_out)
+    result = teacher_forced_exact_match(model, encoder, held_out_set(args))
     info = {
         "done": done,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -426,7 +426,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
     num_layers = model_runner.token_to_kv_pool.layer_num
     WINDOW_TAILS.window = config.window
-    window_prefill.install(config if config.enabled else None)
+    window_prefill.install(config)
     compaction.install(
         create_compact_storage(config, model_runner.token_to_kv_pool, num_layers)
         if config.storage == "compact" and config.enabled

@@ -29,7 +29,7 @@ class PrefillEnd:
 
     @property
     def visual_tokens(self) -> int:
-        return sum(end - start for start, end in self.visual_spans)
+        return span_tokens(self.visual_spans)
 
     @property
     def extend_len(self) -> int:
@@ -45,6 +45,11 @@ class PrefillChunk:
     extend_start: int
     extend_end: int
     query_start: int
+
+
+def span_tokens(spans: tuple[tuple[int, int], ...]) -> int:
+    """Tokens covered by half-open, non-overlapping spans."""
+    return sum(end - start for start, end in spans)
 
 
 def visual_spans_of(mm_input: Any, prompt_len: int) -> tuple[tuple[int, int], ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime.requests import dense_reason_of, visual_spans_of
+from hybridkv_sglang.runtime.requests import dense_reason_of, span_tokens, visual_spans_of
 
 _config: HybridKVConfig | None = None
 
@@ -39,5 +39,5 @@ def cap_prefix_for_window(result: Any, req: Any, input_len: int, *args: Any, **k
     if config is None or not isinstance(result, int):
         return result
     spans = visual_spans_of(getattr(req, "multimodal_inputs", None), input_len)
-    cap = window_prefix_cap(input_len, sum(end - start for start, end in spans), config)
+    cap = window_prefix_cap(input_len, span_tokens(spans), config)
     return result if cap is None else min(result, cap)

@@ -335,4 +335,6 @@ def test_fine_tune_defaults(train_script):
     assert (scratch.lr, scratch.k_start, scratch.list_prob) == (1e-3, 2, 0.0)
     tuned = train_script.parse_args(["--init-from", "m", "--k-final", "32", "--list-prob", "0.5"])
     assert (tuned.lr, tuned.k_start, tuned.list_prob) == (3e-4, 32, 0.5)
-    assert "list_name" in train_script.EVAL_KINDS
+    # Lists are evaluated only when trained: a from-scratch model is not scored on them.
+    assert "list_name" in train_script.eval_kinds(tuned)
+    assert train_script.eval_kinds(scratch) == train_script.qt.LEARNED_KINDS
