@@ -3,8 +3,8 @@
 The policy observes the queries of the last ``w`` prompt tokens. With chunked prefill the last
 chunk may hold fewer than ``w`` tokens, and where chunk boundaries fall depends on what else the
 scheduler batched. Keeping each request's last ``w`` query rows per layer between its chunks makes
-the plan independent of chunking. (Tokens served from the prefix cache have no queries: a request
-whose prefill starts after a prefix hit observes only the rows it computes.)
+the plan independent of chunking. (Tokens served from the prefix cache have no queries; the
+prefix-match cap of ``window_prefill`` makes a compressed request prefill its last ``w`` tokens.)
 """
 
 from __future__ import annotations
