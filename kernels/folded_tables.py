@@ -1,0 +1,581 @@
+"""Decode page tables built on the device from per-request metadata (graph-safe, no host reads).
+
+A decode step's table of layer ``l`` has one row per (request, kv head), request-major. What a
+row reads is described once per request, when its compression finishes, by one record of
+``ROW_FIELDS`` int32 values per (request slot, layer, kv head) (``row_meta``), plus values in
+two arenas: ``fixed_values`` (positions in the request's ``req_to_token`` row, or folded entry
+ids when ``DIRECT``) and the dynamic rows' chunk key bounds. A row lists, in order::
+
+    fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
+    its NUM_SEL retrieved chunks of C values each          # dynamic rows only
+    fixed[POST_START : POST_START + POST_LEN]             # compact window (else empty)
+    positions [TAIL_START, seq_len)                        # the dense tail
+
+A value ``v`` becomes the folded entry ``req_to_token[pool_row, v] * H_kv + h`` (in place) or
+``v`` itself (``DIRECT``, compact entries). Retrieved chunk ``c`` (``0 <= c < NUM_CHUNKS``, by
+descending Quest score) gives values ``(FIRST_CHUNK + c) * C + i``, mapped through
+``fixed[CHUNK_BASE + ...]`` when ``DIRECT``. Requests whose pool row maps to no slot
+(``slot_of_row[row] == -1``: dense, or graph padding) read ``[0, seq_len)``.
+
+Three kernels, each with a torch twin of the same contract:
+
+- :func:`folded_lengths`: every layer's ``kv_indptr`` and KV split counts in one launch;
+- :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
+  top ``NUM_SEL`` (one program per row; other rows exit at once), written into the row's own
+  range of the ``chunk_top`` arena, so scratch is sized by the live chunks, never per row;
+- :func:`fill_folded_indices`: per layer, the ``kv_indices``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import require_triton_device
+
+__all__ = [
+    "ROW_FIELDS",
+    "chunk_retrieval",
+    "chunk_retrieval_ref",
+    "fill_folded_indices",
+    "fill_folded_indices_ref",
+    "folded_lengths",
+    "folded_lengths_ref",
+]
+
+ROW_FIELDS = (
+    "FIXED_START",
+    "PRE_LEN",
+    "POST_START",
+    "POST_LEN",
+    "TAIL_START",
+    "NUM_SEL",
+    "NUM_CHUNKS",
+    "FIRST_CHUNK",
+    "BOUNDS_START",
+    "CHUNK_BASE",
+    "DIRECT",
+)
+(
+    FIXED_START,
+    PRE_LEN,
+    POST_START,
+    POST_LEN,
+    TAIL_START,
+    NUM_SEL,
+    NUM_CHUNKS,
+    FIRST_CHUNK,
+    BOUNDS_START,
+    CHUNK_BASE,
+    DIRECT,
+) = range(len(ROW_FIELDS))
+NF = len(ROW_FIELDS)
+
+_MIN_SPLIT_ENTRIES = 64
+"""A KV split reads at least this many entries (fewer splits on short rows)."""
+
+
+# ----------------------------------------------------------------------------- shared twin parts
+def _batch_rows(
+    req_pool_indices: Tensor, slot_of_row: Tensor, row_meta: Tensor, layer: int, num_rows: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(b, h, slot, meta [rows, NF])`` of the table's rows (dense rows: zero meta)."""
+    heads = row_meta.shape[2]
+    device = req_pool_indices.device
+    r = torch.arange(num_rows, device=device)
+    b, h = r // heads, r % heads
+    slot = slot_of_row[req_pool_indices.to(torch.int64)[b]].to(torch.int64)
+    compressed = slot >= 0
+    meta = row_meta[slot.clamp(min=0), layer, h].to(torch.int64)
+    meta = torch.where(compressed[:, None], meta, torch.zeros_like(meta))
+    return b, h, slot, meta
+
+
+def _row_lengths(meta: Tensor, seq: Tensor, chunk_size: int) -> Tensor:
+    return (
+        meta[:, PRE_LEN]
+        + meta[:, NUM_SEL] * chunk_size
+        + meta[:, POST_LEN]
+        + seq
+        - meta[:, TAIL_START]
+    )
+
+
+# ----------------------------------------------------------------------------- 1. lengths
+@triton.jit
+def _folded_lengths_kernel(
+    req_pool_ptr,
+    seq_lens_ptr,
+    slot_of_row_ptr,
+    meta_ptr,
+    indptr_ptr,
+    splits_ptr,
+    num_rows,
+    num_layers,
+    stride_indptr,
+    stride_splits,
+    target_programs,
+    H: tl.constexpr,
+    NF_: tl.constexpr,
+    C: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    valid = r < num_rows
+    b = r // H
+    h = r % H
+    pool = tl.load(req_pool_ptr + b, mask=valid, other=0).to(tl.int64)
+    seq = tl.load(seq_lens_ptr + b, mask=valid, other=0).to(tl.int32)
+    slot = tl.load(slot_of_row_ptr + pool, mask=valid, other=-1)
+    comp = valid & (slot >= 0)
+    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
+    pre = tl.load(meta_ptr + base + 1, mask=comp, other=0)
+    post = tl.load(meta_ptr + base + 3, mask=comp, other=0)
+    tail = tl.load(meta_ptr + base + 4, mask=comp, other=0)
+    nsel = tl.load(meta_ptr + base + 5, mask=comp, other=0)
+    length = tl.where(comp, pre + nsel * C + post + seq - tail, seq)
+    length = tl.where(valid, length, 0)
+    csum = tl.cumsum(length, axis=0)
+    total = tl.maximum(tl.sum(length, axis=0), 1)
+    row_indptr = indptr_ptr + layer * stride_indptr
+    tl.store(row_indptr + 1 + r, csum, mask=valid)
+    tl.store(row_indptr + r, 0, mask=r == 0)
+    share = (length.to(tl.int64) * target_programs + total - 1) // total
+    splits = tl.minimum(share, (length + MIN_SPLIT - 1) // MIN_SPLIT)
+    splits = tl.minimum(tl.maximum(splits, 1), MAX_SPLITS).to(tl.int32)
+    tl.store(splits_ptr + layer * stride_splits + r, splits, mask=valid)
+
+
+def _check_lengths_args(
+    req_pool_indices: Tensor, seq_lens: Tensor, row_meta: Tensor, kv_indptr: Tensor, splits: Tensor
+) -> None:
+    if row_meta.dim() != 4 or row_meta.shape[3] != NF or row_meta.dtype != torch.int32:
+        raise ValueError(
+            f"row_meta: expected int32 [slots, L, H, {NF}], got {row_meta.dtype} "
+            f"{tuple(row_meta.shape)}"
+        )
+    rows = req_pool_indices.numel() * row_meta.shape[2]
+    layers = row_meta.shape[1]
+    if seq_lens.numel() != req_pool_indices.numel():
+        raise ValueError(
+            f"seq_lens: expected {req_pool_indices.numel()} values (one per request), got "
+            f"{seq_lens.numel()}"
+        )
+    if kv_indptr.shape[0] != layers or kv_indptr.shape[1] < rows + 1:
+        raise ValueError(f"kv_indptr: expected [{layers}, >= {rows + 1}], got {kv_indptr.shape}")
+    if splits.shape[0] != layers or splits.shape[1] < rows:
+        raise ValueError(f"num_kv_splits: expected [{layers}, >= {rows}], got {splits.shape}")
+
+
+def folded_lengths(
+    req_pool_indices: Tensor,
+    seq_lens: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    kv_indptr: Tensor,
+    num_kv_splits: Tensor,
+    *,
+    chunk_size: int,
+    max_kv_splits: int,
+    target_programs: int,
+) -> None:
+    """Every layer's ``kv_indptr[l, : rows + 1]`` and ``num_kv_splits[l, :rows]`` (one launch).
+
+    Args:
+        req_pool_indices: ``[B]`` int, each request's ``req_to_token`` row (graph padding: 0).
+        seq_lens: ``[B]`` int, dense lengths (this step's token included).
+        slot_of_row: ``[P]`` int32, metadata slot of each pool row, ``-1``: dense.
+        row_meta: ``[S, L, H_kv, NF]`` int32 row records (see the module docstring).
+        kv_indptr: ``[L, >= B * H_kv + 1]`` int32, written.
+        num_kv_splits: ``[L, >= B * H_kv]`` int32, written: splits per row, about
+            ``target_programs`` in all, in proportion to each row's length, at most
+            ``max_kv_splits`` and at least one per ``_MIN_SPLIT_ENTRIES`` entries.
+    """
+    _check_lengths_args(req_pool_indices, seq_lens, row_meta, kv_indptr, num_kv_splits)
+    require_triton_device("folded_lengths", req_pool_indices, seq_lens, row_meta, kv_indptr)
+    layers, heads = row_meta.shape[1], row_meta.shape[2]
+    rows = req_pool_indices.numel() * heads
+    _folded_lengths_kernel[(layers,)](
+        req_pool_indices,
+        seq_lens,
+        slot_of_row,
+        row_meta,
+        kv_indptr,
+        num_kv_splits,
+        rows,
+        layers,
+        kv_indptr.stride(0),
+        num_kv_splits.stride(0),
+        target_programs,
+        H=heads,
+        NF_=NF,
+        C=chunk_size,
+        MAX_SPLITS=max_kv_splits,
+        MIN_SPLIT=_MIN_SPLIT_ENTRIES,
+        BLOCK=triton.next_power_of_2(max(rows, 2)),
+    )
+
+
+def folded_lengths_ref(
+    req_pool_indices: Tensor,
+    seq_lens: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    kv_indptr: Tensor,
+    num_kv_splits: Tensor,
+    *,
+    chunk_size: int,
+    max_kv_splits: int,
+    target_programs: int,
+) -> None:
+    """Torch twin of :func:`folded_lengths`."""
+    _check_lengths_args(req_pool_indices, seq_lens, row_meta, kv_indptr, num_kv_splits)
+    layers, heads = row_meta.shape[1], row_meta.shape[2]
+    rows = req_pool_indices.numel() * heads
+    for layer in range(layers):
+        b, _, _, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, rows)
+        length = _row_lengths(meta, seq_lens.to(torch.int64)[b], chunk_size)
+        kv_indptr[layer, 0] = 0
+        kv_indptr[layer, 1 : rows + 1] = torch.cumsum(length, 0).to(kv_indptr.dtype)
+        total = length.sum().clamp(min=1)
+        share = (length * target_programs + total - 1) // total
+        splits = torch.minimum(share, (length + _MIN_SPLIT_ENTRIES - 1) // _MIN_SPLIT_ENTRIES)
+        num_kv_splits[layer, :rows] = splits.clamp(1, max_kv_splits).to(num_kv_splits.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. retrieval
+@triton.jit
+def _chunk_retrieval_kernel(
+    q_ptr,
+    kmin_ptr,
+    kmax_ptr,
+    scores_ptr,
+    top_ptr,
+    req_pool_ptr,
+    slot_of_row_ptr,
+    meta_ptr,
+    layer,
+    num_layers,
+    G,
+    D,
+    stride_qr,
+    stride_qg,
+    stride_bound,
+    H: tl.constexpr,
+    NF_: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    b = r // H
+    h = r % H
+    pool = tl.load(req_pool_ptr + b).to(tl.int64)
+    slot = tl.load(slot_of_row_ptr + pool)
+    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
+    nsel = tl.load(meta_ptr + base + 5, mask=slot >= 0, other=0)
+    if nsel > 0:
+        n = tl.load(meta_ptr + base + 6)
+        bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        q_row = q_ptr + r.to(tl.int64) * stride_qr
+        for c0 in range(0, n, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < n
+            where = (bstart + offs_c)[:, None] * stride_bound + offs_d[None, :]
+            mask = mask_c[:, None] & mask_d[None, :]
+            lo = tl.load(kmin_ptr + where, mask=mask, other=0.0).to(tl.float32)
+            hi = tl.load(kmax_ptr + where, mask=mask, other=0.0).to(tl.float32)
+            best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+            for g in range(0, G):
+                qv = tl.load(q_row + g * stride_qg + offs_d, mask=mask_d, other=0.0)
+                qv = qv.to(tl.float32)[None, :]
+                best = tl.maximum(best, tl.sum(tl.maximum(qv * lo, qv * hi), axis=1))
+            tl.store(scores_ptr + bstart + offs_c, best, mask=mask_c)
+        for j in range(0, nsel):
+            best_val = float("-inf")
+            best_idx = 0
+            for c0 in range(0, n, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                s = tl.load(scores_ptr + bstart + offs_c, mask=offs_c < n, other=float("-inf"))
+                m = tl.max(s, axis=0)
+                i = tl.argmax(s, axis=0)
+                take = m > best_val
+                best_idx = tl.where(take, c0 + i, best_idx)
+                best_val = tl.where(take, m, best_val)
+            tl.store(top_ptr + bstart + j, best_idx)
+            tl.store(scores_ptr + bstart + best_idx, float("-inf"))
+
+
+def _check_retrieval_args(q: Tensor, kmin: Tensor, kmax: Tensor, row_meta: Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [rows, G, D], got shape {tuple(q.shape)}")
+    if kmin.dim() != 2 or kmin.shape[1] != q.shape[2] or kmax.shape != kmin.shape:
+        raise ValueError(
+            f"kmin/kmax: expected [chunks, {q.shape[2]}], got {tuple(kmin.shape)} and "
+            f"{tuple(kmax.shape)}"
+        )
+    if q.shape[0] % row_meta.shape[2]:
+        raise ValueError(f"q: expected a multiple of {row_meta.shape[2]} rows, got {q.shape[0]}")
+
+
+def chunk_retrieval(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    chunk_scores: Tensor,
+    chunk_top: Tensor,
+    req_pool_indices: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    layer: int,
+) -> None:
+    """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[BOUNDS_START:]``.
+
+    Args:
+        q: ``[B * H_kv, G, D]`` this layer's queries (rows request-major); last dim contiguous.
+        kmin, kmax: ``[J, D]`` the bounds arena (row ``BOUNDS_START + c`` is chunk ``c``).
+        chunk_scores: ``[J]`` float32 scratch; chunk_top: ``[J]`` int32, written: relative chunk
+            ids by descending score (ties: the lower id), ``NUM_SEL`` per dynamic row.
+        req_pool_indices, slot_of_row, row_meta: as in :func:`folded_lengths`.
+    """
+    _check_retrieval_args(q, kmin, kmax, row_meta)
+    require_triton_device("chunk_retrieval", q, kmin, chunk_top, row_meta)
+    rows, groups, dim = q.shape
+    if rows == 0:
+        return
+    block_d = triton.next_power_of_2(dim)
+    _chunk_retrieval_kernel[(rows,)](
+        q,
+        kmin,
+        kmax,
+        chunk_scores,
+        chunk_top,
+        req_pool_indices,
+        slot_of_row,
+        row_meta,
+        layer,
+        row_meta.shape[1],
+        groups,
+        dim,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        H=row_meta.shape[2],
+        NF_=NF,
+        BLOCK_C=max(16, min(128, 8192 // block_d)),
+        BLOCK_D=block_d,
+    )
+
+
+def chunk_retrieval_ref(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    chunk_scores: Tensor,
+    chunk_top: Tensor,
+    req_pool_indices: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    layer: int,
+) -> None:
+    """Torch twin of :func:`chunk_retrieval` (reads row counts on the host: CPU path)."""
+    _check_retrieval_args(q, kmin, kmax, row_meta)
+    _, _, slot, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, q.shape[0])
+    dynamic = torch.nonzero((slot >= 0) & (meta[:, NUM_SEL] > 0)).reshape(-1).tolist()
+    qf = q.float()
+    for r in dynamic:
+        n, nsel, start = (int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START))
+        lo = kmin[start : start + n].float()
+        hi = kmax[start : start + n].float()
+        scores = (qf[r].clamp(min=0) @ hi.T + qf[r].clamp(max=0) @ lo.T).amax(dim=0)
+        chunk_scores[start : start + n] = scores
+        order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
+        chunk_top[start : start + nsel] = order.to(chunk_top.dtype)
+
+
+# ----------------------------------------------------------------------------- 3. indices
+@triton.jit
+def _fill_folded_indices_kernel(
+    req_to_token_ptr,
+    stride_rt,
+    req_pool_ptr,
+    seq_lens_ptr,
+    slot_of_row_ptr,
+    meta_ptr,
+    fixed_ptr,
+    top_ptr,
+    indptr_ptr,
+    out_ptr,
+    layer,
+    num_layers,
+    H: tl.constexpr,
+    NF_: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0)
+    b = r // H
+    h = r % H
+    pool = tl.load(req_pool_ptr + b).to(tl.int64)
+    seq = tl.load(seq_lens_ptr + b).to(tl.int64)
+    slot = tl.load(slot_of_row_ptr + pool)
+    comp = slot >= 0
+    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
+    fstart = tl.load(meta_ptr + base + 0, mask=comp, other=0).to(tl.int64)
+    pre = tl.load(meta_ptr + base + 1, mask=comp, other=0)
+    pstart = tl.load(meta_ptr + base + 2, mask=comp, other=0).to(tl.int64)
+    post = tl.load(meta_ptr + base + 3, mask=comp, other=0)
+    tail = tl.load(meta_ptr + base + 4, mask=comp, other=0).to(tl.int64)
+    nsel = tl.load(meta_ptr + base + 5, mask=comp, other=0)
+    first = tl.load(meta_ptr + base + 7, mask=comp, other=0).to(tl.int64)
+    bstart = tl.load(meta_ptr + base + 8, mask=comp, other=0).to(tl.int64)
+    cbase = tl.load(meta_ptr + base + 9, mask=comp, other=0).to(tl.int64)
+    direct_flag = tl.load(meta_ptr + base + 10, mask=comp, other=0)
+    offs = tl.arange(0, BLOCK)
+    direct_flags = tl.zeros([BLOCK], dtype=tl.int32) + direct_flag
+    direct = direct_flags != 0
+    positional = direct_flags == 0
+    tokens = req_to_token_ptr + pool * stride_rt
+    out = out_ptr + tl.load(indptr_ptr + r).to(tl.int64)
+    # fixed values before the chunks
+    for j0 in range(0, pre, BLOCK):
+        j = j0 + offs
+        mask = j < pre
+        v = tl.load(fixed_ptr + fstart + j, mask=mask, other=0).to(tl.int64)
+        slot_v = tl.load(tokens + v, mask=mask & positional, other=0).to(tl.int64)
+        tl.store(out + j, tl.where(direct, v, slot_v * H + h), mask=mask)
+    # retrieved chunks
+    nch = nsel * C
+    for j0 in range(0, nch, BLOCK):
+        j = j0 + offs
+        mask = j < nch
+        c = tl.load(top_ptr + bstart + j // C, mask=mask, other=0).to(tl.int64)
+        v = (first + c) * C + j % C
+        entry = tl.load(fixed_ptr + cbase + v, mask=mask & direct, other=0).to(tl.int64)
+        slot_v = tl.load(tokens + v, mask=mask & positional, other=0).to(tl.int64)
+        tl.store(out + pre + j, tl.where(direct, entry, slot_v * H + h), mask=mask)
+    # fixed values after the chunks (compact windows: always entries)
+    for j0 in range(0, post, BLOCK):
+        j = j0 + offs
+        mask = j < post
+        v = tl.load(fixed_ptr + pstart + j, mask=mask, other=0).to(tl.int64)
+        tl.store(out + pre + nch + j, v, mask=mask)
+    # dense tail
+    tail_len = seq - tail
+    for j0 in range(0, tail_len, BLOCK):
+        j = j0 + offs
+        mask = j < tail_len
+        slot_v = tl.load(tokens + tail + j, mask=mask, other=0).to(tl.int64)
+        tl.store(out + pre + nch + post + j, slot_v * H + h, mask=mask)
+
+
+def fill_folded_indices(
+    req_to_token: Tensor,
+    req_pool_indices: Tensor,
+    seq_lens: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    fixed_values: Tensor,
+    chunk_top: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    layer: int,
+    *,
+    chunk_size: int,
+) -> None:
+    """``layer``'s ``kv_indices`` (int64 folded entries) at the offsets of ``kv_indptr``.
+
+    Args:
+        req_to_token: ``[P, ctx]`` int32, SGLang's request-to-slot map.
+        fixed_values: ``[F]`` int32 arena; chunk_top: ``[J]`` int32 (after retrieval).
+        kv_indptr: ``[>= B * H_kv + 1]`` int32, this layer's row offsets.
+        kv_indices: ``[>= kv_indptr[rows]]`` int64, written.
+    """
+    require_triton_device("fill_folded_indices", req_to_token, kv_indices, row_meta)
+    heads = row_meta.shape[2]
+    rows = req_pool_indices.numel() * heads
+    if rows == 0:
+        return
+    _fill_folded_indices_kernel[(rows,)](
+        req_to_token,
+        req_to_token.stride(0),
+        req_pool_indices,
+        seq_lens,
+        slot_of_row,
+        row_meta,
+        fixed_values,
+        chunk_top,
+        kv_indptr,
+        kv_indices,
+        layer,
+        row_meta.shape[1],
+        H=heads,
+        NF_=NF,
+        C=chunk_size,
+        BLOCK=512,
+    )
+
+
+def fill_folded_indices_ref(
+    req_to_token: Tensor,
+    req_pool_indices: Tensor,
+    seq_lens: Tensor,
+    slot_of_row: Tensor,
+    row_meta: Tensor,
+    fixed_values: Tensor,
+    chunk_top: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    layer: int,
+    *,
+    chunk_size: int,
+) -> None:
+    """Torch twin of :func:`fill_folded_indices` (vectorised over every entry of the layer)."""
+    heads = row_meta.shape[2]
+    rows = req_pool_indices.numel() * heads
+    if rows == 0:
+        return
+    b, h, _, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, rows)
+    seq = seq_lens.to(torch.int64)[b]
+    lengths = _row_lengths(meta, seq, chunk_size)
+    total = int(lengths.sum())
+    row = torch.repeat_interleave(torch.arange(rows, device=lengths.device), lengths)
+    start = kv_indptr[:rows].to(torch.int64)
+    j = torch.arange(total, device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[row]
+    m = meta[row]
+    pre, post = m[:, PRE_LEN], m[:, POST_LEN]
+    nch = m[:, NUM_SEL] * chunk_size
+    direct = m[:, DIRECT] != 0
+    in_chunks = (j >= pre) & (j < pre + nch)
+    in_post = (j >= pre + nch) & (j < pre + nch + post)
+    in_tail = j >= pre + nch + post
+    jc = (j - pre).clamp(min=0)
+    top = (
+        chunk_top.to(torch.int64)[
+            (m[:, BOUNDS_START] + jc // chunk_size).clamp(max=max(chunk_top.numel() - 1, 0))
+        ]
+        if chunk_top.numel()
+        else jc
+    )
+    chunk_v = (m[:, FIRST_CHUNK] + top) * chunk_size + jc % chunk_size
+    fixed = fixed_values.to(torch.int64)
+    last = max(fixed.numel() - 1, 0)
+    pre_v = fixed[(m[:, FIXED_START] + j).clamp(max=last)] if fixed.numel() else j
+    post_v = fixed[(m[:, POST_START] + j - pre - nch).clamp(0, last)] if fixed.numel() else j
+    tail_v = m[:, TAIL_START] + j - pre - nch - post
+    value = torch.where(
+        in_chunks, chunk_v, torch.where(in_post, post_v, torch.where(in_tail, tail_v, pre_v))
+    )
+    pool = req_pool_indices.to(torch.int64)[b][row]
+    positional = (~direct & ~in_post) | in_tail
+    slots = req_to_token[pool, torch.where(positional, value, 0)].to(torch.int64)
+    mapped_chunk = fixed[(m[:, CHUNK_BASE] + chunk_v).clamp(0, last)] if fixed.numel() else chunk_v
+    entry = torch.where(positional, slots * heads + h[row], value)
+    entry = torch.where(direct & in_chunks, mapped_chunk, entry)
+    kv_indices[start[row] + j] = entry.to(kv_indices.dtype)

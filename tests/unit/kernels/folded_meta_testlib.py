@@ -1,0 +1,134 @@
+"""Random decode metadata of every row kind (dense, in place static/dynamic, compact
+static/dynamic), for the folded-table kernels' tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
+    CHUNK_BASE,
+    DIRECT,
+    FIRST_CHUNK,
+    FIXED_START,
+    NF,
+    NUM_CHUNKS,
+    NUM_SEL,
+    POST_LEN,
+    POST_START,
+    PRE_LEN,
+    TAIL_START,
+)
+
+
+@dataclass
+class RandomBatch:
+    req_to_token: Tensor
+    req_pool_indices: Tensor
+    seq_lens: Tensor
+    slot_of_row: Tensor
+    row_meta: Tensor
+    fixed_values: Tensor
+    kmin: Tensor
+    kmax: Tensor
+    q: Tensor
+    chunk_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.row_meta.shape[1]
+
+
+def random_batch(
+    gen: torch.Generator,
+    *,
+    batch: int = 5,
+    layers: int = 3,
+    heads: int = 2,
+    group: int = 3,
+    dim: int = 16,
+    chunk: int = 4,
+    ctx: int = 160,
+    padded: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> RandomBatch:
+    """``batch`` requests (the first one dense, then random kinds) plus ``padded`` graph
+    padding requests (pool row 0, length 1)."""
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    pool_rows = batch + 3
+    slots = 4096
+    req_to_token = torch.randperm(slots, generator=gen)[: pool_rows * ctx].to(torch.int32)
+    req_to_token = req_to_token.reshape(pool_rows, ctx)
+    rows_of = torch.randperm(pool_rows - 1, generator=gen)[:batch] + 1
+    slot_of_row = torch.full((pool_rows,), -1, dtype=torch.int32)
+    row_meta = torch.zeros(batch, layers, heads, NF, dtype=torch.int32)
+    fixed: list[Tensor] = [torch.zeros(3, dtype=torch.int32)]  # offsets start past 0
+    bounds: list[Tensor] = [torch.randn(2, dim, generator=gen)]
+    used_fixed, used_bounds = 3, 2
+    seq_lens = []
+    for b in range(batch):
+        prompt = randint(3 * chunk + 8, ctx - 12)
+        seq = prompt + randint(1, 10)
+        seq_lens.append(seq)
+        if b == 0:
+            continue
+        compact = b % 2 == 0
+        slot_of_row[rows_of[b]] = b
+        for layer in range(layers):
+            for h in range(heads):
+                m = row_meta[b, layer, h]
+                dynamic = randint(0, 2) == 1
+                if not dynamic:
+                    keep = randint(1, prompt)
+                    values = torch.randperm(prompt, generator=gen)[:keep].sort().values
+                    if compact:
+                        values = torch.randint(0, slots * heads, (keep,), generator=gen)
+                    fixed.append(values.to(torch.int32))
+                    m[FIXED_START], m[PRE_LEN], m[TAIL_START] = used_fixed, keep, prompt
+                    m[DIRECT] = int(compact)
+                    used_fixed += keep
+                    continue
+                first = randint(0, 2)
+                end = max(first + 1, (prompt - randint(1, 9)) // chunk)
+                num_chunks = end - first
+                nsel = randint(1, num_chunks + 1)
+                m[NUM_SEL], m[NUM_CHUNKS], m[FIRST_CHUNK] = nsel, num_chunks, first
+                m[BOUNDS_START] = used_bounds
+                lo = torch.randn(num_chunks, dim, generator=gen)
+                bounds.append(torch.stack([lo, lo + torch.rand(num_chunks, dim, generator=gen)]))
+                used_bounds += num_chunks
+                prefix = first * chunk
+                if compact:
+                    region = torch.randint(0, slots * heads, (prompt,), generator=gen)
+                    fixed.append(region.to(torch.int32))
+                    m[FIXED_START], m[PRE_LEN] = used_fixed, prefix
+                    m[POST_START], m[POST_LEN] = used_fixed + end * chunk, prompt - end * chunk
+                    m[CHUNK_BASE], m[TAIL_START], m[DIRECT] = used_fixed, prompt, 1
+                    used_fixed += prompt
+                else:
+                    fixed.append(torch.arange(prefix, dtype=torch.int32))
+                    m[FIXED_START], m[PRE_LEN], m[TAIL_START] = used_fixed, prefix, end * chunk
+                    used_fixed += prefix
+    kmin = torch.cat([bounds[0]] + [pair[0] for pair in bounds[1:]])
+    kmax = torch.cat([bounds[0]] + [pair[1] for pair in bounds[1:]])
+    pool_idx = torch.cat([rows_of, torch.zeros(padded, dtype=torch.int64)])
+    lens = torch.tensor(seq_lens + [1] * padded, dtype=torch.int64)
+    q = torch.randn(pool_idx.numel() * heads, group, dim, generator=gen).to(dtype)
+    return RandomBatch(
+        req_to_token,
+        pool_idx,
+        lens,
+        slot_of_row,
+        row_meta,
+        torch.cat(fixed),
+        kmin.to(dtype),
+        kmax.to(dtype),
+        q,
+        chunk,
+    )

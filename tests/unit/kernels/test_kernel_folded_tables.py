@@ -1,0 +1,164 @@
+"""Folded-table kernels (Triton, interpreter mode on CPU) against their torch twins, and the
+twins against the definition of a row (fixed values, chunks, post, tail)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hybridkv_sglang.kernels._common import interpret_enabled
+from hybridkv_sglang.kernels.folded_tables import (
+    chunk_retrieval,
+    chunk_retrieval_ref,
+    fill_folded_indices,
+    fill_folded_indices_ref,
+    folded_lengths,
+    folded_lengths_ref,
+)
+from tests.unit.kernels.folded_meta_testlib import RandomBatch, random_batch
+
+needs_interpreter = pytest.mark.skipif(
+    not interpret_enabled(), reason="Triton runs on CPU only with TRITON_INTERPRET=1"
+)
+
+
+def _seed() -> torch.Generator:
+    return torch.Generator().manual_seed(time.time_ns() % 100_000)
+
+
+def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
+    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
+    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32)
+    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32)
+    fn(
+        batch.req_pool_indices,
+        batch.seq_lens,
+        batch.slot_of_row,
+        batch.row_meta,
+        indptr,
+        splits,
+        chunk_size=batch.chunk_size,
+        max_kv_splits=max_splits,
+        target_programs=40,
+    )
+    return indptr, splits
+
+
+def _retrieve(batch: RandomBatch, fn, layer: int):
+    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32)
+    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32)
+    fn(
+        batch.q,
+        batch.kmin,
+        batch.kmax,
+        scores,
+        top,
+        batch.req_pool_indices,
+        batch.slot_of_row,
+        batch.row_meta,
+        layer,
+    )
+    return top
+
+
+def _fill(batch: RandomBatch, fn, layer: int, indptr, top):
+    indices = torch.full((int(indptr[layer, -3]) + 5,), -1, dtype=torch.int64)
+    fn(
+        batch.req_to_token,
+        batch.req_pool_indices,
+        batch.seq_lens,
+        batch.slot_of_row,
+        batch.row_meta,
+        batch.fixed_values,
+        top,
+        indptr[layer],
+        indices,
+        layer,
+        chunk_size=batch.chunk_size,
+    )
+    return indices
+
+
+@needs_interpreter
+def test_lengths_kernel_matches_twin():
+    batch = random_batch(_seed())
+    indptr, splits = _lengths(batch, folded_lengths)
+    indptr_ref, splits_ref = _lengths(batch, folded_lengths_ref)
+    assert torch.equal(indptr, indptr_ref)
+    assert torch.equal(splits, splits_ref)
+    assert bool((splits_ref[:, :-2] >= 1).all()) and bool((splits_ref <= 16).all())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retrieval_kernel_matches_twin(dtype):
+    batch = random_batch(_seed(), dtype=dtype)
+    for layer in range(batch.num_layers):
+        assert torch.equal(
+            _retrieve(batch, chunk_retrieval, layer), _retrieve(batch, chunk_retrieval_ref, layer)
+        )
+
+
+@needs_interpreter
+def test_fill_kernel_matches_twin():
+    batch = random_batch(_seed())
+    indptr, _ = _lengths(batch, folded_lengths_ref)
+    for layer in range(batch.num_layers):
+        top = _retrieve(batch, chunk_retrieval_ref, layer)
+        triton_out = _fill(batch, fill_folded_indices, layer, indptr, top)
+        assert torch.equal(triton_out, _fill(batch, fill_folded_indices_ref, layer, indptr, top))
+
+
+def test_twins_list_each_row_by_definition():
+    """Row by row, with plain Python over the metadata: fixed, chunks, post, tail."""
+    batch = random_batch(_seed())
+    heads, c = batch.row_meta.shape[2], batch.chunk_size
+    indptr, _ = _lengths(batch, folded_lengths_ref)
+    for layer in range(batch.num_layers):
+        top = _retrieve(batch, chunk_retrieval_ref, layer)
+        out = _fill(batch, fill_folded_indices_ref, layer, indptr, top)
+        for r in range(batch.req_pool_indices.numel() * heads):
+            b, h = divmod(r, heads)
+            pool, seq = int(batch.req_pool_indices[b]), int(batch.seq_lens[b])
+            tokens = batch.req_to_token[pool].tolist()
+            slot = int(batch.slot_of_row[pool])
+            if slot < 0:
+                want = [tokens[p] * heads + h for p in range(seq)]
+            else:
+                m = batch.row_meta[slot, layer, h].tolist()
+                fixed = batch.fixed_values.tolist()
+                start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct = m
+                as_entry = (lambda v: v) if direct else (lambda v: tokens[v] * heads + h)
+                want = [as_entry(v) for v in fixed[start : start + pre]]
+                for cid in top[bstart : bstart + nsel].tolist():
+                    for i in range(c):
+                        v = (first + cid) * c + i
+                        want.append(fixed[cbase + v] if direct else tokens[v] * heads + h)
+                want += fixed[pstart : pstart + post]
+                want += [tokens[p] * heads + h for p in range(tail, seq)]
+            got = out[int(indptr[layer, r]) : int(indptr[layer, r + 1])].tolist()
+            assert got == want, (layer, r)
+
+
+def test_retrieval_twin_takes_the_best_chunks():
+    batch = random_batch(_seed())
+    heads = batch.row_meta.shape[2]
+    for layer in range(batch.num_layers):
+        top = _retrieve(batch, chunk_retrieval_ref, layer)
+        for r in range(batch.req_pool_indices.numel() * heads):
+            b, h = divmod(r, heads)
+            slot = int(batch.slot_of_row[int(batch.req_pool_indices[b])])
+            if slot < 0:
+                continue
+            _, _, _, _, _, nsel, n, _, bstart, _, _ = batch.row_meta[slot, layer, h].tolist()
+            if nsel == 0:
+                continue
+            q = batch.q[r].double()
+            lo = batch.kmin[bstart : bstart + n].double()
+            hi = batch.kmax[bstart : bstart + n].double()
+            scores = torch.maximum(q[:, None, :] * lo, q[:, None, :] * hi).sum(-1).amax(0)
+            picked = top[bstart : bstart + nsel].long()
+            assert picked.unique().numel() == nsel
+            assert float(scores[picked].min()) >= float(scores.topk(nsel).values.min()) - 1e-9
