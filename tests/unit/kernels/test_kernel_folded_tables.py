@@ -130,8 +130,9 @@ def test_twins_list_each_row_by_definition():
                 m = batch.row_meta[slot, layer, h].tolist()
                 fixed = batch.fixed_values.tolist()
                 start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct = m
-                as_entry = (lambda v: v) if direct else (lambda v: tokens[v] * heads + h)
-                want = [as_entry(v) for v in fixed[start : start + pre]]
+                want = [
+                    v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]
+                ]
                 for cid in top[bstart : bstart + nsel].tolist():
                     for i in range(c):
                         v = (first + cid) * c + i
