@@ -3,8 +3,9 @@
 Real SGLang servers, one after another, all with the same ``--max-total-tokens``. Each gets the
 same burst of concurrent image requests (distinct images, a few thousand prompt tokens each,
 greedy, ``ignore_eos``). While the burst runs, a sampler reads SGLang's own counters through
-``/server_info`` (running and waiting requests, available / evictable / protected pool tokens,
-hybridkv's live compact slots) every ``--sample-every`` seconds.
+``/v1/loads`` (running and waiting requests, pool tokens in use: neither available nor
+evictable) and, on hybridkv servers, the live compact slots through ``/server_info``, every
+``--sample-every`` seconds. The stock server runs without the plugin (``stock_environment``).
 
 Reported per server:
 - peak and median running requests (samples while requests were waiting: the pool, not the
@@ -74,9 +75,10 @@ def server_configs(budgets: list[float]) -> list[tuple[str, HybridKVConfig | Non
 class Sampler:
     """Polls the scheduler's counters in the background while a burst runs."""
 
-    def __init__(self, server: RunningServer, every: float) -> None:
+    def __init__(self, server: RunningServer, every: float, hybridkv: bool) -> None:
         self.server = server
         self.every = every
+        self.hybridkv = hybridkv
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -92,12 +94,27 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                memory = self.server.hybridkv_stats()["memory"]
-            except (requests.RequestException, KeyError):
-                memory = None
-            if memory:
-                self.samples.append({"t": time.perf_counter(), **memory})
+                sample = self.read()
+            except (requests.RequestException, KeyError, IndexError):
+                sample = None
+            if sample:
+                self.samples.append({"t": time.perf_counter(), **sample})
             self._stop.wait(self.every)
+
+    def read(self) -> dict[str, Any]:
+        """SGLang's own counters (the same on stock), plus hybridkv's live compact slots."""
+        response = requests.get(f"{self.server.base_url}/v1/loads?include=core", timeout=60)
+        response.raise_for_status()
+        load = response.json()["loads"][0]
+        sample = {
+            "pool_tokens": load["max_total_num_tokens"],
+            "used_tokens": load["num_used_tokens"],
+            "running_requests": load["num_running_reqs"],
+            "waiting_requests": load["num_waiting_reqs"],
+        }
+        if self.hybridkv:
+            sample["compact_slots"] = self.server.hybridkv_stats()["memory"].get("compact_slots", 0)
+        return sample
 
 
 def send(url: str, text: str, images: list[str], new_tokens: int) -> dict[str, Any]:
@@ -112,14 +129,14 @@ def send(url: str, text: str, images: list[str], new_tokens: int) -> dict[str, A
 
 
 def run_burst(
-    server: RunningServer, args: argparse.Namespace, progress: tqdm, name: str
+    server: RunningServer, args: argparse.Namespace, progress: tqdm, name: str, hybridkv: bool
 ) -> dict[str, Any]:
     side = args.image_tokens_side * MERGED_PX
     jobs = [
         (prompt(i, args.images), [image_base64(side, side, seed=1000 + 2 * i + j) for j in (0, 1)])
         for i in range(args.requests)
     ]
-    with Sampler(server, args.sample_every) as sampler:
+    with Sampler(server, args.sample_every, hybridkv) as sampler:
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.requests) as pool:
             futures = [pool.submit(send, server.base_url, t, d, args.new_tokens) for t, d in jobs]
@@ -128,7 +145,7 @@ def run_burst(
                 results.append(future.result())
                 progress.set_postfix_str(f"{name}: {len(results)}/{args.requests} done")
         wall = time.perf_counter() - start
-    records = server.hybridkv_stats()["requests"]  # empty for stock (plugin loaded, idle)
+    records = server.hybridkv_stats()["requests"] if hybridkv else {}
     return {"wall_s": wall, "results": results, "samples": sampler.samples, "records": records}
 
 
@@ -149,10 +166,7 @@ def summarise(
     resident_tokens = statistics.median(resident)
     busy = [s for s in samples if s.get("running_requests", 0) > 0]
     pool_bound = [s for s in busy if s.get("waiting_requests", 0) > 0] or busy
-    held = [
-        (s["pool_tokens"] - s["available_tokens"] - s["evictable_tokens"]) / s["running_requests"]
-        for s in busy
-    ]
+    held = [s["used_tokens"] / s["running_requests"] for s in busy]
     held_tokens = statistics.median(held) if held else float("nan")
     output_tokens = sum(r["meta_info"]["completion_tokens"] for r in results)
     prompt_tokens = [r["meta_info"]["prompt_tokens"] for r in results]
@@ -288,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                     [image_base64(56, 56, seed=s) for s in (1, 2)],
                     4,
                 )
-                burst = run_burst(server, args, progress, name)
+                burst = run_burst(server, args, progress, name, config is not None)
             rows.append(summarise(name, burst, kv_bytes_per_token, args.new_tokens))
             progress.update(1)
     add_ratios(rows)

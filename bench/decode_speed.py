@@ -56,6 +56,7 @@ from hybridkv_sglang.testing.server import (
     _wait_ready,
     free_port,
     launch_server,
+    stock_environment,
 )
 from hybridkv_sglang.testing.tiny_model import (
     PIXELS_PER_VISUAL_TOKEN,
@@ -185,6 +186,7 @@ def _launch_cuda(
     if hybridkv is None:
         command = [sys.executable, "-m", "sglang.launch_server", *flags]
         command += ["--attention-backend", "flashinfer"]
+        env = stock_environment(env)
     else:
         command = [sys.executable, "-m", "hybridkv_sglang.cli", *flags]
         env[ENV_VAR] = hybridkv.to_env()

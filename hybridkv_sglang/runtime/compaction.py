@@ -28,6 +28,7 @@ import torch
 
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
 from hybridkv_sglang.policy.lookm import average_merge
+from hybridkv_sglang.runtime.activation import is_active
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
@@ -196,6 +197,8 @@ def installed() -> CompactStorage | None:
 
 def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
     """AFTER hook of ``checkpoint_kv_cache(req, tree_cache)``: compact a just-planned request."""
+    if not is_active():
+        return result
     storage = _storage
     if storage is None:
         return result
@@ -228,6 +231,8 @@ def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any,
 
 def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
     """AFTER hook of ``release_kv_cache``: forget the request, give back its compact storage."""
+    if not is_active():
+        return result
     WINDOW_TAILS.drop(req.rid)
     entry = COMPRESSED.pop(req.rid)
     if entry is not None and isinstance(entry.layout, CompactLayout):
@@ -240,6 +245,8 @@ def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: An
 
 def count_compact_slots(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of the invariant checker's uncached-size sum: add live compact slots."""
+    if not is_active():
+        return result
     storage = _storage
     if storage is None or not isinstance(result, tuple):
         return result

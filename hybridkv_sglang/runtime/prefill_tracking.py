@@ -13,6 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from hybridkv_sglang.runtime.activation import is_active
+
 _MAX_PENDING = 32
 
 
@@ -35,6 +37,8 @@ def _schedule_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def record_extend_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of ``ForwardBatch.init_new``: remember last-chunk flags for this batch."""
+    if not is_active():
+        return forward_batch
     if forward_batch is None or not forward_batch.forward_mode.is_extend():
         return forward_batch
     batch = _schedule_batch(args, kwargs)

@@ -12,6 +12,8 @@ from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hybridkv_sglang.runtime.activation import is_active
+
 MAX_RECENT_REQUESTS = 256
 
 
@@ -121,6 +123,8 @@ STATS = HybridKVStats()
 
 def add_to_internal_state(result: Any, controller: Any = None, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook of the scheduler's ``get_internal_state``: attach the hybridkv snapshot."""
+    if not is_active():
+        return result
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         from hybridkv_sglang.runtime.compressed_requests import COMPRESSED

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.runtime.activation import is_active
 from hybridkv_sglang.runtime.requests import dense_reason_of, span_tokens, visual_spans_of
 
 _config: HybridKVConfig | None = None
@@ -35,6 +36,8 @@ def window_prefix_cap(prompt_len: int, visual_tokens: int, config: HybridKVConfi
 
 def cap_prefix_for_window(result: Any, req: Any, input_len: int, *args: Any, **kw: Any) -> Any:
     """AFTER hook of ``Req._compute_max_prefix_len(input_len)``: leave the window to prefill."""
+    if not is_active():
+        return result
     config = _config
     if config is None or not isinstance(result, int):
         return result

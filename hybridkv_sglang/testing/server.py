@@ -2,7 +2,8 @@
 
 Launches either ``hybridkv-serve`` (compression on) or stock ``python -m
 sglang.launch_server --attention-backend torch_native``, waits until it answers, and always
-kills the whole process group on exit.
+kills the whole process group on exit. A stock server runs without this plugin
+(``stock_environment``): SGLang would otherwise load it, as it loads every installed plugin.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,29 @@ from hybridkv_sglang.cli import CPU_ENVIRONMENT
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 
 STARTUP_TIMEOUT_S = 240.0
+PLUGIN_GROUP = "sglang.srt.plugins"
+PLUGIN_NAME = "hybridkv"
+"""This package's entry point in SGLang's general-plugin group (pyproject.toml)."""
+
+
+def stock_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) for a stock SGLang server: no hybridkv
+    config, and ``SGLANG_PLUGINS`` naming every plugin that would load except hybridkv.
+
+    SGLang loads every installed plugin when ``SGLANG_PLUGINS`` is empty or unset; otherwise only
+    the comma-separated names it lists. So stock keeps the other plugins (a stock row differs
+    from a hybridkv row by hybridkv alone), and when none is left the value is ``","``: not empty,
+    and naming no plugin.
+    """
+    env = dict(os.environ if base is None else base)
+    env.pop(ENV_VAR, None)
+    listed = env.get("SGLANG_PLUGINS", "")
+    if listed:  # SGLang's own test: any non-empty value restricts
+        names = {name.strip() for name in listed.split(",") if name.strip()}
+    else:
+        names = {ep.name for ep in entry_points(group=PLUGIN_GROUP)}
+    env["SGLANG_PLUGINS"] = ",".join(sorted(names - {PLUGIN_NAME})) or ","
+    return env
 
 
 def cpu_server_args(
@@ -119,7 +144,7 @@ def launch_server(
     if hybridkv is None:
         command = [sys.executable, "-m", "sglang.launch_server", *args]
         command += ["--attention-backend", "torch_native"]
-        process_env.pop(ENV_VAR, None)
+        process_env = stock_environment(process_env)
     else:
         command = [sys.executable, "-m", "hybridkv_sglang.cli", *args]
         process_env[ENV_VAR] = hybridkv.to_env()

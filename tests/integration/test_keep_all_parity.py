@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -15,6 +17,7 @@ import sglang as sgl
 from transformers import AutoTokenizer
 
 from hybridkv_sglang.testing.images import image_data_url, make_test_image
+from hybridkv_sglang.testing.server import stock_environment
 from tests.integration.client import chat_prompt, generate, images
 from tests.integration.conftest import CHUNKED_PREFILL, IMAGE_SIDE, VISUAL_TOKENS_PER_IMAGE
 
@@ -154,3 +157,34 @@ def test_server_info_carries_hybridkv_snapshot(keep_all_server):
     assert snapshot["live_compressed_requests"] == 0
     assert json.dumps(snapshot)  # plain JSON all the way down
     assert info["attention_backend"] == "hybridkv"
+
+
+def test_the_stock_server_runs_without_the_plugin(stock_server):
+    info = stock_server.server_info()
+    assert info["attention_backend"] == "torch_native"
+    assert "hybridkv" not in info["internal_states"][0]
+
+
+def test_sglang_loads_every_plugin_but_hybridkv_under_the_stock_environment():
+    """SGLang's own ``load_plugins`` in a fresh process with the stock servers' environment."""
+    probe = (
+        "import json\n"
+        "from importlib.metadata import entry_points\n"
+        "from sglang.srt.plugins import load_plugins\n"
+        "from sglang.srt.plugins.hook_registry import HookRegistry\n"
+        "from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS\n"
+        "load_plugins()\n"
+        "hooks = [fn.__module__ for fns in HookRegistry._hooks.values() for _, fn, _ in fns]\n"
+        "print(json.dumps({'backend': 'hybridkv' in ATTENTION_BACKENDS, 'hooks': hooks}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=stock_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["backend"]
+    assert not [m for m in seen["hooks"] if m.startswith("hybridkv_sglang")]
