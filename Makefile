@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-capacity bench-quality
+.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-capacity bench-quality \
+	bench-overhead
 
 env:
 	@bash devtools/setup_cpu_env.sh
@@ -25,6 +26,9 @@ bench-fidelity: env
 
 bench-decode: env
 	$(PY) bench/decode_speed.py
+
+bench-overhead: env
+	TRITON_INTERPRET=1 $(PY) bench/decode_overhead.py
 
 bench-kernel: env
 	$(PY) bench/sparse_decode_kernel.py
