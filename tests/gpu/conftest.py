@@ -2,19 +2,17 @@
 
 Run them in their own pytest process without ``TRITON_INTERPRET`` (``pytest tests/gpu``): the
 interpreter mode is fixed when triton is first imported and would turn the compiled kernels into
-the CPU interpreter.
+the CPU interpreter. The FoldedDecode checks also need SGLang's Triton decode kernel: installed
+sglang, or the copy ``python bench/device_sglang.py stage .device`` stages, with
+``PYTHONPATH=.device``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-# shared builders of the page-table tests (random pools and mixed batches)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "storage"))
 
 
 def pytest_collection_modifyitems(config, items):

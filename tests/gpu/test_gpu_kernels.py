@@ -1,9 +1,12 @@
-"""Compiled Triton kernels against their torch twins at serving shapes (CUDA only), and the
-page-table build path without host syncs."""
+"""Compiled Triton kernels against their torch twins on fresh random inputs (CUDA only): the
+Quest top-k and entry gather, the folded-table kernels, and FoldedDecode's Triton path (table
+kernels + SGLang's decode kernel) against its torch path on the same metadata, eager, without
+host syncs, and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import time
 
 import pytest
 import torch
@@ -11,26 +14,53 @@ import torch
 if not torch.cuda.is_available():  # before importing triton: keep CPU sessions interpretable
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from folded_testlib import Pool, make_pool, naive_indices, random_batch
-
+from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
+from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
+    NUM_CHUNKS,
+    NUM_SEL,
+    chunk_retrieval,
+    chunk_retrieval_ref,
+    fill_folded_indices,
+    fill_folded_indices_ref,
+    folded_lengths,
+    folded_lengths_ref,
+)
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
-from hybridkv_sglang.kernels.page_table_indices import (
-    build_page_table_indices,
-    build_page_table_indices_ref,
-    kv_indptr_from_lengths,
-)
-from hybridkv_sglang.kernels.ragged_chunk_scores import (
-    ragged_chunk_scores,
-    ragged_chunk_scores_ref,
-)
-from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
-from hybridkv_sglang.storage.page_tables import PositionsCSR, build_folded_page_table
-from hybridkv_sglang.storage.static_decode import StaticDecodeTables
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
+from tests.unit.kernels.folded_meta_testlib import RandomBatch, random_batch
 
 CUDA = "cuda"
+SERVING = dict(batch=16, layers=3, heads=4, group=7, dim=128, chunk=16, ctx=200, padded=2)
+"""Serving-like shapes within the test library's pool (``(batch + 3) * ctx <= 4096`` slots)."""
 
 
+def _seed() -> torch.Generator:
+    seed = time.time_ns() % 100_000
+    print(f"seed {seed}")  # shown on failure
+    return torch.Generator().manual_seed(seed)
+
+
+def _on(batch: RandomBatch, device: str) -> RandomBatch:
+    fields = {
+        name: getattr(batch, name).to(device)
+        for name in (
+            "req_to_token",
+            "req_pool_indices",
+            "seq_lens",
+            "slot_of_row",
+            "row_meta",
+            "fixed_values",
+            "kmin",
+            "kmax",
+            "q",
+        )
+    }
+    return RandomBatch(**fields, chunk_size=batch.chunk_size)
+
+
+# ----------------------------------------------------------------------------- chunk_topk
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     ("rows", "groups", "c_max", "dim"), [(1, 1, 1, 64), (112, 7, 509, 128), (64, 4, 256, 128)]
@@ -71,35 +101,7 @@ def test_chunk_topk_does_not_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize(("rows", "heads", "ctx"), [(1, 1, 1), (7, 4, 333), (256, 4, 4096)])
-def test_page_table_indices_compiled_match_ref(rows, heads, ctx):
-    gen = torch.Generator().manual_seed(rows)
-    num_pool = 4
-    r2t = torch.randperm(num_pool * ctx + 3, generator=gen)[: num_pool * ctx].view(num_pool, ctx)
-    row_req = torch.randint(0, num_pool, (rows,), generator=gen)
-    row_head = torch.randint(0, heads, (rows,), generator=gen)
-    sel_len = torch.randint(0, ctx // 2 + 1, (rows,), generator=gen)
-    sel_indptr = torch.zeros(rows + 1, dtype=torch.int32)
-    sel_indptr[1:] = torch.cumsum(sel_len, 0)
-    sel_pos = torch.randint(0, ctx, (int(sel_len.sum()),), generator=gen, dtype=torch.int32)
-    ts = torch.randint(0, ctx + 1, (rows,), generator=gen, dtype=torch.int32)
-    te = torch.full((rows,), ctx, dtype=torch.int32)
-    args = (
-        r2t.int(),
-        row_req,
-        row_head,
-        sel_indptr,
-        sel_pos,
-        ts,
-        te,
-        kv_indptr_from_lengths(sel_len, te - ts),
-        heads,
-    )
-    ref = build_page_table_indices_ref(*args)
-    dev = tuple(a.to(CUDA) if isinstance(a, torch.Tensor) else a for a in args)
-    assert torch.equal(build_page_table_indices(*dev).cpu(), ref)
-
-
+# ----------------------------------------------------------------------------- gather_entries
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
 def test_gather_entries_compiled_matches_ref(dtype):
     slots, heads, dim, n = 5000, 4, 128, 3001
@@ -114,102 +116,254 @@ def test_gather_entries_compiled_matches_ref(dtype):
     assert torch.equal(v.view(torch.uint8), ref_v.view(torch.uint8))
 
 
-def _cuda_pool(pool: Pool) -> Pool:
-    return Pool(pool.req_to_token.to(CUDA), pool.k_buffer.to(CUDA), pool.v_buffer.to(CUDA))
+# ----------------------------------------------------------------------------- folded tables
+def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
+    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
+    device = batch.row_meta.device
+    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32, device=device)
+    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32, device=device)
+    fn(
+        batch.req_pool_indices,
+        batch.seq_lens,
+        batch.slot_of_row,
+        batch.row_meta,
+        indptr,
+        splits,
+        chunk_size=batch.chunk_size,
+        max_kv_splits=max_splits,
+        target_programs=132,
+    )
+    return indptr, splits
 
 
-def test_folded_table_on_cuda_matches_definition_without_sync():
-    gen = torch.Generator().manual_seed(0)
-    cpu_pool = make_pool(gen, 9, 200, 4, 8)
-    pool = _cuda_pool(cpu_pool)
-    batch = random_batch(gen, pool, 8, sink=4, window=32, chunk_size=16, top_k=4, device=CUDA)
-    build_folded_page_table(pool.req_to_token, batch.specs, 4)  # compile outside the check
+def _retrieve(batch: RandomBatch, fn, layer: int):
+    device = batch.kmin.device
+    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32, device=device)
+    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32, device=device)
+    fn(
+        batch.q,
+        batch.kmin,
+        batch.kmax,
+        scores,
+        top,
+        batch.req_pool_indices,
+        batch.slot_of_row,
+        batch.row_meta,
+        layer,
+    )
+    return top
+
+
+def _fill(batch: RandomBatch, fn, layer: int, indptr, top):
+    size = int(indptr[layer, -3]) + 5
+    indices = torch.full((size,), -1, dtype=torch.int64, device=batch.req_to_token.device)
+    fn(
+        batch.req_to_token,
+        batch.req_pool_indices,
+        batch.seq_lens,
+        batch.slot_of_row,
+        batch.row_meta,
+        batch.fixed_values,
+        top,
+        indptr[layer],
+        indices,
+        layer,
+        chunk_size=batch.chunk_size,
+    )
+    return indices
+
+
+def _dynamic_rows(batch: RandomBatch, layer: int):
+    """``(row, nsel, num_chunks, bounds_start)`` of each dynamic row of ``layer`` (CPU batch)."""
+    heads = batch.row_meta.shape[2]
+    out = []
+    for r in range(batch.req_pool_indices.numel() * heads):
+        b, h = divmod(r, heads)
+        slot = int(batch.slot_of_row[int(batch.req_pool_indices[b])])
+        if slot < 0:
+            continue
+        m = batch.row_meta[slot, layer, h]
+        if int(m[NUM_SEL]):
+            out.append((r, int(m[NUM_SEL]), int(m[NUM_CHUNKS]), int(m[BOUNDS_START])))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_table_kernels_compiled_match_twins(dtype):
+    cpu = random_batch(_seed(), dtype=dtype, **SERVING)
+    dev = _on(cpu, CUDA)
+    indptr, splits = _lengths(dev, folded_lengths)
+    indptr_ref, splits_ref = _lengths(cpu, folded_lengths_ref)
+    assert torch.equal(indptr.cpu(), indptr_ref)
+    assert torch.equal(splits.cpu(), splits_ref)
+    for layer in range(cpu.num_layers):
+        top = _retrieve(dev, chunk_retrieval, layer)
+        top_ref = _retrieve(cpu, chunk_retrieval_ref, layer)
+        # the same chunks, up to float32 summation order between near-tied scores
+        for r, nsel, n, start in _dynamic_rows(cpu, layer):
+            q = cpu.q[r].double()
+            lo = cpu.kmin[start : start + n].double()
+            hi = cpu.kmax[start : start + n].double()
+            scores = torch.maximum(q[:, None] * lo, q[:, None] * hi).sum(-1).amax(0)
+            bound = (q.abs().amax(0) * torch.maximum(lo.abs(), hi.abs())).sum(-1).max()
+            got = top[start : start + nsel].long().cpu()
+            want = top_ref[start : start + nsel].long()
+            assert got.unique().numel() == nsel and int(got.min()) >= 0 and int(got.max()) < n
+            assert torch.allclose(scores[got], scores[want], rtol=0, atol=1e-5 * float(bound))
+        out = _fill(dev, fill_folded_indices, layer, indptr, top)
+        out_ref = _fill(cpu, fill_folded_indices_ref, layer, indptr_ref, top.cpu())
+        assert torch.equal(out.cpu(), out_ref)
+
+
+# ----------------------------------------------------------------------------- FoldedDecode
+def _sglang_decode_importable() -> bool:
+    try:
+        import sglang.kernels.ops.attention.decode_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_sglang_decode = pytest.mark.skipif(
+    not _sglang_decode_importable(),
+    reason="needs sglang.kernels.ops.attention.decode_attention (installed, or staged by "
+    "bench/device_sglang.py and put on PYTHONPATH)",
+)
+RTOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+"""Relative to the largest output magnitude; fp32 too: SGLang's kernel multiplies in TF32."""
+MAX_SPLITS = 8
+
+
+def _metadata(batch: RandomBatch) -> DecodeMetadata:
+    """Pools holding ``batch``'s row records as they are (on the batch's device)."""
+    slots, layers, heads, _ = batch.row_meta.shape
+    meta = DecodeMetadata(
+        layers,
+        heads,
+        batch.kmin.shape[1],
+        max_requests=slots,
+        pool_rows=batch.slot_of_row.numel(),
+        fixed_capacity=batch.fixed_values.numel(),
+        bound_capacity=batch.kmin.shape[0],
+        bound_dtype=batch.kmin.dtype,
+        device=batch.row_meta.device,
+    )
+    meta.slot_of_row.copy_(batch.slot_of_row)
+    meta.row_meta.copy_(batch.row_meta)
+    meta.fixed_values.copy_(batch.fixed_values)
+    meta.kmin.copy_(batch.kmin)
+    meta.kmax.copy_(batch.kmax)
+    return meta
+
+
+def _decoders(batch: RandomBatch, kv_dim: int, slack: int = 0) -> tuple[FoldedDecode, FoldedDecode]:
+    """Triton and torch steps over one shared metadata (the torch one reads the chunks the
+    Triton retrieval chose: attend without retrieve); ``slack`` more entries per row."""
+    meta = _metadata(batch)
+    indptr, _ = _lengths(_on(batch, "cpu"), folded_lengths_ref)
+    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
+    shape = FoldedShape(
+        num_layers=batch.num_layers,
+        num_kv_heads=batch.row_meta.shape[2],
+        group_size=batch.q.shape[1],
+        head_dim=batch.q.shape[2],
+        v_head_dim=kv_dim,
+        max_rows=rows,
+        table_entries=int(indptr[:, rows].max()) + slack * rows,
+        max_kv_splits=MAX_SPLITS,
+        chunk_size=batch.chunk_size,
+    )
+    device = batch.row_meta.device
+    return tuple(
+        FoldedDecode(meta, shape, use_triton=t, target_programs=132, device=device)
+        for t in (True, False)
+    )
+
+
+def _kv(batch: RandomBatch, dtype: torch.dtype, gen: torch.Generator):
+    """A KV pool covering every slot and compact entry the random batch may name."""
+    heads, dim = batch.row_meta.shape[2], batch.q.shape[2]
+    slots = max(int(batch.req_to_token.max()) + 1, -(-int(batch.fixed_values.max() + 1) // heads))
+    k = torch.randn(slots, heads, dim, generator=gen).to(dtype).to(CUDA)
+    v = torch.randn(slots, heads, dim, generator=gen).to(dtype).to(CUDA)
+    return k, v
+
+
+def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    scale = expected.double().abs().max()
+    assert scale > 0, "refusing to compare against an all-zero reference"
+    err = (actual.double() - expected.double()).abs().max() / scale
+    assert err <= rtol, f"relative error {float(err):.3g} > {rtol}"
+
+
+@needs_sglang_decode
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_folded_decode_triton_matches_torch_path(dtype):
+    gen = _seed()
+    batch = _on(random_batch(gen, dtype=dtype, **SERVING), CUDA)
+    k_buffer, v_buffer = _kv(batch, dtype, gen)
+    triton_step, torch_step = _decoders(batch, k_buffer.shape[-1])
+    scale = 1 / math.sqrt(batch.q.shape[2])
+    for step in (triton_step, torch_step):
+        step.begin_step(batch.req_pool_indices, batch.seq_lens)
+    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
+    assert torch.equal(triton_step.kv_indptr, torch_step.kv_indptr)
+    assert torch.equal(triton_step.num_kv_splits, torch_step.num_kv_splits)
+    for layer in range(batch.num_layers):
+        q = torch.randn(batch.q.shape, generator=gen).to(dtype).to(CUDA)
+        triton_step.retrieve(layer, q)
+        got = triton_step.attend(layer, q, k_buffer, v_buffer, batch.req_to_token, scale)
+        want = torch_step.attend(layer, q, k_buffer, v_buffer, batch.req_to_token, scale)
+        nnz = int(triton_step.kv_indptr[layer, rows])
+        assert torch.equal(triton_step.kv_indices[:nnz], torch_step.kv_indices[:nnz])
+        assert got.dtype == dtype and got.shape == want.shape
+        _assert_close_rel(got, want, RTOL[dtype])
+
+
+@needs_sglang_decode
+def test_folded_decode_step_does_not_sync_and_replays_from_a_cuda_graph():
+    gen = _seed()
+    dtype = torch.bfloat16
+    batch = _on(random_batch(gen, dtype=dtype, **SERVING), CUDA)
+    k_buffer, v_buffer = _kv(batch, dtype, gen)
+    steps = 2
+    triton_step, torch_step = _decoders(batch, k_buffer.shape[-1], slack=steps)
+    meta = triton_step.meta
+    scale = 1 / math.sqrt(batch.q.shape[2])
+    q = torch.zeros(batch.num_layers, *batch.q.shape, dtype=dtype, device=CUDA)
+    outs: list[torch.Tensor] = []
+
+    def step() -> None:
+        outs.clear()
+        triton_step.begin_step(batch.req_pool_indices, batch.seq_lens)
+        for layer in range(batch.num_layers):
+            triton_step.retrieve(layer, q[layer])
+            outs.append(
+                triton_step.attend(layer, q[layer], k_buffer, v_buffer, batch.req_to_token, scale)
+            )
+
+    step()  # compile outside the checks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        table = build_folded_page_table(pool.req_to_token, batch.specs, 4)
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    expect = naive_indices(cpu_pool, batch)
-    assert table.kv_indices.cpu().tolist() == [e for row in expect for e in row]
-    assert torch.equal(table.kv_indptr.cpu(), table.kv_indptr_host)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("rows", "groups", "chunks", "dim"), [(1, 1, 1, 64), (64, 7, 40000, 128)])
-def test_ragged_chunk_scores_compiled_matches_ref(rows, groups, chunks, dim, dtype):
-    gen = torch.Generator(device=CUDA).manual_seed(rows + chunks)
-    q = torch.randn(rows, groups, dim, generator=gen, device=CUDA).to(dtype)
-    lo = torch.randn(chunks, dim, generator=gen, device=CUDA)
-    hi = (lo + torch.rand(chunks, dim, generator=gen, device=CUDA)).to(dtype)
-    lo = lo.to(dtype)
-    row = torch.randint(-1, rows + 1, (chunks,), generator=gen, device=CUDA)
-    ref = ragged_chunk_scores_ref(q, lo, hi, row)
-    got = ragged_chunk_scores(q, lo, hi, row)
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    finite = torch.isfinite(ref)
-    magnitude = torch.maximum(lo.abs(), hi.abs()).float()
-    bound = (q.float().abs().amax(1)[row.clamp(0, rows - 1)] * magnitude).sum(-1)
-    assert bool(((got - ref).abs()[finite] <= 1e-5 * bound[finite] + 1e-5).all())
-
-
-def test_static_chunk_fill_captures_in_a_cuda_graph_and_replays_the_eager_tables():
-    """The in-graph half of the fixed decode tables: captured once, replayed over new steps."""
-    from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS
-    from tests.unit.storage.test_static_decode import LIMITS, _requests
-
-    req_to_token, prompt_lens, cpu_layouts = _requests(0)
-    req_to_token = req_to_token.to(CUDA)
-    layouts = [None if lay is None else _to_cuda(lay) for lay in cpu_layouts]
-    tables = StaticDecodeTables(LAYERS, HEADS, DIM, LIMITS, torch.float32, CUDA)
-    rows = len(prompt_lens) * HEADS
-    q = torch.zeros(LAYERS, rows, GROUP, DIM, device=CUDA)
-
-    def batch(step: int) -> DecodeBatchLayout:
-        lens = [n + 3 + step for n in prompt_lens]
-        return DecodeBatchLayout([1, 2, 3, 4], lens, layouts, HEADS)
-
-    def fill() -> None:
-        for layer in range(LAYERS):
-            tables.fill_chunks(layer, q[layer], req_to_token)
-
-    tables.stage(batch(0), req_to_token)
-    q.normal_()
-    graph = captured(fill)
-    for step in range(1, 4):
-        current = batch(step)
-        tables.stage(current, req_to_token)
-        q.normal_()
-        graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(LAYERS):
-            expected = current.layer_table(layer, q[layer], req_to_token)
-            assert torch.equal(tables.layer_table(layer).kv_indices, expected.kv_indices)
-
-
-def captured(fn) -> torch.cuda.CUDAGraph:
-    """Run ``fn`` once (kernels compile outside the capture), then capture it."""
-    fn()
-    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def _to_cuda(layout):
-    """The same plan's layout with its tensors on the GPU."""
-
-    def csr(c: PositionsCSR) -> PositionsCSR:
-        return PositionsCSR(c.indptr_host, c.indptr.to(CUDA), c.positions.to(CUDA))
-
-    layers = tuple(
-        dataclasses.replace(
-            lay,
-            static_kept=csr(lay.static_kept),
-            chunk_kmin=None if lay.chunk_kmin is None else lay.chunk_kmin.to(CUDA),
-            chunk_kmax=None if lay.chunk_kmax is None else lay.chunk_kmax.to(CUDA),
-        )
-        for lay in layout.layers
-    )
-    return dataclasses.replace(layout, layers=layers)
+        step()
+    captured = list(outs)
+    real = batch.seq_lens > 1  # graph padding stays at length 1
+    for _ in range(steps):
+        q.copy_(torch.randn(q.shape, generator=gen).to(dtype))
+        batch.seq_lens.add_(real.to(batch.seq_lens.dtype))  # one more token per request
+        graph.replay()
+        chosen = meta.chunk_top.clone()
+        for layer in range(batch.num_layers):  # eager retrieval: the replay's was fresh
+            triton_step.retrieve(layer, q[layer])
+        assert torch.equal(meta.chunk_top, chosen)
+        torch_step.begin_step(batch.req_pool_indices, batch.seq_lens)
+        assert torch.equal(triton_step.kv_indptr, torch_step.kv_indptr)
+        for layer in range(batch.num_layers):
+            want = torch_step.attend(layer, q[layer], k_buffer, v_buffer, batch.req_to_token, scale)
+            _assert_close_rel(captured[layer], want, RTOL[dtype])
