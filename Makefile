@@ -3,8 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-kernel bench-capacity bench-quality \
-	bench-overhead
+.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-overhead bench-capacity \
+	bench-quality
 
 env:
 	@bash devtools/setup_cpu_env.sh
@@ -29,9 +29,6 @@ bench-decode: env
 
 bench-overhead: env
 	TRITON_INTERPRET=1 $(PY) bench/decode_overhead.py
-
-bench-kernel: env
-	$(PY) bench/sparse_decode_kernel.py
 
 bench-capacity: env
 	$(PY) bench/capacity.py

@@ -4,8 +4,10 @@
 #
 # The device machine has torch, triton and transformers but not this package's other
 # dependencies, so nothing is installed: the package is laid out as the wheel lays it out
-# (kernels/ becomes hybridkv_sglang.kernels) in a temporary folder on PYTHONPATH. Results go to
-# $OUT when the device tool sets it, else bench/results (a dry run: a temporary folder).
+# (kernels/ becomes hybridkv_sglang.kernels) in a temporary folder on PYTHONPATH. SGLang's Triton
+# decode kernel comes from .device/ (`python bench/device_sglang.py stage .device` where sglang
+# is installed; carried beside the tree) unless sglang itself is importable. Results go to $OUT
+# when the device tool sets it, else bench/results (a dry run: a temporary folder).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
@@ -14,7 +16,11 @@ trap 'rm -rf "$stage"' EXIT
 cp -r hybridkv_sglang "$stage/hybridkv_sglang"
 rm -rf "$stage/hybridkv_sglang/kernels"
 cp -r kernels "$stage/hybridkv_sglang/kernels"
-export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+sglang_stage=""
+if [[ -d .device/sglang ]]; then
+    sglang_stage="$(pwd)/.device"
+fi
+export PYTHONPATH="$stage${sglang_stage:+:$sglang_stage}${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 if [[ "${1:-}" != "--dry-run" ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -33,6 +33,7 @@ PolicyName = Literal[
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
 DynamicTopK = Literal["fixed", "budget"]
+DecodeKernel = Literal["auto", "triton", "torch"]
 
 
 class HybridKVConfigError(ValueError):
@@ -91,22 +92,33 @@ class HybridKVConfig(BaseModel):
         "0 keeps dynamic heads' KV on the device",
     )
 
-    static_tables_eager: bool = Field(
-        False,
-        description="build eager decode steps' tables in the fixed buffers CUDA-graph replays "
-        "read (the graph path without a graph: for debugging it, and for CPU tests)",
+    decode_kernel: DecodeKernel = Field(
+        "auto",
+        description="decode attention over the folded tables: triton (SGLang's own Triton decode "
+        "kernel and the table kernels; no host plan, CUDA-graph safe), torch (the reference "
+        "twins; the CPU path) or auto (triton on GPUs, torch on CPU)",
     )
-    graph_table_entries: int = Field(
-        1 << 22,
+    decode_max_kv_splits: int = Field(
+        64,
         ge=1,
-        description="fixed decode tables: folded KV entries per layer (int32 each); a decode "
-        "batch reading more runs without a CUDA graph",
+        le=256,
+        description="most KV splits of one folded row; rows get splits in proportion to their "
+        "length so that a step launches about 16 programs per GPU core",
     )
-    graph_bound_chunks: int = Field(
-        32768,
+    decode_table_entries: int | None = Field(
+        None,
         ge=1,
-        description="fixed decode tables: chunk key bounds per layer (2 x head_dim values each); "
-        "a decode batch whose dynamic heads have more chunks runs without a CUDA graph",
+        description="folded entries one layer's decode table may hold in CUDA graphs (int64 "
+        "each); default 2 x the largest graph batch x the context length, twice SGLang's own "
+        "index buffer; a batch needing more decodes without a graph",
+    )
+    decode_metadata_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="decode metadata pool: fixed values (kept positions, compact entry ids) "
+        "for this fraction of the KV pool's (token, layer, kv head) entries, 4 bytes each, "
+        "counted before SGLang sizes its KV pool; a request that does not fit is served dense",
     )
 
     @field_validator("min_prompt_tokens", "host_tier_mib")

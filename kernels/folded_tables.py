@@ -21,8 +21,9 @@ Three kernels, each with a torch twin of the same contract:
 
 - :func:`folded_lengths`: every layer's ``kv_indptr`` and KV split counts in one launch;
 - :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
-  top ``NUM_SEL`` (one program per row; other rows exit at once), written into the row's own
-  range of the ``chunk_top`` arena, so scratch is sized by the live chunks, never per row;
+  top ``NUM_SEL`` (per block of chunks the block's best, then per row the best of those;
+  other rows exit at once), written into the row's own range of the ``chunk_top`` arena, so
+  scratch is sized by the live chunks, never per row;
 - :func:`fill_folded_indices`: per layer, the ``kv_indices``.
 """
 
@@ -250,12 +251,40 @@ def folded_lengths_ref(
 
 # ----------------------------------------------------------------------------- 2. retrieval
 @triton.jit
-def _chunk_retrieval_kernel(
+def _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_):
+    """``(slot, base)``: the row's metadata slot (-1: dense) and its record's offset."""
+    pool = tl.load(req_pool_ptr + r // H).to(tl.int64)
+    slot = tl.load(slot_of_row_ptr + pool)
+    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + r % H) * NF_
+    return slot, base
+
+
+@triton.jit
+def _rank_keys(scores, ids):
+    """int64 keys whose descending order is descending score, then ascending id."""
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value
+    return (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - ids).to(tl.int64)
+
+
+@triton.jit
+def _ranked_ids(keys):
+    return (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)
+
+
+@triton.jit
+def _ranked_scores(keys):
+    ordered = (keys >> 32).to(tl.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk_candidates_kernel(
     q_ptr,
     kmin_ptr,
     kmax_ptr,
-    scores_ptr,
-    top_ptr,
+    cand_score_ptr,
+    cand_id_ptr,
     req_pool_ptr,
     slot_of_row_ptr,
     meta_ptr,
@@ -268,48 +297,99 @@ def _chunk_retrieval_kernel(
     stride_bound,
     H: tl.constexpr,
     NF_: tl.constexpr,
+    K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """Stage 1, one program per (row, block of chunks): Quest scores of the block and its best
+    ``min(K, valid)`` chunks (one sort), at candidate places ``[block * K, ...)`` of the row's
+    range."""
     r = tl.program_id(0)
-    b = r // H
-    h = r % H
-    pool = tl.load(req_pool_ptr + b).to(tl.int64)
-    slot = tl.load(slot_of_row_ptr + pool)
-    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
+    blk = tl.program_id(1)
+    slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
+    nsel = tl.load(meta_ptr + base + 5, mask=slot >= 0, other=0)
+    n = tl.load(meta_ptr + base + 6, mask=slot >= 0, other=0)
+    if (nsel > 0) & (blk * BLOCK_C < n):
+        bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
+        offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < n
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        where = (bstart + offs_c)[:, None] * stride_bound + offs_d[None, :]
+        mask = mask_c[:, None] & mask_d[None, :]
+        lo = tl.load(kmin_ptr + where, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(kmax_ptr + where, mask=mask, other=0.0).to(tl.float32)
+        offs_g = tl.arange(0, BLOCK_G)
+        mask_g = offs_g < G
+        q = tl.load(
+            q_ptr + r.to(tl.int64) * stride_qr + offs_g[:, None] * stride_qg + offs_d[None, :],
+            mask=mask_g[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        # sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (hi >= lo): two small matmuls; 16-bit
+        # values are exact in tf32, so tensor cores give fp32 products of the stored values
+        per_head = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision=PRECISION)
+        per_head += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision=PRECISION)
+        scores = tl.max(tl.where(mask_g[:, None], per_head, float("-inf")), axis=0)
+        scores = tl.where(mask_c, scores, float("-inf"))
+        ranked = tl.sort(_rank_keys(scores, offs_c), dim=0, descending=True)
+        j = tl.arange(0, BLOCK_C)
+        keep = j < tl.minimum(n - blk * BLOCK_C, K)
+        out = bstart + blk * K + j
+        tl.store(cand_score_ptr + out, _ranked_scores(ranked), mask=keep)
+        tl.store(cand_id_ptr + out, _ranked_ids(ranked), mask=keep)
+
+
+@triton.jit
+def _chunk_select_kernel(
+    cand_score_ptr,
+    cand_id_ptr,
+    top_ptr,
+    req_pool_ptr,
+    slot_of_row_ptr,
+    meta_ptr,
+    layer,
+    num_layers,
+    H: tl.constexpr,
+    NF_: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Stage 2, one program per row: the row's ``NUM_SEL`` best candidates, by descending
+    score (ties: the lower chunk id). Up to ``BLOCK`` candidates are ranked by one sort in
+    registers; more are scanned block by block, one pass per chunk taken."""
+    r = tl.program_id(0)
+    slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
     nsel = tl.load(meta_ptr + base + 5, mask=slot >= 0, other=0)
     if nsel > 0:
         n = tl.load(meta_ptr + base + 6)
         bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        q_row = q_ptr + r.to(tl.int64) * stride_qr
-        for c0 in range(0, n, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < n
-            where = (bstart + offs_c)[:, None] * stride_bound + offs_d[None, :]
-            mask = mask_c[:, None] & mask_d[None, :]
-            lo = tl.load(kmin_ptr + where, mask=mask, other=0.0).to(tl.float32)
-            hi = tl.load(kmax_ptr + where, mask=mask, other=0.0).to(tl.float32)
-            best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
-            for g in range(0, G):
-                qv = tl.load(q_row + g * stride_qg + offs_d, mask=mask_d, other=0.0)
-                qv = qv.to(tl.float32)[None, :]
-                best = tl.maximum(best, tl.sum(tl.maximum(qv * lo, qv * hi), axis=1))
-            tl.store(scores_ptr + bstart + offs_c, best, mask=mask_c)
-        for j in range(0, nsel):
-            best_val = float("-inf")
-            best_idx = 0
-            for c0 in range(0, n, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                s = tl.load(scores_ptr + bstart + offs_c, mask=offs_c < n, other=float("-inf"))
-                m = tl.max(s, axis=0)
-                i = tl.argmax(s, axis=0)
-                take = m > best_val
-                best_idx = tl.where(take, c0 + i, best_idx)
-                best_val = tl.where(take, m, best_val)
-            tl.store(top_ptr + bstart + j, best_idx)
-            tl.store(scores_ptr + bstart + best_idx, float("-inf"))
+        total = tl.cdiv(n, BLOCK_C) * K
+        if total <= BLOCK:
+            c = tl.arange(0, BLOCK)
+            ok = (c < total) & (c % K < tl.minimum(n - (c // K) * BLOCK_C, K))
+            s = tl.load(cand_score_ptr + bstart + c, mask=ok, other=float("-inf"))
+            ids = tl.load(cand_id_ptr + bstart + c, mask=ok, other=0x7FFFFFFF)
+            ranked = tl.sort(_rank_keys(s, ids), dim=0, descending=True)
+            tl.store(top_ptr + bstart + c, _ranked_ids(ranked), mask=c < nsel)
+        else:
+            for j in range(0, nsel):
+                best_val = float("-inf")
+                best_at = 0
+                for c0 in range(0, total, BLOCK):
+                    c = c0 + tl.arange(0, BLOCK)
+                    ok = (c < total) & (c % K < tl.minimum(n - (c // K) * BLOCK_C, K))
+                    s = tl.load(cand_score_ptr + bstart + c, mask=ok, other=float("-inf"))
+                    m = tl.max(s, axis=0)
+                    i = tl.argmax(s, axis=0)
+                    take = m > best_val
+                    best_at = tl.where(take, c0 + i, best_at)
+                    best_val = tl.where(take, m, best_val)
+                tl.store(top_ptr + bstart + j, tl.load(cand_id_ptr + bstart + best_at))
+                tl.store(cand_score_ptr + bstart + best_at, float("-inf"))
 
 
 def _check_retrieval_args(q: Tensor, kmin: Tensor, kmax: Tensor, row_meta: Tensor) -> None:
@@ -329,47 +409,65 @@ def chunk_retrieval(
     kmin: Tensor,
     kmax: Tensor,
     chunk_scores: Tensor,
+    chunk_ids: Tensor,
     chunk_top: Tensor,
     req_pool_indices: Tensor,
     slot_of_row: Tensor,
     row_meta: Tensor,
     layer: int,
+    *,
+    max_chunks: int,
+    max_selected: int,
 ) -> None:
     """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[BOUNDS_START:]``.
+
+    Two launches: per (row, block of chunks) the block's best ``max_selected`` candidates, then
+    per row the best of the candidates. Rows that are not dynamic exit at once.
 
     Args:
         q: ``[B * H_kv, G, D]`` this layer's queries (rows request-major); last dim contiguous.
         kmin, kmax: ``[J, D]`` the bounds arena (row ``BOUNDS_START + c`` is chunk ``c``).
-        chunk_scores: ``[J]`` float32 scratch; chunk_top: ``[J]`` int32, written: relative chunk
-            ids by descending score (ties: the lower id), ``NUM_SEL`` per dynamic row.
+        chunk_scores: ``[J]`` float32, chunk_ids: ``[J]`` int32: candidate scratch.
+        chunk_top: ``[J]`` int32, written: relative chunk ids by descending score (ties: the
+            lower id), ``NUM_SEL`` per dynamic row.
         req_pool_indices, slot_of_row, row_meta: as in :func:`folded_lengths`.
+        max_chunks: at least every row's ``NUM_CHUNKS`` (sizes the grid).
+        max_selected: at least every row's ``NUM_SEL``.
     """
     _check_retrieval_args(q, kmin, kmax, row_meta)
     require_triton_device("chunk_retrieval", q, kmin, chunk_top, row_meta)
     rows, groups, dim = q.shape
-    if rows == 0:
+    if rows == 0 or max_selected == 0:
         return
-    block_d = triton.next_power_of_2(dim)
-    _chunk_retrieval_kernel[(rows,)](
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_c = max(16, min(128, 16384 // block_d), triton.next_power_of_2(max_selected))
+    meta_args = (req_pool_indices, slot_of_row, row_meta, layer, row_meta.shape[1])
+    consts = {"H": row_meta.shape[2], "NF_": NF, "K": max_selected, "BLOCK_C": block_c}
+    _chunk_candidates_kernel[(rows, triton.cdiv(max(max_chunks, 1), block_c))](
         q,
         kmin,
         kmax,
         chunk_scores,
-        chunk_top,
-        req_pool_indices,
-        slot_of_row,
-        row_meta,
-        layer,
-        row_meta.shape[1],
+        chunk_ids,
+        *meta_args,
         groups,
         dim,
         q.stride(0),
         q.stride(1),
         kmin.stride(0),
-        H=row_meta.shape[2],
-        NF_=NF,
-        BLOCK_C=max(16, min(128, 8192 // block_d)),
         BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(groups)),
+        PRECISION="tf32" if kmin.dtype in (torch.float16, torch.bfloat16) else "ieee",
+        **consts,
+    )
+    candidates = triton.cdiv(max(max_chunks, 1), block_c) * max_selected
+    _chunk_select_kernel[(rows,)](
+        chunk_scores,
+        chunk_ids,
+        chunk_top,
+        *meta_args,
+        BLOCK=triton.next_power_of_2(min(max(candidates, 16), 4096)),
+        **consts,
     )
 
 
@@ -378,11 +476,15 @@ def chunk_retrieval_ref(
     kmin: Tensor,
     kmax: Tensor,
     chunk_scores: Tensor,
+    chunk_ids: Tensor,
     chunk_top: Tensor,
     req_pool_indices: Tensor,
     slot_of_row: Tensor,
     row_meta: Tensor,
     layer: int,
+    *,
+    max_chunks: int,
+    max_selected: int,
 ) -> None:
     """Torch twin of :func:`chunk_retrieval` (reads row counts on the host: CPU path)."""
     _check_retrieval_args(q, kmin, kmax, row_meta)
@@ -394,7 +496,6 @@ def chunk_retrieval_ref(
         lo = kmin[start : start + n].float()
         hi = kmax[start : start + n].float()
         scores = (qf[r].clamp(min=0) @ hi.T + qf[r].clamp(max=0) @ lo.T).amax(dim=0)
-        chunk_scores[start : start + n] = scores
         order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
         chunk_top[start : start + nsel] = order.to(chunk_top.dtype)
 
@@ -419,60 +520,51 @@ def _fill_folded_indices_kernel(
     C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One program per (row, share): blocks ``share, share + shares, ...`` of the row."""
     r = tl.program_id(0)
-    b = r // H
+    share = tl.program_id(1)
+    shares = tl.num_programs(1)
     h = r % H
-    pool = tl.load(req_pool_ptr + b).to(tl.int64)
-    seq = tl.load(seq_lens_ptr + b).to(tl.int64)
-    slot = tl.load(slot_of_row_ptr + pool)
+    slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
     comp = slot >= 0
-    base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
+    pool = tl.load(req_pool_ptr + r // H).to(tl.int64)
+    seq = tl.load(seq_lens_ptr + r // H).to(tl.int64)
     fstart = tl.load(meta_ptr + base + 0, mask=comp, other=0).to(tl.int64)
-    pre = tl.load(meta_ptr + base + 1, mask=comp, other=0)
+    pre = tl.load(meta_ptr + base + 1, mask=comp, other=0).to(tl.int64)
     pstart = tl.load(meta_ptr + base + 2, mask=comp, other=0).to(tl.int64)
-    post = tl.load(meta_ptr + base + 3, mask=comp, other=0)
+    post = tl.load(meta_ptr + base + 3, mask=comp, other=0).to(tl.int64)
     tail = tl.load(meta_ptr + base + 4, mask=comp, other=0).to(tl.int64)
-    nsel = tl.load(meta_ptr + base + 5, mask=comp, other=0)
+    nch = tl.load(meta_ptr + base + 5, mask=comp, other=0).to(tl.int64) * C
     first = tl.load(meta_ptr + base + 7, mask=comp, other=0).to(tl.int64)
     bstart = tl.load(meta_ptr + base + 8, mask=comp, other=0).to(tl.int64)
     cbase = tl.load(meta_ptr + base + 9, mask=comp, other=0).to(tl.int64)
     direct_flag = tl.load(meta_ptr + base + 10, mask=comp, other=0)
     offs = tl.arange(0, BLOCK)
-    direct_flags = tl.zeros([BLOCK], dtype=tl.int32) + direct_flag
-    direct = direct_flags != 0
-    positional = direct_flags == 0
+    direct = (tl.zeros([BLOCK], dtype=tl.int32) + direct_flag) != 0
     tokens = req_to_token_ptr + pool * stride_rt
     out = out_ptr + tl.load(indptr_ptr + r).to(tl.int64)
-    # fixed values before the chunks
-    for j0 in range(0, pre, BLOCK):
+    end_chunks = pre + nch
+    end_post = end_chunks + post
+    total = end_post + seq - tail
+    for j0 in range(share * BLOCK, total, shares * BLOCK):
         j = j0 + offs
-        mask = j < pre
-        v = tl.load(fixed_ptr + fstart + j, mask=mask, other=0).to(tl.int64)
-        slot_v = tl.load(tokens + v, mask=mask & positional, other=0).to(tl.int64)
-        tl.store(out + j, tl.where(direct, v, slot_v * H + h), mask=mask)
-    # retrieved chunks
-    nch = nsel * C
-    for j0 in range(0, nch, BLOCK):
-        j = j0 + offs
-        mask = j < nch
-        c = tl.load(top_ptr + bstart + j // C, mask=mask, other=0).to(tl.int64)
-        v = (first + c) * C + j % C
-        entry = tl.load(fixed_ptr + cbase + v, mask=mask & direct, other=0).to(tl.int64)
-        slot_v = tl.load(tokens + v, mask=mask & positional, other=0).to(tl.int64)
-        tl.store(out + pre + j, tl.where(direct, entry, slot_v * H + h), mask=mask)
-    # fixed values after the chunks (compact windows: always entries)
-    for j0 in range(0, post, BLOCK):
-        j = j0 + offs
-        mask = j < post
-        v = tl.load(fixed_ptr + pstart + j, mask=mask, other=0).to(tl.int64)
-        tl.store(out + pre + nch + j, v, mask=mask)
-    # dense tail
-    tail_len = seq - tail
-    for j0 in range(0, tail_len, BLOCK):
-        j = j0 + offs
-        mask = j < tail_len
-        slot_v = tl.load(tokens + tail + j, mask=mask, other=0).to(tl.int64)
-        tl.store(out + pre + nch + post + j, slot_v * H + h, mask=mask)
+        in_row = j < total
+        is_pre = j < pre
+        is_chunk = (j >= pre) & (j < end_chunks)
+        is_post = (j >= end_chunks) & (j < end_post)
+        is_tail = (j >= end_post) & in_row
+        jc = tl.maximum(j - pre, 0)
+        c = tl.load(top_ptr + bstart + jc // C, mask=is_chunk, other=0).to(tl.int64)
+        chunk_v = (first + c) * C + jc % C
+        pre_v = tl.load(fixed_ptr + fstart + j, mask=is_pre, other=0).to(tl.int64)
+        post_v = tl.load(fixed_ptr + pstart + j - end_chunks, mask=is_post, other=0).to(tl.int64)
+        position = tl.where(is_pre, pre_v, tl.where(is_chunk, chunk_v, tail + j - end_post))
+        positional = is_tail | ((is_pre | is_chunk) & ~direct)
+        slot_v = tl.load(tokens + position, mask=positional, other=0).to(tl.int64)
+        direct_chunk = tl.load(fixed_ptr + cbase + chunk_v, mask=is_chunk & direct, other=0)
+        entry = tl.where(is_post, post_v, tl.where(is_chunk, direct_chunk.to(tl.int64), pre_v))
+        entry = tl.where(positional, slot_v * H + h, entry)
+        tl.store(out + j, entry, mask=in_row)
 
 
 def fill_folded_indices(
@@ -502,7 +594,7 @@ def fill_folded_indices(
     rows = req_pool_indices.numel() * heads
     if rows == 0:
         return
-    _fill_folded_indices_kernel[(rows,)](
+    _fill_folded_indices_kernel[(rows, max(1, min(32, 1024 // rows)))](
         req_to_token,
         req_to_token.stride(0),
         req_pool_indices,

@@ -8,6 +8,8 @@ installed plugin costs a stock server nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 _active = False
 
 
@@ -20,3 +22,18 @@ def activate() -> None:
 def is_active() -> bool:
     """True once this process has built a ``hybridkv`` attention backend."""
     return _active
+
+
+_backend: Any = None
+
+
+def set_active_backend(backend: Any) -> None:
+    """The backend factory registers the process's ``hybridkv`` backend (and activates)."""
+    global _backend
+    _backend = backend
+    activate()
+
+
+def active_backend() -> Any:
+    """This process's ``hybridkv`` backend, or ``None``."""
+    return _backend

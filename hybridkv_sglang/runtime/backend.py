@@ -9,7 +9,6 @@ FlashInfer on CUDA, SGLang's torch-native backend on CPU.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,22 +17,24 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from hybridkv_sglang.attention.sparse_decode import (
-    FlashInferFoldedDecode,
-    sparse_decode_reference,
-)
+from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime import compaction, window_prefill
+from hybridkv_sglang.runtime.activation import set_active_backend
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
-from hybridkv_sglang.runtime.graph_decode import DECODE_BATCHES, GraphDecode, graph_limits
+from hybridkv_sglang.runtime.graph_decode import DENSE, SPARSE, batch_pool_rows, capture_variant
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import PrefillChunk, dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
-from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
+from hybridkv_sglang.storage.decode_metadata import (
+    DecodeMetadata,
+    bound_chunks,
+    metadata_entries,
+    request_rows,
+)
 from hybridkv_sglang.storage.host_tier import HostTier
-from hybridkv_sglang.storage.static_decode import StaticDecodeTables
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ def check_supported(
         and sliding_window_size > 0,
         "speculative decoding (--speculative-algorithm)": server_args.speculative_algorithm
         is not None,
+        "quantized KV (--kv-cache-dtype fp8/fp4: the chunk key bounds and Quest scores read the "
+        "pool unscaled; use --kv-cache-dtype auto)": str(
+            getattr(server_args, "kv_cache_dtype", "auto")
+        ).startswith(("fp8", "fp4")),
         "--page-size > 1 (hybridkv selects single tokens; use --page-size 1)": (
             server_args.page_size or 1
         )
@@ -89,20 +94,8 @@ def prefill_graph_backend(server_args: Any) -> str:
     return str(getattr(prefill, "backend", "disabled"))
 
 
-@dataclass(frozen=True)
-class DecodeGeometry:
-    """What the fixed decode buffers are sized from (read once from the model runner)."""
-
-    group_size: int
-    head_dim: int
-    max_context_len: int
-    q_dtype: torch.dtype
-    kv_dtype: torch.dtype
-    device: torch.device
-
-
 class HybridKVAttnBackend(AttentionBackend):
-    """Wraps a dense backend; owns prefill-end and decode-metadata hooks."""
+    """Wraps a dense backend; owns prefill-end and decode hooks."""
 
     forward = AttentionBackend.forward
 
@@ -111,24 +104,25 @@ class HybridKVAttnBackend(AttentionBackend):
         dense: AttentionBackend,
         config: HybridKVConfig,
         num_layers: int,
-        geometry: DecodeGeometry | None = None,
+        folded: FoldedDecode | None = None,
     ) -> None:
         super().__init__()
         self.dense = dense
         self.config = config
         self.num_layers = num_layers
-        self.geometry = geometry
+        self.folded = folded
+        self.decode_meta: DecodeMetadata | None = None if folded is None else folded.meta
         self.policy = build_policy(config.policy, **config.policy_values())
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
-        self.decode_batch: DecodeBatchLayout | None = None
-        self._folded_decode: FlashInferFoldedDecode | None = None
-        self.graph: GraphDecode | None = None
-        self._planned_shape: torch.Tensor | None = None
-        """Host indptr of the last eager sparse-decode layer (its FlashInfer plan's shape)."""
-        self._static_step = False
-        """This forward's decode reads the fixed buffers (a graph replay, or eager when
-        ``static_tables_eager``)."""
+        self._sparse_step = False
+        """This forward's decode runs over the folded tables (else: the dense backend)."""
+        self._selected_variant = DENSE
+        """The decode-graph variant SGLang chose for the batch it is about to replay."""
+        self._host_tier_rows: list[int] = []
+        self._last_rows_cpu: Any = None
+        self._last_sparse = False
+        self._on_cuda = torch.cuda.is_available()
         self._delegate_base_api()
 
     def _delegate_base_api(self) -> None:
@@ -155,54 +149,124 @@ class HybridKVAttnBackend(AttentionBackend):
     def forward_metadata(self, value: Any) -> None:
         self.dense.forward_metadata = value
 
-    def init_forward_metadata(self, forward_batch: Any) -> None:
-        self.dense.init_forward_metadata(forward_batch)
-        storage = compaction.installed()
-        if storage is not None and torch.cuda.is_available():
-            storage.forward_stream = torch.cuda.current_stream()
-        self.prefill_compression = None
-        self.middle_chunks = []
-        self.decode_batch = None
-        self._static_step = False
-        mode = forward_batch.forward_mode
-        if mode == ForwardMode.EXTEND:
-            self._on_extend_metadata(forward_batch)
-        elif mode.is_decode():
-            self._on_decode_metadata(forward_batch)
-            if self.config.static_tables_eager:
-                self._stage_static_step(self.decode_batch, eager=True)
+    # Which decode batches are sparse (host only) ---------------------------------------------
 
-    # CUDA graphs (decode) ---------------------------------------------------------------
+    def has_live_compressed(self) -> bool:
+        return self.decode_meta is not None and self.decode_meta.live_requests > 0
 
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """The dense backend's graph state (graphs of other modes stay its own), plus the fixed
-        decode tables when compression is on."""
-        self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
-        if self.config.enabled:
-            self.graph = self.build_graph_decode(max_bs)
+    def batch_is_sparse(self, forward_batch: Any) -> bool:
+        """Whether any request of this decode batch is compressed (host mirror lookup, once
+        per batch: SGLang asks for the graph check, the variant and the metadata in turn)."""
+        rows_cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+        if rows_cpu is None or self.decode_meta is None:
+            return False
+        if rows_cpu is not self._last_rows_cpu:
+            rows = batch_pool_rows(forward_batch)
+            self._last_rows_cpu = rows_cpu
+            self._last_sparse = self.decode_meta.batch_has_compressed(rows)
+        return self._last_sparse
 
-    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
-        """Before a decode graph's capture or replay (host side): stage the fixed tables."""
-        if self.graph is None or not forward_batch.forward_mode.is_decode():
-            return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
-        self.prefill_compression = None
-        self.middle_chunks = []
-        self.decode_batch = self._replay_batch(forward_batch, in_capture)
-        self._stage_static_step(self.decode_batch, eager=False)
-        return None
+    def select_graph_variant(self, forward_batch: Any) -> str:
+        """SGLang's variant choice before a replay (remembered for the replay's metadata)."""
+        self._selected_variant = SPARSE if self.batch_is_sparse(forward_batch) else DENSE
+        return self._selected_variant
 
     def graph_misfit(self, forward_batch: Any) -> str | None:
         """Why this decode batch cannot replay a graph (``None``: it can); counted."""
-        if self.graph is None or not forward_batch.forward_mode.is_decode():
+        if self.folded is None or not forward_batch.forward_mode.is_decode():
             return None
-        if forward_batch.seq_lens_cpu is None:
-            reason = "no host seq_lens"
+        if not self.batch_is_sparse(forward_batch):
+            return None
+        assert self.decode_meta is not None
+        rows = batch_pool_rows(forward_batch)
+        reason = None
+        if self.decode_meta.host_tier_rows(rows):
+            reason = "a compact request with dynamic heads on the host tier"
         else:
-            reason = self.graph.misfit(self._batch_layout(forward_batch))
+            entries = self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch))
+            retrieval = self.decode_meta.retrieval_bounds(rows)
+            if not self.folded.fits(len(rows), entries, retrieval):
+                reason = (
+                    f"{len(rows)} requests, {entries} table entries or (chunks, top-k) "
+                    f"{retrieval} exceed the graph's buffers"
+                )
         if reason is not None:
             STATS.count("graph_fallbacks")
             logger.debug("hybridkv: decode batch runs eagerly: %s", reason)
         return reason
+
+    # Metadata --------------------------------------------------------------------------------
+
+    def _begin_forward(self) -> None:
+        storage = compaction.installed()
+        if storage is not None and self._on_cuda:
+            storage.forward_stream = torch.cuda.current_stream()
+        if self.decode_meta is not None:
+            self.decode_meta.apply_releases()
+        self.prefill_compression = None
+        self.middle_chunks = []
+        self._sparse_step = False
+        self._host_tier_rows = []
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        self._begin_forward()
+        mode = forward_batch.forward_mode
+        if mode.is_decode() and self.folded is not None and self.batch_is_sparse(forward_batch):
+            assert self.decode_meta is not None
+            rows = batch_pool_rows(forward_batch)
+            self._sparse_step = True
+            self._host_tier_rows = self.decode_meta.host_tier_rows(rows)
+            self.folded.begin_step(
+                forward_batch.req_pool_indices,
+                forward_batch.seq_lens,
+                self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch)),
+                self.decode_meta.retrieval_bounds(rows),
+            )
+            STATS.count("sparse_decode_steps")
+            return
+        self.dense.init_forward_metadata(forward_batch)
+        if mode == ForwardMode.EXTEND:
+            self._on_extend_metadata(forward_batch)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """The dense backend's graph state, and a table buffer the largest graph batch fits."""
+        self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+        if self.folded is not None:
+            rows = max_bs * self.dense.token_to_kv_pool.head_num
+            self.folded.reserve(
+                self.config.decode_table_entries or self._graph_table_entries(max_bs, rows), rows
+            )
+
+    def _graph_table_entries(self, max_bs: int, rows: int) -> int:
+        """Index entries whose table (offsets and split counts of every layer included) takes
+        twice the bytes of SGLang's own decode index buffer (``max_bs x context`` int64)."""
+        context = self.dense.req_to_token_pool.req_to_token.shape[1]
+        offsets = self.num_layers * (2 * rows + 1) * 4
+        return 2 * max_bs * context - -(-offsets // 8)
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
+        """Before a decode graph's capture or replay: the ``dense`` variant does what the dense
+        backend does; the ``hybridkv`` variant nothing but O(1) bookkeeping."""
+        if self.folded is None or not forward_batch.forward_mode.is_decode():
+            return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._begin_forward()
+        variant = capture_variant() if in_capture else self._selected_variant
+        if variant != SPARSE:
+            return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._sparse_step = True
+        if not in_capture:
+            STATS.count("sparse_decode_steps")
+        return None
+
+    def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+        """Inside the decode graph: every layer's row offsets for the ``hybridkv`` variant."""
+        if not self._sparse_step:
+            return self.dense.init_forward_metadata_in_graph(forward_batch)
+        assert self.folded is not None
+        self.folded.begin_step(forward_batch.req_pool_indices, forward_batch.seq_lens)
+        return None
+
+    # Forward ---------------------------------------------------------------------------------
 
     def forward_extend(
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
@@ -219,11 +283,35 @@ class HybridKVAttnBackend(AttentionBackend):
     def forward_decode(
         self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs: Any
     ) -> torch.Tensor:
-        if self._static_step:
-            return self._static_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        if self.decode_batch is None or not self.decode_batch.has_compressed:
+        if not self._sparse_step:
             return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        return self._sparse_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        assert self.folded is not None
+        pool = self.dense.token_to_kv_pool
+        if save_kv_cache and k is not None and v is not None:
+            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        heads, dim = pool.head_num, layer.qk_head_dim
+        group = layer.tp_q_head_num // heads
+        q_rows = q.reshape(-1, heads * group, dim).reshape(-1, group, dim)
+        self.folded.retrieve(layer.layer_id, q_rows)
+        if self._host_tier_rows:
+            self._stage_host_chunks(layer.layer_id)
+        out = self.folded.attend(
+            layer.layer_id,
+            q_rows,
+            pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id),
+            self.dense.req_to_token_pool.req_to_token,
+            layer.scaling,
+        )
+        return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+
+    def _stage_host_chunks(self, layer: int) -> None:
+        """Eager only: bring the host-tier requests' chosen chunks into their staging slots
+        (reads this layer's chunk ids back: which chunks move is a host decision)."""
+        storage = compaction.installed()
+        assert storage is not None and storage.stager is not None and self.decode_meta is not None
+        for pool_row in self._host_tier_rows:
+            self.decode_meta.stage_host_chunks(pool_row, layer, storage.stager)
 
     # Hook points ---------------------------------------------------------------------------
 
@@ -256,163 +344,25 @@ class HybridKVAttnBackend(AttentionBackend):
             request = outcome.request
             WINDOW_TAILS.drop(request.rid)
             if outcome.layout is not None:
-                COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
+                self._register(outcome)
             STATS.record_prefill_end(outcome.stats())
             logger.info("hybridkv: %s", outcome.summary())
         self.prefill_compression = None
 
-    def _flashinfer_decode(
-        self, group: int, head_dim: int, device: torch.device
-    ) -> FlashInferFoldedDecode:
-        """One FlashInfer folded-decode wrapper per backend, planned per layer and step."""
-        if self._folded_decode is None:
-            self._folded_decode = FlashInferFoldedDecode(group, head_dim, device)
-        return self._folded_decode
-
-    def _on_decode_metadata(self, forward_batch: Any) -> None:
-        STATS.record_decode_step(list(forward_batch.rids or []))
-        self.decode_batch = self._batch_layout(forward_batch)
-
-    def _batch_layout(self, forward_batch: Any) -> DecodeBatchLayout:
-        """The decode batch's layouts, from a real ``ForwardBatch`` (rids and host pool rows)."""
-        rids = list(forward_batch.rids or [])
-        pool_rows = forward_batch.req_pool_indices_cpu
-        if pool_rows is None:
-            pool_rows = forward_batch.req_pool_indices.cpu()
-        return self._layouts_for(rids, pool_rows.tolist(), forward_batch.seq_lens_cpu.tolist())
-
-    def _layouts_for(
-        self, rids: list[str], pool_rows: list[int], seq_lens: list[int]
-    ) -> DecodeBatchLayout:
-        layouts = [
-            COMPRESSED.layout_for(rid, row) for rid, row in zip(rids, pool_rows, strict=True)
-        ]
-        padding = len(seq_lens) - len(rids)  # a graph's padded requests read slot 0, densely
-        return DecodeBatchLayout(
-            req_pool_indices=pool_rows + [0] * padding,
-            seq_lens=seq_lens,
-            layouts=layouts + [None] * padding,
-            num_kv_heads=self.dense.token_to_kv_pool.head_num,
-        )
-
-    def _replay_batch(self, view: Any, in_capture: bool) -> DecodeBatchLayout:
-        """The batch behind a graph's replay view, which has no rids (see ``graph_decode``)."""
-        if view.seq_lens_cpu is None:
-            raise RuntimeError("hybridkv: a decode graph replay came without host seq_lens")
-        seq_lens = view.seq_lens_cpu[: view.batch_size].tolist()
-        record = None if in_capture else DECODE_BATCHES.find(view.out_cache_loc)
-        if record is None:
-            if not in_capture and len(COMPRESSED):
-                raise RuntimeError(
-                    "hybridkv: a decode graph replay whose batch was never recorded at "
-                    "ForwardBatch.init_new; compressed requests cannot be matched to it"
-                )
-            return self._layouts_for([], [], seq_lens)
-        if list(record.seq_lens) != seq_lens[: len(record.seq_lens)]:
-            raise RuntimeError(
-                f"hybridkv: a decode graph replay does not match its recorded batch (seq_lens "
-                f"{seq_lens} vs {list(record.seq_lens)})"
-            )
-        STATS.record_decode_step(list(record.rids))
-        return self._layouts_for(list(record.rids), list(record.req_pool_indices), seq_lens)
-
-    def _stage_static_step(self, batch: DecodeBatchLayout | None, eager: bool) -> None:
-        if self.graph is None or batch is None:
+    def _register(self, outcome: Any) -> None:
+        """Write a just-compressed request's decode metadata (on the forward stream)."""
+        request = outcome.request
+        assert self.decode_meta is not None
+        if self.decode_meta.add(request.req_pool_idx, request_rows(outcome.layout)):
+            COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
             return
-        if eager and self.graph.misfit(batch) is not None:
-            STATS.count("static_table_misfits")
-            return
-        assert self.geometry is not None  # the graph was built from it
-        self.graph.stage(batch, self.dense.req_to_token_pool.req_to_token, self.geometry.kv_dtype)
-        self._static_step = True
-        STATS.count("static_table_steps")
+        outcome.layout = None
+        outcome.dense_reason = "decode_metadata_full"
 
-    def build_graph_decode(self, max_bs: int) -> GraphDecode:
-        """The fixed decode buffers for batches of up to ``max_bs`` requests."""
-        geo = self.geometry
-        if geo is None:
-            raise RuntimeError("hybridkv: fixed decode tables need the model's decode geometry")
-        pool = self.dense.token_to_kv_pool
-        cfg = self.config
-        limits = graph_limits(
-            max_bs,
-            pool.head_num,
-            geo.max_context_len,
-            cfg.chunk_size,
-            cfg.top_k_chunks,
-            cfg.graph_table_entries,
-            cfg.graph_bound_chunks,
-        )
-        tables = StaticDecodeTables(
-            self.num_layers, pool.head_num, geo.head_dim, limits, geo.kv_dtype, geo.device
-        )
-        logger.info(
-            "hybridkv: fixed decode tables for %d rows, %d entries and %d chunk bounds per "
-            "layer (%.1f MiB)",
-            limits.max_rows,
-            limits.max_entries,
-            limits.max_bound_chunks,
-            tables.nbytes / 2**20,
-        )
-        return GraphDecode(tables, geo.group_size, geo.head_dim, geo.q_dtype)
 
-    def _static_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
-        """One layer over the fixed buffers: device work only, so it can be captured."""
-        assert self.graph is not None
-        pool = self.dense.token_to_kv_pool
-        if save_kv_cache and k is not None and v is not None:
-            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        heads, dim = pool.head_num, layer.qk_head_dim
-        group = layer.tp_q_head_num // heads
-        out = self.graph.attend(
-            layer.layer_id,
-            q.reshape(-1, heads, group, dim).reshape(-1, group, dim),
-            pool.get_key_buffer(layer.layer_id),
-            pool.get_value_buffer(layer.layer_id),
-            self.dense.req_to_token_pool.req_to_token,
-            layer.scaling,
-        )
-        return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-
-    def _sparse_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
-        """One sparse call over every (request, kv head) row of this layer."""
-        pool = self.dense.token_to_kv_pool
-        if save_kv_cache and k is not None and v is not None:
-            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        heads, dim = pool.head_num, layer.qk_head_dim
-        group = layer.tp_q_head_num // heads
-        q_rows = q.reshape(-1, heads, group, dim).reshape(-1, group, dim)
-        storage = compaction.installed()
-        table = self.decode_batch.layer_table(
-            layer.layer_id,
-            q_rows,
-            self.dense.req_to_token_pool.req_to_token,
-            stager=None if storage is None else storage.stager,
-        )
-        k_buffer = pool.get_key_buffer(layer.layer_id)
-        v_buffer = pool.get_value_buffer(layer.layer_id)
-        shape = self._planned_shape
-        new_shape = shape is None or not torch.equal(shape, table.kv_indptr_host)
-        if new_shape:
-            self._planned_shape = table.kv_indptr_host
-        STATS.count("decode_layer_tables")
-        STATS.count("decode_plans", int(new_shape))  # FlashInfer plans once per row shape
-        if k_buffer.is_cuda:
-            decode = self._flashinfer_decode(group, dim, k_buffer.device)
-            decode.plan(
-                table, q_dtype=q_rows.dtype, kv_dtype=k_buffer.dtype, sm_scale=layer.scaling
-            )
-            out = decode.run(q_rows.contiguous(), k_buffer, v_buffer)
-        else:
-            out = sparse_decode_reference(
-                q_rows,
-                k_buffer.view(-1, dim),
-                v_buffer.view(-1, layer.v_head_dim),
-                table.kv_indptr,
-                table.kv_indices,
-                layer.scaling,
-            )
-        return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+def _host_seq_lens(forward_batch: Any):
+    """The batch's dense lengths on the host (SGLang keeps this mirror for decode batches)."""
+    return forward_batch.seq_lens_cpu.numpy()[: forward_batch.batch_size]
 
 
 def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
@@ -427,42 +377,82 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     num_layers = model_runner.token_to_kv_pool.layer_num
     WINDOW_TAILS.window = config.window
     window_prefill.install(config)
-    compaction.install(
-        create_compact_storage(config, model_runner.token_to_kv_pool, num_layers)
-        if config.storage == "compact" and config.enabled
+    folded = build_folded_decode(config, model_runner) if config.enabled else None
+    storage = (
+        create_compact_storage(config, model_runner.token_to_kv_pool, num_layers, folded.meta)
+        if config.storage == "compact" and folded is not None
         else None
     )
+    compaction.install(storage)
     logger.info(
         "hybridkv: wrapping %s over %d layers with %s",
         type(dense).__name__,
         num_layers,
         config.model_dump_json(),
     )
-    backend = HybridKVAttnBackend(dense, config, num_layers, decode_geometry(model_runner))
-    if config.enabled and config.static_tables_eager:
-        backend.graph = backend.build_graph_decode(model_runner.req_to_token_pool.size)
+    backend = HybridKVAttnBackend(dense, config, num_layers, folded)
+    set_active_backend(backend)
     return backend
 
 
-def decode_geometry(model_runner: Any) -> DecodeGeometry:
-    """Head shapes, context length and dtypes of the model this backend serves."""
+def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDecode:
+    """The decode metadata pools and step buffers, sized from the KV pool and the config."""
     from sglang.srt.runtime_context import get_parallel
 
     pool = model_runner.token_to_kv_pool
-    key = pool.get_key_buffer(0)
+    key, value = pool.get_key_buffer(0), pool.get_value_buffer(0)
+    heads, layers = pool.head_num, pool.layer_num
     q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
-    return DecodeGeometry(
-        group_size=max(1, q_heads // pool.head_num),
-        head_dim=key.shape[-1],
-        max_context_len=model_runner.req_to_token_pool.req_to_token.shape[1],
-        q_dtype=model_runner.dtype,
-        kv_dtype=key.dtype,
+    req_to_token = model_runner.req_to_token_pool.req_to_token
+    entries_per_layer = key.shape[0] * heads
+    meta = DecodeMetadata(
+        layers,
+        heads,
+        key.shape[-1],
+        max_requests=model_runner.req_to_token_pool.size + 1,
+        pool_rows=req_to_token.shape[0],
+        fixed_capacity=metadata_entries(
+            entries_per_layer * layers, config.decode_metadata_fraction
+        ),
+        bound_capacity=bound_chunks(
+            entries_per_layer * layers, config.max_dynamic_fraction, config.chunk_size
+        ),
+        bound_dtype=key.dtype,
         device=key.device,
     )
+    shape = FoldedShape(
+        num_layers=layers,
+        num_kv_heads=heads,
+        group_size=max(1, q_heads // heads),
+        head_dim=key.shape[-1],
+        v_head_dim=value.shape[-1],
+        max_rows=req_to_token.shape[0] * heads,
+        table_entries=config.decode_table_entries or req_to_token.shape[1] * heads,
+        max_kv_splits=config.decode_max_kv_splits,
+        chunk_size=config.chunk_size,
+        max_chunks=-(-req_to_token.shape[1] // config.chunk_size),
+        max_selected=config.top_k_chunks,
+    )
+    use_triton = config.decode_kernel == "triton" or (
+        config.decode_kernel == "auto" and key.is_cuda
+    )
+    cores = 16
+    if key.is_cuda:
+        cores = torch.cuda.get_device_properties(key.device).multi_processor_count
+    folded = FoldedDecode(
+        meta, shape, use_triton=use_triton, target_programs=16 * cores, device=key.device
+    )
+    logger.info(
+        "hybridkv: decode metadata pools %.1f MiB, step buffers %.1f MiB (%s kernels)",
+        meta.nbytes / 2**20,
+        folded.nbytes / 2**20,
+        "triton" if use_triton else "torch",
+    )
+    return folded
 
 
 def create_compact_storage(
-    config: HybridKVConfig, kv_pool: Any, num_layers: int
+    config: HybridKVConfig, kv_pool: Any, num_layers: int, decode_meta: DecodeMetadata
 ) -> compaction.CompactStorage:
     """Compact storage over SGLang's pool, with a host tier of ``config.host_tier_mib``."""
     host_tier = None
@@ -481,4 +471,4 @@ def create_compact_storage(
             host_tier.capacity,
             config.host_tier_mib,
         )
-    return compaction.CompactStorage(kv_pool, num_layers, host_tier)
+    return compaction.CompactStorage(kv_pool, num_layers, host_tier, decode_meta)

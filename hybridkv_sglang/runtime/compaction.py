@@ -28,7 +28,7 @@ import torch
 
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
 from hybridkv_sglang.policy.lookm import average_merge
-from hybridkv_sglang.runtime.activation import is_active
+from hybridkv_sglang.runtime.activation import active_backend, is_active
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
@@ -39,6 +39,7 @@ from hybridkv_sglang.storage.compact_layout import (
     compact_shape,
 )
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
 from hybridkv_sglang.storage.host_tier import ChunkStager, HostTier
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,18 @@ class Compaction:
 class CompactStorage:
     """Compact entries and the host tier of one scheduler process."""
 
-    def __init__(self, kv_pool: Any, num_layers: int, host_tier: HostTier | None) -> None:
+    def __init__(
+        self,
+        kv_pool: Any,
+        num_layers: int,
+        host_tier: HostTier | None,
+        decode_meta: DecodeMetadata,
+    ) -> None:
         self.kv_pool = kv_pool
         self.host_tier = host_tier
         self.num_layers = num_layers
         self.forward_stream: Any = None
+        self.decode_meta = decode_meta
         self._lock = threading.Lock()
         self.live_slots = 0
         self.stager = (
@@ -101,6 +109,9 @@ class CompactStorage:
                 self.fill(copies)
                 if layout.merge_evicted:
                     self.merge_evicted(compact, prompt_slots.to(torch.int64))
+                host = compact if compact.on_host else None
+                if not self.decode_meta.add(row, request_rows(compact), host_tier=host):
+                    raise RuntimeError("the decode metadata pools are full")
         except Exception:
             tree_cache.token_to_kv_pool_allocator.free(slots)
             if host_ids is not None:
@@ -234,7 +245,11 @@ def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: An
     if not is_active():
         return result
     WINDOW_TAILS.drop(req.rid)
+    STATS.record_decode_steps(req.rid, max(len(req.output_ids) - 1, 0))
     entry = COMPRESSED.pop(req.rid)
+    backend = active_backend()
+    if entry is not None and backend is not None and backend.decode_meta is not None:
+        backend.decode_meta.release(entry.req_pool_idx)
     if entry is not None and isinstance(entry.layout, CompactLayout):
         storage = _storage
         assert storage is not None

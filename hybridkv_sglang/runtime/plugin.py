@@ -15,7 +15,12 @@ from hybridkv_sglang.runtime.compaction import (
     count_compact_slots,
     release_compact,
 )
-from hybridkv_sglang.runtime.graph_decode import limit_graph_to_fit, record_decode_batch
+from hybridkv_sglang.runtime.graph_decode import (
+    limit_graph_to_fit,
+    record_pool_rows,
+    use_hybridkv_variants,
+)
+from hybridkv_sglang.runtime.memory_accounting import add_decode_metadata_bytes
 from hybridkv_sglang.runtime.prefill_tracking import record_extend_batch
 from hybridkv_sglang.runtime.stats import add_to_internal_state
 from hybridkv_sglang.runtime.window_prefill import cap_prefix_for_window
@@ -28,7 +33,7 @@ _registered = False
 
 def register() -> None:
     """Register the ``hybridkv`` attention backend and its hooks (scheduler side, prefix-match
-    cap, decode batch records and the decode CUDA-graph eligibility check)."""
+    cap, decode pool rows, decode graph variants and eligibility, metadata memory)."""
     global _registered
     if _registered:
         return
@@ -47,7 +52,17 @@ def register() -> None:
     )
     HookRegistry.register(
         "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
-        record_decode_batch,
+        record_pool_rows,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.layers.attention.graph_variants.create_attention_graph_variants",
+        use_hybridkv_variants,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        add_decode_metadata_bytes,
         HookType.AFTER,
     )
     HookRegistry.register(

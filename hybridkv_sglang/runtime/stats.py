@@ -98,13 +98,13 @@ class HybridKVStats:
         with self._lock:
             self._totals[name] += n
 
-    def record_decode_step(self, rids: list[str]) -> None:
+    def record_decode_steps(self, rid: str, steps: int) -> None:
+        """At release: the decode steps a request took (counted once, not per step)."""
         with self._lock:
-            self._totals["decode_tokens"] += len(rids)
-            for rid in rids:
-                record = self._recent.get(rid)
-                if record is not None:
-                    record.decode_steps += 1
+            self._totals["decode_tokens"] += steps
+            record = self._recent.get(rid)
+            if record is not None:
+                record.decode_steps = steps
 
     def snapshot(
         self, live_compressed: int = 0, memory: dict[str, Any] | None = None

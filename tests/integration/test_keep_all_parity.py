@@ -141,14 +141,16 @@ def test_mixed_batch_of_image_and_text_requests_equals_stock(stock_server, keep_
     assert run_all(keep_all_server.base_url) == run_all(stock_server.base_url)
 
 
-def test_one_flashinfer_plan_serves_every_layer_of_a_keep_all_step(keep_all_server, tiny_model):
-    """Keeping every token, every layer's rows have the same lengths: one plan per step."""
+def test_keep_all_decode_runs_over_the_device_tables_and_text_stays_dense(keep_all_server):
+    """An image request's decode steps take the folded tables; a text-only batch the dense
+    backend's own path (no sparse step counted for it)."""
+    before = keep_all_server.hybridkv_stats()["totals"].get("sparse_decode_steps", 0)
+    generate(keep_all_server.base_url, chat_prompt("Name a colour."), None)
+    after_text = keep_all_server.hybridkv_stats()["totals"].get("sparse_decode_steps", 0)
+    assert after_text == before
     generate(keep_all_server.base_url, chat_prompt("Name a colour.", images=1), images(1, 448, 5))
     totals = keep_all_server.hybridkv_stats()["totals"]
-    config = json.loads((tiny_model / "config.json").read_text())
-    layers = config.get("text_config", config)["num_hidden_layers"]
-    assert totals["decode_layer_tables"] > 0
-    assert totals["decode_layer_tables"] == layers * totals["decode_plans"]
+    assert totals["sparse_decode_steps"] >= after_text + 11
 
 
 def test_server_info_carries_hybridkv_snapshot(keep_all_server):

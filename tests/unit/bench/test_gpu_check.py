@@ -27,9 +27,11 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
     result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
     assert result["dry_run"] is True
     names = [c["check"] for c in result["checks"]]
-    assert len(names) == 6 and all(c["passed"] for c in result["checks"]), result["checks"]
-    assert any("chunk fill" in n for n in names)
+    assert len(names) == 7 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert any("captured hybridkv step" in n for n in names)
     for row in result["speed"]:
-        assert row["dense_sdpa_ms"] > 0 and row["hybridkv_fixed_step_ms"] > 0
-        assert 0.05 <= row["read_fraction"] <= 0.15
+        assert row["dense_ms"] > 0 and row["hybridkv_ms"] > 0 and row["tables_ms"] > 0
+        # 512-token prompts: the dynamic heads' resident prefix and window dominate the 10 %
+        assert 0.05 <= row["read_fraction"] <= 0.3
+    assert set(result["goals"]) >= {"all-dense batch within 2 % of dense"}
     assert (tmp_path / "gpu_check_cpu-dry-run.png").stat().st_size > 0

@@ -62,7 +62,7 @@ def random_batch(
         return int(torch.randint(lo, hi, (1,), generator=gen))
 
     pool_rows = batch + 3
-    slots = 4096
+    slots = max(4096, pool_rows * ctx)
     req_to_token = torch.randperm(slots, generator=gen)[: pool_rows * ctx].to(torch.int32)
     req_to_token = req_to_token.reshape(pool_rows, ctx)
     rows_of = torch.randperm(pool_rows - 1, generator=gen)[:batch] + 1

@@ -48,17 +48,21 @@ def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
 
 def _retrieve(batch: RandomBatch, fn, layer: int):
     scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32)
+    ids = torch.zeros(batch.kmin.shape[0], dtype=torch.int32)
     top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32)
     fn(
         batch.q,
         batch.kmin,
         batch.kmax,
         scores,
+        ids,
         top,
         batch.req_pool_indices,
         batch.slot_of_row,
         batch.row_meta,
         layer,
+        max_chunks=int(batch.row_meta[..., 6].max()),
+        max_selected=int(batch.row_meta[..., 5].max()),
     )
     return top
 
@@ -92,9 +96,12 @@ def test_lengths_kernel_matches_twin():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_retrieval_kernel_matches_twin(dtype):
-    batch = random_batch(_seed(), dtype=dtype)
+@pytest.mark.parametrize(
+    ("dtype", "ctx"), [(torch.float32, 160), (torch.bfloat16, 160), (torch.float32, 900)]
+)
+def test_retrieval_kernel_matches_twin(dtype, ctx):
+    """``ctx`` 900: rows of up to ~220 chunks span several candidate blocks."""
+    batch = random_batch(_seed(), dtype=dtype, ctx=ctx)
     for layer in range(batch.num_layers):
         assert torch.equal(
             _retrieve(batch, chunk_retrieval, layer), _retrieve(batch, chunk_retrieval_ref, layer)
@@ -130,9 +137,7 @@ def test_twins_list_each_row_by_definition():
                 m = batch.row_meta[slot, layer, h].tolist()
                 fixed = batch.fixed_values.tolist()
                 start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct = m
-                want = [
-                    v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]
-                ]
+                want = [v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]]
                 for cid in top[bstart : bstart + nsel].tolist():
                     for i in range(c):
                         v = (first + cid) * c + i

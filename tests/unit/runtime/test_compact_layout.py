@@ -9,14 +9,21 @@ import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.policy import average_merge
 from hybridkv_sglang.runtime.compaction import CompactStorage
 from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
 from hybridkv_sglang.storage.host_tier import HostTier, assign_staging_slots
-from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
+from tests.unit.runtime.folded_steps import decode_layer, folded_for
+from tests.unit.runtime.test_decode_layout import (
+    DIM,
+    GROUP,
+    HEADS,
+    KERNELS,
+    LAYERS,
+    SM_SCALE,
+    _plan,
+)
 
 POOL_SLOTS = 4000
 CHUNK = 8
@@ -48,28 +55,48 @@ def _request_rows(allocator, prompt_lens, tail):
     return req_to_token
 
 
-def _outputs(batch, pool, req_to_token, queries, stager=None):
+def _outputs(layouts, pool, req_to_token, seq_lens, queries, stager=None, use_triton=False):
+    """Every step's every layer through the device pipeline (pool rows 1..B)."""
+    compressed = {b + 1: lay for b, lay in enumerate(layouts) if lay is not None}
+    folded = folded_for(
+        compressed,
+        pool_rows=req_to_token.shape[0],
+        layers=LAYERS,
+        heads=HEADS,
+        group=GROUP,
+        dim=DIM,
+        chunk=CHUNK,
+        use_triton=use_triton,
+    )
+    rows = torch.arange(1, len(layouts) + 1)
+    host_rows = [r for r, lay in compressed.items() if getattr(lay, "on_host", False)]
     outs = []
     for step_queries in queries:
+        folded.begin_step(rows, torch.tensor(seq_lens))
         for layer in range(LAYERS):
-            table = batch.layer_table(layer, step_queries[layer], req_to_token, stager=stager)
             k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
             outs.append(
-                sparse_decode_reference(
+                decode_layer(
+                    folded,
+                    layer,
                     step_queries[layer],
-                    k.view(-1, DIM),
-                    v.view(-1, DIM),
-                    table.kv_indptr,
-                    table.kv_indices,
+                    k,
+                    v,
+                    req_to_token,
                     SM_SCALE,
+                    stager=stager,
+                    host_rows=host_rows,
                 )
             )
     return outs
 
 
+@pytest.mark.parametrize("use_triton", KERNELS)
 @pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(seed, on_host):
+def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
+    seed, on_host, use_triton
+):
     pool, allocator = _real_pool(seed)
     prompt_lens, tail = [150, 203, 97], 5
     req_to_token = _request_rows(allocator, prompt_lens, tail)
@@ -85,12 +112,10 @@ def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(seed, 
     queries = [
         [torch.randn(3 * HEADS, GROUP, DIM, generator=gen) for _ in range(LAYERS)] for _ in range(4)
     ]
-    expected = _outputs(
-        DecodeBatchLayout([1, 2, 3], seq_lens, in_place, HEADS), pool, req_to_token, queries
-    )
+    expected = _outputs(in_place, pool, req_to_token, seq_lens, queries, use_triton=use_triton)
 
     tier = HostTier(400, CHUNK, DIM, DIM, torch.float32, pin_memory=False) if on_host else None
-    storage = CompactStorage(pool, LAYERS, tier)
+    storage = CompactStorage(pool, LAYERS, tier, decode_meta=None)
     compact = [None]
     for b in (1, 2):
         layout, n = in_place[b], prompt_lens[b]
@@ -108,8 +133,9 @@ def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(seed, 
         for layer in range(LAYERS):
             pool.get_key_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
             pool.get_value_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
-    batch = DecodeBatchLayout([1, 2, 3], seq_lens, compact, HEADS)
-    got = _outputs(batch, pool, req_to_token, queries, stager=storage.stager)
+    got = _outputs(
+        compact, pool, req_to_token, seq_lens, queries, stager=storage.stager, use_triton=use_triton
+    )
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     if on_host:
@@ -177,7 +203,7 @@ def test_lookm_compaction_merges_each_heads_evicted_kv_into_its_kept_entries():
                 k[prompt[gone], head],
                 v[prompt[gone], head],
             )
-    storage = CompactStorage(pool, LAYERS, None)
+    storage = CompactStorage(pool, LAYERS, None, decode_meta=None)
     slots = allocator.alloc(compact_shape(layout, False).num_slots)
     built, copies = build_compact_layout(layout, prompt, slots, None)
     storage.fill(copies)

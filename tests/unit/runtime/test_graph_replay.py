@@ -1,45 +1,66 @@
-"""The backend's CUDA-graph decode protocol on CPU: a recorded decode batch, a padded replay view
-without rids, fixed tables staged before the replay, and attention equal to the eager path."""
+"""The backend's decode protocol on CPU with SGLang's real KV pool: the dense and hybridkv graph
+variants, the in-graph table build equal to the eager step, and eager fallbacks."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.runner_utils.capture_mode import _set_capture_attention_variant
 
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime.backend import DecodeGeometry, HybridKVAttnBackend
-from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
-from hybridkv_sglang.runtime.graph_decode import limit_graph_to_fit, record_decode_batch
+from hybridkv_sglang.runtime import activation
+from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+from hybridkv_sglang.runtime.graph_decode import (
+    DENSE,
+    SPARSE,
+    HybridKVGraphVariants,
+    limit_graph_to_fit,
+    record_pool_rows,
+)
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.decode_layout import DecodeBatchLayout
-from tests.unit.runtime.test_compact_layout import _real_pool, _request_rows
+from tests.unit.runtime.folded_steps import folded_for
+from tests.unit.runtime.test_compact_layout import CHUNK, _real_pool, _request_rows
 from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
 
 PROMPTS, TAIL, GRAPH_BS = [150, 203, 97, 61], 6, 6
 
 
 class _Dense(AttentionBackend):
-    """Stands in for the dense backend: SGLang's real KV pool and request-to-token map."""
+    """Stands in for the dense backend over SGLang's real pool; counts what it is asked."""
 
     def __init__(self, pool: MHATokenToKVPool, req_to_token: torch.Tensor) -> None:
         super().__init__()
         self.token_to_kv_pool = pool
         self.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token, size=8)
+        self.calls: list[str] = []
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        self.graph_state = (max_bs, max_num_tokens)
+        self.calls.append("graph_state")
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        self.calls.append("metadata")
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        self.calls.append("out_graph")
+
+    def init_forward_metadata_in_graph(self, forward_batch) -> None:
+        self.calls.append("in_graph")
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.calls.append("decode")
+        return torch.zeros(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 
 @pytest.fixture
 def served():
-    """A backend with two compressed requests (pool rows 2 and 3) among four, and their data."""
+    """A backend with two compressed requests (pool rows 2 and 3) among four."""
     pool, allocator = _real_pool(seed=4)
     req_to_token = _request_rows(allocator, PROMPTS, TAIL)
     keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
@@ -48,39 +69,35 @@ def served():
         3: _plan("all_dynamic", req_to_token[3], keys, 97, 4, budget=0.3),
     }
     layouts = {row: CompressedLayout.from_plan(p, "cpu") for row, p in plans.items()}
-    for row, layout in layouts.items():
-        COMPRESSED.add(CompressedRequest(f"r{row}", row, layout))
-    config = HybridKVConfig(window=8, sink=4, chunk_size=8, top_k_chunks=3, min_prompt_tokens=16)
-    geometry = DecodeGeometry(
-        GROUP, DIM, req_to_token.shape[1], torch.float32, torch.float32, torch.device("cpu")
+    folded = folded_for(
+        layouts,
+        pool_rows=req_to_token.shape[0],
+        layers=LAYERS,
+        heads=HEADS,
+        group=GROUP,
+        dim=DIM,
+        chunk=CHUNK,
     )
-    backend = HybridKVAttnBackend(_Dense(pool, req_to_token), config, LAYERS, geometry)
+    config = HybridKVConfig(window=8, sink=4, chunk_size=CHUNK, top_k_chunks=3)
+    backend = HybridKVAttnBackend(_Dense(pool, req_to_token), config, LAYERS, folded)
+    activation.set_active_backend(backend)
     backend.init_cuda_graph_state(GRAPH_BS, GRAPH_BS)
-    yield backend, pool, req_to_token, layouts
-    for row in layouts:
-        COMPRESSED.pop(f"r{row}")
+    yield backend, pool
+    activation.set_active_backend(None)
 
 
-def _forward_batch(seq_lens: list[int]) -> SimpleNamespace:
-    rows = [1, 2, 3, 4]
+def _forward_batch(rows: list[int], pad_to: int | None = None) -> SimpleNamespace:
+    """A decode batch; ``pad_to``: the graph runner's padded view (pool row 0, length 1)."""
+    lens = [PROMPTS[r - 1] + TAIL for r in rows]
+    pad = 0 if pad_to is None else pad_to - len(rows)
     return SimpleNamespace(
         forward_mode=ForwardMode.DECODE,
-        rids=[f"r{r}" for r in rows],
-        out_cache_loc=torch.arange(4),
-        req_pool_indices_cpu=torch.tensor(rows),
-        req_pool_indices=torch.tensor(rows),
-        seq_lens_cpu=torch.tensor(seq_lens),
-    )
-
-
-def _replay_view(forward_batch: SimpleNamespace) -> SimpleNamespace:
-    """What SGLang's decode graph runner hands the backend: padded, without rids."""
-    pad = GRAPH_BS - len(forward_batch.rids)
-    return SimpleNamespace(
-        batch_size=GRAPH_BS,
-        forward_mode=ForwardMode.DECODE,
-        seq_lens_cpu=torch.cat([forward_batch.seq_lens_cpu, torch.ones(pad, dtype=torch.int64)]),
-        out_cache_loc=forward_batch.out_cache_loc,
+        batch_size=len(rows) + pad,
+        req_pool_indices_cpu=torch.tensor(rows + [0] * pad),
+        req_pool_indices=torch.tensor(rows + [0] * pad),
+        seq_lens=torch.tensor(lens + [1] * pad),
+        seq_lens_cpu=torch.tensor(lens + [1] * pad),
+        out_cache_loc=torch.zeros(len(rows) + pad, dtype=torch.int64),
     )
 
 
@@ -94,64 +111,77 @@ def _layer(layer_id: int) -> SimpleNamespace:
     )
 
 
-def test_replay_stages_the_recorded_batch_and_attends_like_the_eager_path(served):
-    backend, pool, req_to_token, layouts = served
-    assert backend.dense.graph_state == (GRAPH_BS, GRAPH_BS)
-    seq_lens = [n + TAIL for n in PROMPTS]
-    forward_batch = record_decode_batch(_forward_batch(seq_lens))
-    before = STATS.snapshot()["totals"].get("static_table_steps", 0)
-    backend.init_forward_metadata_out_graph(_replay_view(forward_batch))
-    assert backend._static_step
-    assert STATS.snapshot()["totals"]["static_table_steps"] == before + 1
-    eager = DecodeBatchLayout(
-        [1, 2, 3, 4, 0, 0],
-        [*seq_lens, 1, 1],
-        [None, layouts[2], layouts[3], None, None, None],
-        HEADS,
-    )
-    assert all(eager.dynamic_groups(layer) for layer in range(LAYERS))
-    gen = torch.Generator().manual_seed(8)
-    for layer in range(LAYERS):
-        q = torch.randn(GRAPH_BS, HEADS * GROUP * DIM, generator=gen)
-        got = backend.forward_decode(q, None, None, _layer(layer), None, save_kv_cache=False)
-        q_rows = q.view(-1, GROUP, DIM)
-        table = eager.layer_table(layer, q_rows, req_to_token)
-        expected = sparse_decode_reference(
-            q_rows,
-            pool.get_key_buffer(layer).view(-1, DIM),
-            pool.get_value_buffer(layer).view(-1, DIM),
-            table.kv_indptr,
-            table.kv_indices,
-            SM_SCALE,
-        )
-        torch.testing.assert_close(got, expected.reshape(GRAPH_BS, -1), rtol=0, atol=0)
+def _step(backend, forward_batch, queries) -> list[torch.Tensor]:
+    return [
+        backend.forward_decode(q, None, None, _layer(layer), forward_batch, save_kv_cache=False)
+        for layer, q in enumerate(queries)
+    ]
 
 
-def test_capture_runs_on_dense_rows_and_unmatched_replays_fail_loudly(served):
-    backend, _, _, _ = served
-    seq_lens = [n + TAIL for n in PROMPTS]
-    capture = _replay_view(_forward_batch(seq_lens))  # never recorded
-    backend.init_forward_metadata_out_graph(capture, in_capture=True)
-    assert backend._static_step and not backend.decode_batch.has_compressed
-    with pytest.raises(RuntimeError, match="never recorded"):
-        backend.init_forward_metadata_out_graph(capture)
-    recorded = record_decode_batch(_forward_batch(seq_lens))
-    stale = _replay_view(recorded)
-    stale.seq_lens_cpu[0] += 1
-    with pytest.raises(RuntimeError, match="does not match its recorded batch"):
-        backend.init_forward_metadata_out_graph(stale)
+def test_captured_hybridkv_variant_attends_like_the_eager_step(served):
+    backend, _ = served
+    rows = [1, 2, 3, 4]
+    gen = torch.Generator().manual_seed(9)
+    queries = [torch.randn(GRAPH_BS, HEADS * GROUP * DIM, generator=gen) for _ in range(LAYERS)]
+    eager_batch = _forward_batch(rows)
+    backend.init_forward_metadata(eager_batch)
+    eager = _step(backend, eager_batch, [q[: len(rows)] for q in queries])
+    view = _forward_batch(rows, pad_to=GRAPH_BS)
+    _set_capture_attention_variant(SPARSE)
+    try:
+        backend.init_forward_metadata_out_graph(view, in_capture=True)
+    finally:
+        _set_capture_attention_variant(None)
+    backend.init_forward_metadata_in_graph(view)  # captured: it runs inside the graph
+    graph = _step(backend, view, queries)
+    for a, b in zip(graph, eager, strict=True):
+        torch.testing.assert_close(a[: len(rows)], b, rtol=0, atol=0)
+    assert backend.dense.calls == ["graph_state"]  # nothing of the dense backend ran
 
 
-def test_batches_the_buffers_cannot_serve_run_eagerly(served):
-    backend, _, _, _ = served
+def test_replays_pick_the_variant_from_the_batch(served):
+    backend, _ = served
+    variants = HybridKVGraphVariants()
+    assert variants.select(_forward_batch([1, 4], pad_to=GRAPH_BS)) == DENSE
+    view = _forward_batch([1, 4], pad_to=GRAPH_BS)
+    backend.init_forward_metadata_out_graph(view)
+    assert backend.dense.calls[-1] == "out_graph"  # the dense graph: stock's own metadata
+    assert variants.select(_forward_batch([1, 3], pad_to=GRAPH_BS)) == SPARSE
+    before = list(backend.dense.calls)
+    backend.init_forward_metadata_out_graph(_forward_batch([1, 3], pad_to=GRAPH_BS))
+    assert backend.dense.calls == before  # the hybridkv graph: nothing outside it
+
+
+def test_an_eager_dense_batch_takes_the_dense_backend_only(served):
+    backend, _ = served
+    batch = _forward_batch([1, 4])
+    backend.init_forward_metadata(batch)
+    _step(backend, batch, [torch.randn(2, HEADS * GROUP * DIM) for _ in range(LAYERS)])
+    assert backend.dense.calls[1:] == ["metadata"] + ["decode"] * LAYERS
+
+
+def test_batches_the_buffers_cannot_hold_run_eagerly(served):
+    backend, _ = served
     runner = SimpleNamespace(attn_backend=backend)
-    seq_lens = [n + TAIL for n in PROMPTS]
-    assert limit_graph_to_fit(True, runner, _forward_batch(seq_lens)) is True
-    assert limit_graph_to_fit(False, runner, _forward_batch(seq_lens)) is False
-    backend.config = backend.config.model_copy(update={"graph_table_entries": 64})
-    backend.init_cuda_graph_state(GRAPH_BS, GRAPH_BS)
+    assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is True
+    backend.folded.kv_indices = torch.zeros(100, dtype=torch.int64)  # far too small
     before = STATS.snapshot()["totals"].get("graph_fallbacks", 0)
-    assert limit_graph_to_fit(True, runner, forward_batch=_forward_batch(seq_lens)) is False
+    assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is False
+    assert limit_graph_to_fit(True, runner, _forward_batch([1, 4])) is True  # dense variant
     assert STATS.snapshot()["totals"]["graph_fallbacks"] == before + 1
-    other = SimpleNamespace(attn_backend=object())
-    assert limit_graph_to_fit(True, other, _forward_batch(seq_lens)) is True
+
+
+def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
+    backend, _ = served
+    reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in (3, 1)]
+    batch = SimpleNamespace(reqs=reqs)
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
+    assert record_pool_rows(fb, type(fb), batch).req_pool_indices_cpu.tolist() == [3, 1]
+    for row in (2, 3):
+        backend.decode_meta.release(row)
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
+    assert record_pool_rows(fb, type(fb), batch).req_pool_indices_cpu is None
+    assert not backend.decode_meta.compressed_rows.any()
+    backend.init_forward_metadata(_forward_batch([1, 2]))  # applies the releases on the device
+    assert bool((backend.decode_meta.slot_of_row == -1).all())
+    assert np.count_nonzero(backend.decode_meta.prompt_entries) == 0

@@ -62,6 +62,7 @@ def test_decode_cuda_graphs_are_accepted(overrides):
             "--disable-prefill-cuda-graph",
         ),
         ({}, 4096, "sliding-window"),
+        ({"kv_cache_dtype": "fp8_e4m3"}, None, "--kv-cache-dtype fp8"),
     ],
 )
 def test_unsupported_combination_is_named(overrides, window, named):

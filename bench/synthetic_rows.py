@@ -1,0 +1,104 @@
+"""Compressed requests shaped like real plans at a budget, without running a policy.
+
+Real plans at 32K-128K tokens and 28 layers take minutes on a CPU; the decode machinery's cost
+depends only on the shapes: per layer, half of the kv heads static (keeping their share of the
+budget as sorted positions, the window included) and half dynamic (a resident prefix of one
+chunk, top-k chunks of the retrievable ones, the chunk-aligned window). Imports neither SGLang
+nor anything CUDA-only, so the device check can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
+    CHUNK_BASE,
+    DIRECT,
+    FIRST_CHUNK,
+    FIXED_START,
+    NF,
+    NUM_CHUNKS,
+    NUM_SEL,
+    POST_LEN,
+    POST_START,
+    PRE_LEN,
+    TAIL_START,
+)
+from hybridkv_sglang.storage.decode_metadata import RequestRows
+
+
+def synthetic_rows(
+    prompt_len: int,
+    *,
+    layers: int,
+    heads: int,
+    head_dim: int,
+    budget: float = 0.1,
+    chunk: int = 16,
+    top_k: int = 8,
+    window: int = 32,
+    gen: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    entry_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    random_bounds: bool = True,
+) -> RequestRows:
+    """One request's decode rows reading about ``budget`` of its prompt per step.
+
+    ``entry_of(head, positions)``: when given, the prompt is read through folded entries of
+    its own (``DIRECT`` rows, as compact storage lays them out) instead of ``req_to_token``.
+    ``random_bounds=False``: for callers that never read the chunk bounds, ``kmin``/``kmax``
+    are one zero row expanded (zero stride: no memory, no random draws; ``gen`` then draws
+    only the static heads' positions).
+    """
+    first = 1
+    tail_start = (prompt_len - window) // chunk * chunk
+    num_chunks = tail_start // chunk - first
+    dynamic_read = first * chunk + top_k * chunk + prompt_len - tail_start
+    dynamic_heads = heads // 2
+    static_keep = int(
+        (budget * prompt_len * heads - dynamic_heads * dynamic_read) / (heads - dynamic_heads)
+    )
+    static_keep = max(window, min(prompt_len, static_keep))
+    meta = torch.zeros(layers, heads, NF, dtype=torch.int32)
+    values, kmins, kmaxs = [], [], []
+    used = bounds = 0
+    for layer in range(layers):
+        for h in range(heads):
+            row = meta[layer, h]
+            if h < dynamic_heads:
+                row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = top_k, num_chunks, first
+                row[BOUNDS_START] = bounds
+                if random_bounds:
+                    lo = torch.randn(num_chunks, head_dim, generator=gen, device=device)
+                    hi = lo + torch.rand(num_chunks, head_dim, generator=gen, device=device)
+                    kmins.append(lo.to(dtype))
+                    kmaxs.append(hi.to(dtype))
+                bounds += num_chunks
+                row[FIXED_START], row[PRE_LEN] = used, first * chunk
+                if entry_of is None:
+                    row[TAIL_START] = tail_start
+                    values.append(torch.arange(first * chunk, device=device))
+                    used += first * chunk
+                    continue
+                values.append(entry_of(h, torch.arange(prompt_len, device=device)))
+                row[POST_START], row[POST_LEN] = used + tail_start, prompt_len - tail_start
+                row[CHUNK_BASE], row[TAIL_START], row[DIRECT] = used, prompt_len, 1
+                used += prompt_len
+                continue
+            body = prompt_len - window
+            picked = torch.randperm(body, generator=gen, device=device)[: static_keep - window]
+            kept = torch.cat([picked.sort().values, torch.arange(body, prompt_len, device=device)])
+            values.append(kept if entry_of is None else entry_of(h, kept))
+            row[FIXED_START], row[PRE_LEN], row[TAIL_START] = used, kept.numel(), prompt_len
+            row[DIRECT] = int(entry_of is not None)
+            used += kept.numel()
+    fixed = torch.cat(values).to(torch.int32)
+    if random_bounds:
+        kmin, kmax = torch.cat(kmins), torch.cat(kmaxs)
+    else:
+        kmin = kmax = torch.zeros(1, head_dim, dtype=dtype, device=device).expand(bounds, head_dim)
+    return RequestRows(meta, fixed, kmin, kmax, prompt_len=prompt_len, chunk_size=chunk)

@@ -1,0 +1,51 @@
+"""The decode metadata pools count against ``--mem-fraction-static`` like the KV pool itself.
+
+SGLang sizes its KV pool as (available memory) / (bytes per token). An AFTER hook on the
+configurator's per-token cost adds what the metadata pools take per token of that pool
+(:func:`~hybridkv_sglang.storage.decode_metadata.metadata_bytes_per_entry` per layer and kv
+head), so the pools allocated afterwards at the pool's size leave the memory budget exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
+from hybridkv_sglang.storage.decode_metadata import metadata_bytes_per_entry
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "hybridkv"
+
+
+def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_layers: int) -> Any:
+    """AFTER hook of ``DefaultPoolConfigurator._compute_cell_size``: bytes per token + pools."""
+    args = getattr(kvc, "server_args", None)
+    backends = (
+        getattr(args, "attention_backend", None),
+        getattr(args, "decode_attention_backend", None),
+    )
+    if not result or BACKEND_NAME not in backends:
+        return result
+    try:
+        config = HybridKVConfig.from_env()
+    except HybridKVConfigError:
+        return result  # the backend factory raises it, naming the field
+    if not config.enabled:
+        return result
+    from sglang.srt.runtime_context import get_parallel
+
+    heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    per_entry = metadata_bytes_per_entry(
+        config.decode_metadata_fraction,
+        config.max_dynamic_fraction,
+        config.chunk_size,
+        kvc.model_config.head_dim,
+        torch._utils._element_size(kvc.kv_cache_dtype),
+    )
+    extra = int(per_entry * heads * num_layers + 0.999)
+    logger.info("hybridkv: %d of %d bytes per KV token are decode metadata", extra, result + extra)
+    return result + extra

@@ -1,0 +1,366 @@
+"""Per-request decode metadata on the device, written once per request.
+
+When a request's compression finishes (and again when compact storage moves its KV), what its
+decode rows read is written into pools allocated at start-up: one record of
+:data:`~hybridkv_sglang.kernels.folded_tables.ROW_FIELDS` per (slot, layer, kv head), the
+request's fixed values (kept positions, or compact entry ids) in an int32 arena, and its dynamic
+heads' chunk key bounds in a bounds arena. ``slot_of_row`` maps SGLang's ``req_to_token`` rows to
+slots, so a decode step finds its requests' metadata from ``req_pool_indices`` alone, on the
+device, inside a CUDA graph (:mod:`hybridkv_sglang.kernels.folded_tables`).
+
+Host mirrors (numpy, never a device read) say which pool rows are compressed and how many table
+entries they add, so the host can pick the graph variant and check the table buffer's fit in
+microseconds. A released row is cleared on the device at the next forward's metadata step, on
+the forward stream, after every forward already queued has read it (pitfalls 5 and 9).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
+    CHUNK_BASE,
+    DIRECT,
+    FIRST_CHUNK,
+    FIXED_START,
+    NF,
+    NUM_CHUNKS,
+    NUM_SEL,
+    POST_LEN,
+    POST_START,
+    PRE_LEN,
+    TAIL_START,
+)
+from hybridkv_sglang.storage.compact_layout import CompactLayout, dynamic_row_locals
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.host_tier import ChunkStager
+
+
+@dataclass(frozen=True)
+class RequestRows:
+    """One request's decode rows, ready to be written (offsets relative to its own ranges)."""
+
+    meta: Tensor
+    """``[L, H_kv, NF]`` int32 CPU; ``FIXED_START``/``POST_START``/``CHUNK_BASE`` index
+    :attr:`fixed_values`, ``BOUNDS_START`` indexes :attr:`kmin`."""
+    fixed_values: Tensor
+    """``[F]`` int32 device."""
+    kmin: Tensor
+    """``[J, D]`` device, the dynamic rows' chunk key minima, row after row."""
+    kmax: Tensor
+    prompt_len: int
+    chunk_size: int
+
+    @property
+    def prompt_entries(self) -> int:
+        """Table entries of the prompt part (all but the decode tail) in the widest layer."""
+        m = self.meta.to(torch.int64)
+        prompt = m[..., PRE_LEN] + m[..., NUM_SEL] * self.chunk_size + m[..., POST_LEN]
+        prompt = prompt - m[..., TAIL_START] + self.prompt_len
+        return int(prompt.sum(dim=1).max()) if m.numel() else 0
+
+
+def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
+    """The decode rows of an ``in_place`` or ``compact`` layout (once per request)."""
+    plan = layout.plan if isinstance(layout, CompactLayout) else layout
+    dyn = plan.dynamic_rows
+    heads, layers = plan.num_kv_heads, len(plan.layers)
+    meta = torch.zeros(layers, heads, NF, dtype=torch.int32)
+    values: list[Tensor] = []
+    kmins: list[Tensor] = []
+    kmaxs: list[Tensor] = []
+    used = bounds = 0
+    n_sel = dyn.num_selected(plan.top_k_chunks)
+    for layer, lay in enumerate(plan.layers):
+        compact = layout.layers[layer] if isinstance(layout, CompactLayout) else None
+        kept = lay.static_kept if compact is None else compact.static_entries
+        for i, h in enumerate(lay.static_heads.tolist()):
+            lo, hi = int(kept.indptr_host[i]), int(kept.indptr_host[i + 1])
+            values.append(kept.positions[lo:hi])
+            row = meta[layer, h]
+            row[FIXED_START], row[PRE_LEN], row[TAIL_START] = used, hi - lo, plan.prompt_len
+            row[DIRECT] = int(compact is not None)
+            used += hi - lo
+        for j, h in enumerate(lay.dynamic_heads.tolist()):
+            assert lay.chunk_kmin is not None and lay.chunk_kmax is not None
+            row = meta[layer, h]
+            row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = n_sel, dyn.num_chunks, dyn.first_chunk
+            row[BOUNDS_START] = bounds
+            kmins.append(lay.chunk_kmin[j])
+            kmaxs.append(lay.chunk_kmax[j])
+            bounds += dyn.num_chunks
+            row[FIXED_START], row[PRE_LEN] = used, dyn.prefix_end
+            if compact is None:
+                values.append(torch.arange(dyn.prefix_end, device=kept.device))
+                row[TAIL_START] = dyn.tail_start
+                used += dyn.prefix_end
+                continue
+            region = compact.dynamic_regions[j]
+            _, window_start, window_end = dynamic_row_locals(
+                dyn, plan.top_k_chunks, compact.host_chunks is not None
+            )
+            values.append(region)
+            row[POST_START], row[POST_LEN] = used + window_start, window_end - window_start
+            row[CHUNK_BASE], row[TAIL_START], row[DIRECT] = used, plan.prompt_len, 1
+            used += region.numel()
+    device = plan.layers[0].static_kept.device if layers else torch.device("cpu")
+    fixed = (
+        torch.cat([v.to(device=device, dtype=torch.int32) for v in values])
+        if values
+        else torch.empty(0, dtype=torch.int32, device=device)
+    )
+    dim = plan.layers[0].chunk_kmin.shape[-1] if kmins else 0
+    kmin = torch.cat(kmins) if kmins else torch.empty(0, dim, device=device)
+    kmax = torch.cat(kmaxs) if kmaxs else torch.empty(0, dim, device=device)
+    return RequestRows(meta, fixed, kmin, kmax, plan.prompt_len, dyn.chunk_size)
+
+
+class RangeAllocator:
+    """First-fit ranges of ``[0, capacity)`` (host bookkeeping of one arena)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []
+
+    def alloc(self, size: int) -> int | None:
+        """Start of a free range of ``size``, or ``None`` when none is left."""
+        if size == 0:
+            return 0
+        for i, (start, length) in enumerate(self._free):
+            if length >= size:
+                if length == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + size, length - size)
+                return start
+        return None
+
+    def free(self, start: int, size: int) -> None:
+        if size == 0:
+            return
+        self._free.append((start, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    @property
+    def free_size(self) -> int:
+        return sum(n for _, n in self._free)
+
+
+@dataclass(frozen=True)
+class _Held:
+    slot: int
+    fixed: tuple[int, int]
+    bounds: tuple[int, int]
+
+
+class DecodeMetadata:
+    """The device pools of one scheduler process (sizes fixed at start-up)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        max_requests: int,
+        pool_rows: int,
+        fixed_capacity: int,
+        bound_capacity: int,
+        bound_dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.device = torch.device(device)
+        self.slot_of_row = torch.full((pool_rows,), -1, dtype=torch.int32, device=device)
+        self.row_meta = torch.zeros(
+            max_requests, num_layers, num_kv_heads, NF, dtype=torch.int32, device=device
+        )
+        self.fixed_values = torch.zeros(max(fixed_capacity, 1), dtype=torch.int32, device=device)
+        self.kmin = torch.zeros(max(bound_capacity, 1), head_dim, dtype=bound_dtype, device=device)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.chunk_scores = torch.zeros(self.kmin.shape[0], dtype=torch.float32, device=device)
+        self.chunk_ids = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
+        self.chunk_top = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
+        self.compressed_rows = np.zeros(pool_rows, dtype=np.bool_)
+        """Host mirror: pool rows whose request decodes over these tables."""
+        self.prompt_entries = np.zeros(pool_rows, dtype=np.int64)
+        """Host mirror: each compressed row's prompt-part table entries (widest layer)."""
+        self.prompt_lens = np.zeros(pool_rows, dtype=np.int64)
+        self.num_chunks = np.zeros(pool_rows, dtype=np.int64)
+        """Host mirror: each row's most retrievable chunks of a dynamic row (0: none)."""
+        self.num_selected = np.zeros(pool_rows, dtype=np.int64)
+        """Host mirror: each row's most chunks retrieved per step by a dynamic row."""
+        self._lock = threading.Lock()
+        self._free_slots = list(range(max_requests - 1, -1, -1))
+        self._fixed = RangeAllocator(fixed_capacity)
+        self._bounds = RangeAllocator(bound_capacity)
+        self._held: dict[int, _Held] = {}
+        self._pending_clear: list[int] = []
+        self._host_tier: dict[int, tuple[CompactLayout, Tensor]] = {}
+        """Pool rows whose dynamic heads live on the host tier: layout and host row records."""
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (
+            self.slot_of_row,
+            self.row_meta,
+            self.fixed_values,
+            self.kmin,
+            self.kmax,
+            self.chunk_scores,
+            self.chunk_ids,
+            self.chunk_top,
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def add(self, pool_row: int, rows: RequestRows, host_tier: CompactLayout | None = None) -> bool:
+        """Write ``rows`` for ``pool_row`` (replacing what it held); ``False`` when the pools
+        are full (the request is then served dense). Device writes go on the current stream:
+        call on the forward stream."""
+        fixed, bounds = rows.fixed_values.numel(), rows.kmin.shape[0]
+        with self._lock:
+            if not self._free_slots:
+                return False
+            fixed_at = self._fixed.alloc(fixed)
+            if fixed_at is None:
+                return False
+            bounds_at = self._bounds.alloc(bounds)
+            if bounds_at is None:
+                self._fixed.free(fixed_at, fixed)
+                return False
+            slot = self._free_slots.pop()
+            old = self._held.pop(pool_row, None)
+            self._held[pool_row] = _Held(slot, (fixed_at, fixed), (bounds_at, bounds))
+            if old is not None:
+                self._give_back(old)
+            if pool_row in self._pending_clear:
+                self._pending_clear.remove(pool_row)
+        meta = rows.meta.clone()
+        for field, shift in (
+            (FIXED_START, fixed_at),
+            (POST_START, fixed_at),
+            (CHUNK_BASE, fixed_at),
+        ):
+            meta[..., field] += shift
+        meta[..., BOUNDS_START] += bounds_at
+        self.row_meta[slot].copy_(meta, non_blocking=True)
+        self.fixed_values[fixed_at : fixed_at + fixed].copy_(rows.fixed_values)
+        if bounds:
+            self.kmin[bounds_at : bounds_at + bounds].copy_(rows.kmin)
+            self.kmax[bounds_at : bounds_at + bounds].copy_(rows.kmax)
+        self.slot_of_row[pool_row] = slot
+        with self._lock:
+            if host_tier is not None:
+                self._host_tier[pool_row] = (host_tier, meta)
+            else:
+                self._host_tier.pop(pool_row, None)
+        self.compressed_rows[pool_row] = True
+        self.prompt_entries[pool_row] = rows.prompt_entries
+        self.prompt_lens[pool_row] = rows.prompt_len
+        self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
+        self.num_selected[pool_row] = int(rows.meta[..., NUM_SEL].max())
+        return True
+
+    def release(self, pool_row: int) -> None:
+        """Forget ``pool_row`` (host now; the device row is cleared by :meth:`apply_releases`)."""
+        with self._lock:
+            held = self._held.pop(pool_row, None)
+            if held is None:
+                return
+            self._give_back(held)
+            self._host_tier.pop(pool_row, None)
+            self._pending_clear.append(pool_row)
+            self.compressed_rows[pool_row] = False
+            self.prompt_entries[pool_row] = 0
+            self.prompt_lens[pool_row] = 0
+            self.num_chunks[pool_row] = 0
+            self.num_selected[pool_row] = 0
+
+    def apply_releases(self) -> None:
+        """Clear released rows on the device (one op, only when there are any)."""
+        with self._lock:
+            rows, self._pending_clear = self._pending_clear, []
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.slot_of_row.index_fill_(0, index, -1)
+
+    def _give_back(self, held: _Held) -> None:
+        self._free_slots.append(held.slot)
+        self._fixed.free(*held.fixed)
+        self._bounds.free(*held.bounds)
+
+    def batch_has_compressed(self, pool_rows: np.ndarray) -> bool:
+        """Host only: whether any of these pool rows decodes over the folded tables."""
+        return bool(self.compressed_rows[pool_rows].any())
+
+    def retrieval_bounds(self, pool_rows: np.ndarray) -> tuple[int, int]:
+        """Host only: the most chunks and selected chunks of any dynamic row of this batch."""
+        return int(self.num_chunks[pool_rows].max()), int(self.num_selected[pool_rows].max())
+
+    def table_entries(self, pool_rows: np.ndarray, seq_lens: np.ndarray) -> int:
+        """Host only: an upper bound of one layer's table entries for this batch."""
+        prompt = self.prompt_entries[pool_rows]
+        tail = seq_lens - self.prompt_lens[pool_rows]
+        return int((prompt + self.num_kv_heads * tail).sum())
+
+    def host_tier_rows(self, pool_rows: np.ndarray) -> list[int]:
+        """Host only: the rows of this batch whose dynamic heads are staged from the host."""
+        with self._lock:
+            if not self._host_tier:
+                return []
+            return [int(r) for r in pool_rows if int(r) in self._host_tier]
+
+    def stage_host_chunks(self, pool_row: int, layer: int, stager: ChunkStager) -> None:
+        """After :func:`chunk_retrieval` of ``layer``: stage a host-tier request's chosen
+        chunks and point its rows' ``chunk_top`` at the staging slots (reads the chosen ids
+        back: eager decode only)."""
+        layout, meta = self._host_tier[pool_row]
+        compact = layout.layers[layer]
+        heads = layout.plan.layers[layer].dynamic_heads
+        if heads.numel() == 0:
+            return
+        dyn = layout.plan.dynamic_rows
+        n_sel = dyn.num_selected(layout.plan.top_k_chunks)
+        starts = meta[layer, heads, BOUNDS_START].to(torch.int64)
+        where = (starts[:, None] + torch.arange(n_sel)).to(self.device)
+        chosen = self.chunk_top[where].to(torch.int64) + dyn.first_chunk
+        region_chunk = stager.stage(layer, compact, dyn, chosen)
+        self.chunk_top[where] = (region_chunk - dyn.first_chunk).to(torch.int32)
+
+
+def metadata_entries(prompt_entries: int, fraction: float) -> int:
+    """Fixed values the pool holds for ``prompt_entries`` (token, layer, kv head) entries."""
+    return int(prompt_entries * fraction)
+
+
+def bound_chunks(prompt_entries: int, max_dynamic_fraction: float, chunk_size: int) -> int:
+    """Chunk bounds the arena holds when at most ``max_dynamic_fraction`` of
+    ``prompt_entries`` entries are dynamic."""
+    return int(prompt_entries * max_dynamic_fraction) // chunk_size + 1
+
+
+def metadata_bytes_per_entry(
+    fraction: float, max_dynamic_fraction: float, chunk_size: int, head_dim: int, kv_bytes: int
+) -> float:
+    """Device bytes of the pools per (token, layer, kv head) entry of the KV pool."""
+    bound = 2 * head_dim * kv_bytes + 8  # kmin, kmax, score and top id of one chunk
+    return 4 * fraction + bound * max_dynamic_fraction / chunk_size

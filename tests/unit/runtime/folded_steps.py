@@ -1,0 +1,85 @@
+"""Decode steps through the device pipeline (metadata pools, table kernels, attention), for
+tests that compare it with an independent statement of what each row reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
+from hybridkv_sglang.storage.compact_layout import CompactLayout
+from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
+from hybridkv_sglang.storage.host_tier import ChunkStager
+
+
+def folded_for(
+    layouts: dict[int, CompressedLayout | CompactLayout],
+    *,
+    pool_rows: int,
+    layers: int,
+    heads: int,
+    group: int,
+    dim: int,
+    chunk: int,
+    use_triton: bool = False,
+    table_entries: int = 1 << 14,
+) -> FoldedDecode:
+    """Pools holding ``layouts`` (pool row -> layout) and the step buffers over them."""
+    meta = DecodeMetadata(
+        layers,
+        heads,
+        dim,
+        max_requests=8,
+        pool_rows=pool_rows,
+        fixed_capacity=1 << 16,
+        bound_capacity=1 << 12,
+        bound_dtype=torch.float32,
+        device="cpu",
+    )
+    for row, layout in layouts.items():
+        host = layout if isinstance(layout, CompactLayout) and layout.on_host else None
+        assert meta.add(row, request_rows(layout), host_tier=host)
+    shape = FoldedShape(
+        num_layers=layers,
+        num_kv_heads=heads,
+        group_size=group,
+        head_dim=dim,
+        v_head_dim=dim,
+        max_rows=pool_rows * heads,
+        table_entries=table_entries,
+        max_kv_splits=4,
+        chunk_size=chunk,
+        max_chunks=64,
+        max_selected=16,
+    )
+    return FoldedDecode(meta, shape, use_triton=use_triton, target_programs=16, device="cpu")
+
+
+def decode_layer(
+    folded: FoldedDecode,
+    layer: int,
+    q: Tensor,
+    k_buffer: Tensor,
+    v_buffer: Tensor,
+    req_to_token: Tensor,
+    sm_scale: float,
+    *,
+    stager: ChunkStager | None = None,
+    host_rows: Iterable[int] = (),
+) -> Tensor:
+    """One layer of a step whose :meth:`FoldedDecode.begin_step` already ran."""
+    folded.retrieve(layer, q)
+    for row in host_rows:
+        assert stager is not None
+        folded.meta.stage_host_chunks(row, layer, stager)
+    return folded.attend(layer, q, k_buffer, v_buffer, req_to_token, sm_scale)
+
+
+def row_entries(folded: FoldedDecode, layer: int, rows: int) -> list[list[int]]:
+    """The entries each row of ``layer``'s table read (after :meth:`FoldedDecode.attend`)."""
+    indptr = folded.kv_indptr[layer, : rows + 1].tolist()
+    indices = folded.kv_indices
+    return [indices[indptr[r] : indptr[r + 1]].tolist() for r in range(rows)]
