@@ -19,12 +19,15 @@ minimal model runner (a small real ``MHATokenToKVPool``, a real ``KVIndexTransla
 real ``init_cuda_graph_state``; hybridkv is ``HybridKVAttnBackend(dense=<that object>, ...)`` with
 a ``FoldedDecode(use_triton=True)`` over a real ``DecodeMetadata``. ``device_core_count`` of the
 stock backend is set to an H200's 132 SMs (on CPU SGLang reads 0 and skips the split-count kernel
-it launches on a GPU); hybridkv's ``target_programs`` is 4 x 132 likewise.
+it launches on a GPU); hybridkv's ``target_programs`` is 16 x 132, what ``build_folded_decode``
+sets on an H200.
 
-Compressed requests hold metadata shaped as a 10 % plan would shape it, built synthetically (real
-policy plans at 32K on CPU are too slow): per layer half the KV heads static, keeping 10 % of the
-prompt's positions (sorted random positions), half dynamic (resident prefix 16, chunk size 16,
-top-8 of the ~2K retrievable chunks, window tail 32), written with ``DecodeMetadata.add``. The
+Compressed requests hold metadata shaped as a plan at a 10 % budget would shape it, built by
+``bench/synthetic_rows.py`` (the rows the device check uses; real policy plans at 32K on CPU are
+too slow): per layer half the KV heads dynamic (resident prefix of one chunk, chunk size 16, top-8
+of the ~2K retrievable chunks, window tail 32), half static, keeping sorted random positions plus
+the window, as many as make all four heads read 10 % of the prompt per step; written with
+``DecodeMetadata.add``. The
 "dense" batch holds requests with nothing compressed while the compressed ones stay live in the
 server (so the hooks do their host lookups); ``ops_outside_graph_idle`` is the same batch with no
 compressed request alive anywhere.
@@ -46,13 +49,17 @@ launch overhead; stock launches two per step outside the graph, hybridkv none), 
 CPU.
 ``table_bytes``: hybridkv ``FoldedDecode.table_bytes`` (row offsets and split counts of 28 layers,
 one index buffer) after ``HybridKVAttnBackend.init_cuda_graph_state(bs, bs)`` (reserves
-``2 x bs x context`` entries) vs stock's decode ``cuda_graph_kv_indices`` (``max_num_tokens x
-max_context_len`` int64) for the same max batch.
+``_graph_table_entries(bs, 4 bs)`` index entries: the whole table at twice stock's bytes) vs
+stock's decode ``cuda_graph_kv_indices`` (``max_num_tokens x max_context_len`` int64) for the
+same max batch. The step buffers start from ``bs x H_kv`` rows and one entry here (``reserve``
+only grows them); ``build_folded_decode`` starts them at every ``req_to_token`` row and
+``context x H_kv`` entries, so a server holds more than the row shows when its largest graph
+batch is 2 or less, or its request pool has more rows than that batch.
 
-Run: ``TRITON_INTERPRET=1 python bench/decode_overhead.py`` (``make bench-overhead``, about 2 min
+Run: ``TRITON_INTERPRET=1 python bench/decode_overhead.py`` (``make bench-overhead``, about 80 s
 on 2 CPU cores); ``--quick`` (batches 1 and 8, fewer repeats) for tests. Writes
 ``bench/results/decode_overhead.json`` and ``.png``. The full run holds the bounds of 128
-compressed requests at 32K (~7.5 GB, bf16; 8.7 GB peak resident).
+compressed requests at 32K in ``DecodeMetadata`` (~7.5 GB, bf16; 8.9 GB peak resident).
 """
 
 from __future__ import annotations
@@ -79,8 +86,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
+from synthetic_rows import synthetic_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
@@ -91,13 +98,20 @@ LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 28, 28, 4, 128
 GROUP = Q_HEADS // KV_HEADS
 BUDGET = 0.10
 SINK, WINDOW, CHUNK, TOP_K = 16, 32, 16, 8
+"""The config's; the synthetic plans' resident prefix is one chunk (= ``SINK``)."""
 DECODED = 64
 """Tokens decoded after the prompt: seq_len = prompt_len + DECODED = context - DECODED."""
 H200_SMS = 132
+TARGET_PROGRAMS = 16 * H200_SMS
+"""``FoldedDecode.target_programs`` as ``build_folded_decode`` sets it on an H200."""
 POOL_SLOTS = 1024
 """A small KV pool for the counting passes: only counts matter, and they never read KV."""
 VALIDATION_CONTEXT, VALIDATION_BATCH, VALIDATION_LAYERS = 512, 2, 2
 """The validation pass runs every kernel in the interpreter: a small step, its first layers."""
+VALIDATION_BUDGET = 0.4
+"""At 384 prompt tokens a 10 % budget leaves the static heads nothing but their window (the
+dynamic heads' fixed reads use it up); 40 % gives them random positions to read, and the batch
+still fits the graph's table (2 x stock's: 1024 entries a request at context 512)."""
 ROUNDS = 5
 """Host timing rounds, spread over the run (see :func:`time_rows`)."""
 SYSTEMS = ("hybridkv", "stock")
@@ -252,53 +266,6 @@ def hf_config(context: int):
     )
 
 
-def synthetic_rows(prompt_len: int, rng: np.random.Generator, bound_dtype, random_bounds: bool):
-    """One request's decode rows as a 10 % plan shapes them (``request_rows``' field meanings)."""
-    from hybridkv_sglang.kernels.folded_tables import (
-        BOUNDS_START,
-        FIRST_CHUNK,
-        FIXED_START,
-        NF,
-        NUM_CHUNKS,
-        NUM_SEL,
-        PRE_LEN,
-        TAIL_START,
-    )
-    from hybridkv_sglang.storage.decode_metadata import RequestRows
-    from hybridkv_sglang.storage.page_tables import DynamicRowLayout
-
-    dyn = DynamicRowLayout.for_prompt(prompt_len, SINK, WINDOW, CHUNK)
-    n_sel = dyn.num_selected(TOP_K)
-    kept = max(1, round(BUDGET * prompt_len))
-    meta = torch.zeros(LAYERS, KV_HEADS, NF, dtype=torch.int32)
-    values: list[np.ndarray] = []
-    used = bounds = 0
-    for layer in range(LAYERS):
-        static = set(rng.permutation(KV_HEADS)[: KV_HEADS // 2].tolist())
-        for h in range(KV_HEADS):
-            row = meta[layer, h]
-            if h in static:
-                values.append(np.sort(rng.choice(prompt_len, kept, replace=False)))
-                row[FIXED_START], row[PRE_LEN], row[TAIL_START] = used, kept, prompt_len
-                used += kept
-                continue
-            row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = n_sel, dyn.num_chunks, dyn.first_chunk
-            row[BOUNDS_START] = bounds
-            bounds += dyn.num_chunks
-            row[FIXED_START], row[PRE_LEN], row[TAIL_START] = used, dyn.prefix_end, dyn.tail_start
-            values.append(np.arange(dyn.prefix_end))
-            used += dyn.prefix_end
-    fixed = torch.from_numpy(np.concatenate(values).astype(np.int32))
-    if random_bounds:
-        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
-        kmin = torch.randn(bounds, HEAD_DIM, generator=gen).to(bound_dtype)
-        kmax = kmin + torch.rand(bounds, HEAD_DIM, generator=gen).to(bound_dtype)
-    else:  # values are never read by the counting passes: no memory for the source
-        kmin = torch.zeros(1, HEAD_DIM, dtype=bound_dtype).expand(bounds, HEAD_DIM)
-        kmax = kmin
-    return RequestRows(meta, fixed, kmin, kmax, prompt_len, CHUNK)
-
-
 @dataclass
 class Setup:
     """Stock backend, KV pool and metadata for one context; per-batch backends on demand."""
@@ -314,6 +281,8 @@ class Setup:
     seq_len: int
     compressed_rows: list[int]
     dense_rows: list[int]
+    static_kept: int
+    """Positions a static head keeps (its window included)."""
     _backends: dict[tuple[int, bool, bool], Any] = field(default_factory=dict)
     _shape: Any = None
 
@@ -345,7 +314,7 @@ class Setup:
                 self.idle_meta if idle else self.meta,
                 shape,
                 use_triton=use_triton,
-                target_programs=4 * H200_SMS,
+                target_programs=TARGET_PROGRAMS,
                 device="cpu",
             )
             self._backends[key] = HybridKVAttnBackend(self.stock, config, LAYERS, folded)
@@ -359,9 +328,10 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
+    from hybridkv_sglang.kernels.folded_tables import PRE_LEN
+    from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     # pool row 0 is SGLang's padding row; compressed requests 1..B, dense ones B+1..2B
     rows = 2 * max_batch + 1
@@ -426,7 +396,25 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     stock.device_core_count = H200_SMS  # a GPU's path: the split-count kernel, not a fill
 
     bound_dtype = torch.float32 if validation else torch.bfloat16
-    first = synthetic_rows(prompt_len, rng, bound_dtype, validation)
+
+    def request() -> RequestRows:
+        # the counting passes never read bounds: zero-stride ones, no memory for the source
+        return synthetic_rows(
+            prompt_len,
+            layers=LAYERS,
+            heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            budget=VALIDATION_BUDGET if validation else BUDGET,
+            chunk=CHUNK,
+            top_k=TOP_K,
+            window=WINDOW,
+            gen=gen,
+            device="cpu",
+            dtype=bound_dtype,
+            random_bounds=validation,
+        )
+
+    first = request()
     per_request_fixed, per_request_bounds = first.fixed_values.numel(), first.kmin.shape[0]
 
     def metadata(requests_held: int) -> DecodeMetadata:
@@ -445,7 +433,7 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     meta = metadata(max_batch)
     compressed_rows = list(range(1, max_batch + 1))
     for i, row in enumerate(compressed_rows):
-        rows_i = first if i == 0 else synthetic_rows(prompt_len, rng, bound_dtype, validation)
+        rows_i = first if i == 0 else request()
         if not meta.add(row, rows_i):
             raise RuntimeError(f"decode metadata refused pool row {row}")
     return Setup(
@@ -460,6 +448,7 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
         seq_len=seq_len,
         compressed_rows=compressed_rows,
         dense_rows=list(range(max_batch + 1, 2 * max_batch + 1)),
+        static_kept=int(first.meta[0, KV_HEADS - 1, PRE_LEN]),  # heads [H/2, H) are static
     )
 
 
@@ -594,6 +583,14 @@ def run_parts(parts: dict[str, Callable[[], None]]) -> None:
         part()
 
 
+def check_fits(backend: Any, step: Step) -> None:
+    """After :func:`hybridkv_parts`: the graph's fixed buffers hold the batch (else SGLang runs
+    it eagerly, and replaying it would write past them)."""
+    reason = backend.graph_misfit(step.forward_batch)
+    if reason is not None:
+        raise RuntimeError(f"the benchmark's batch would not replay a graph: {reason}")
+
+
 Inputs = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -652,6 +649,8 @@ def measure_batch(setup: Setup, batch: int, bar: Any) -> dict[tuple[str, str], d
             reset(step)
             with counting() as out_count:
                 run_parts(outside[system])
+            if system == "hybridkv":
+                check_fits(backend, step)
             # the backend state the replay left (hybridkv: variant chosen, _sparse_step) is
             # what the graph was captured with
             with counting() as graph_count:
@@ -751,11 +750,11 @@ def validate() -> dict:
             for execute in (False, True):
                 LAUNCHES.execute = execute
                 reset(step)
-                run_parts(
-                    hybridkv_parts(backend, setup, step)
-                    if system == "hybridkv"
-                    else stock_parts(stock, step)
-                )
+                if system == "hybridkv":
+                    run_parts(hybridkv_parts(backend, setup, step))
+                    check_fits(backend, step)
+                else:
+                    run_parts(stock_parts(stock, step))
                 with counting() as count:
                     outs = in_graph(system_backend, step, inputs, VALIDATION_LAYERS)
                 counts.append((count.num_ops, dict(count.launches)))
@@ -777,6 +776,7 @@ def validate() -> dict:
     step = make_step(setup, setup.rows("compressed", batch))
     reset(step)
     run_parts(hybridkv_parts(twin, setup, step))
+    check_fits(twin, step)
     reference = in_graph(twin, step, inputs, VALIDATION_LAYERS)
     error = max(
         float((a - b).abs().max())
@@ -947,6 +947,7 @@ def main(argv: list[str] | None = None) -> dict:
     LAUNCHES = Launches()
     try:
         setup = build_setup(args.context, max(batches), validation=False)
+        static_kept = setup.static_kept
         rows: list[dict] = []
         with tqdm(total=len(batches) * len(SYSTEMS) * len(KINDS), desc="rows (counts)") as bar:
             for batch in batches:
@@ -972,11 +973,11 @@ def main(argv: list[str] | None = None) -> dict:
             "head_dim": HEAD_DIM,
             "budget": BUDGET,
             "static_heads_per_layer": KV_HEADS // 2,
-            "static_kept_fraction": BUDGET,
-            "dynamic": {"prefix": SINK, "chunk_size": CHUNK, "top_k": TOP_K, "window": WINDOW},
+            "static_kept_per_head": static_kept,
+            "dynamic": {"prefix": CHUNK, "chunk_size": CHUNK, "top_k": TOP_K, "window": WINDOW},
             "prompt_len": args.context - 2 * DECODED,
             "seq_len": args.context - DECODED,
-            "target_programs": 4 * H200_SMS,
+            "target_programs": TARGET_PROGRAMS,
             "stock_device_core_count": H200_SMS,
         },
         "versions": {
@@ -995,9 +996,12 @@ def main(argv: list[str] | None = None) -> dict:
             "by step; host_us_rounds lists them). Dense batch: requests with "
             "nothing compressed while compressed ones are live elsewhere (ops_outside_graph_idle: "
             "none live). Stock rows of both batch kinds run the same dense code. table_bytes: "
-            "the buffers after init_cuda_graph_state(bs, bs); build_folded_decode starts the "
-            "index buffer at 2 x context x H_kv entries, so a server whose largest graph batch "
-            "is below H_kv = 4 holds more than its row shows."
+            "the buffers after init_cuda_graph_state(bs, bs), grown from bs x H_kv rows and one "
+            "index entry; build_folded_decode starts them at every req_to_token row and context "
+            "x H_kv entries (reserve only grows), so a server whose largest graph batch is 2 or "
+            "less, or whose request pool has more rows than that batch, holds more than its row "
+            "shows. Synthetic plans: bench/synthetic_rows.py (static heads keep "
+            "static_kept_per_head positions)."
         ),
         "rows": rows,
         "goals": goals(rows),
