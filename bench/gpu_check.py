@@ -72,7 +72,7 @@ SCALE = HEAD_DIM**-0.5
 CHUNK, TOP_K, BUDGET = 16, 8, 0.1
 MAX_KV_SPLITS = 64
 FULL_SHAPES = [(1, 32768), (8, 32768), (32, 32768), (1, 131072), (8, 131072)]
-DRY_SHAPES = [(1, 512), (2, 512)]
+DRY_SHAPES = [(1, 256), (2, 256)]
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -358,7 +358,7 @@ def time_runners(
 def check_tables(device: str, dtype: torch.dtype, small: bool) -> list[dict[str, Any]]:
     """Compiled table kernels and folded attention against the twins; the captured step on new
     inputs against the eager step."""
-    batch, context = (2, 512) if small else (4, 8192)
+    batch, context = (2, 256) if small else (4, 8192)
     step = Step(batch, context, 2 if small else 4, device, dtype)
     meta, folded = step.meta, step.folded
     layers = step.layers
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     checks += check_tables(device, dtype, args.dry_run)
     for check in checks:
         check["passed"] = passed(check, dtype)
-    rows = speed(device, dtype, args.dry_run, 3 if args.dry_run else args.repeats)
+    rows = speed(device, dtype, args.dry_run, 2 if args.dry_run else args.repeats)
     name = device_name(device)
     payload = {
         "benchmark": "gpu_check",

@@ -113,12 +113,13 @@ class HybridKVConfig(BaseModel):
         "index buffer; a batch needing more decodes without a graph",
     )
     decode_metadata_fraction: float = Field(
-        0.5,
+        1.0,
         gt=0,
         le=1,
         description="decode metadata pool: fixed values (kept positions, compact entry ids) "
         "for this fraction of the KV pool's (token, layer, kv head) entries, 4 bytes each, "
-        "counted before SGLang sizes its KV pool; a request that does not fit is served dense",
+        "counted before SGLang sizes its KV pool; 1.0 holds every request the KV pool can "
+        "hold, a smaller pool may serve some requests dense",
     )
 
     @field_validator("min_prompt_tokens", "host_tier_mib")

@@ -350,10 +350,16 @@ class HybridKVAttnBackend(AttentionBackend):
         self.prefill_compression = None
 
     def _register(self, outcome: Any) -> None:
-        """Write a just-compressed request's decode metadata (on the forward stream)."""
+        """Write a just-compressed request's decode metadata (on the forward stream); a
+        request that cannot be registered is served dense, the others are not affected."""
         request = outcome.request
         assert self.decode_meta is not None
-        if self.decode_meta.add(request.req_pool_idx, request_rows(outcome.layout)):
+        try:
+            added = self.decode_meta.add(request.req_pool_idx, request_rows(outcome.layout))
+        except Exception as err:
+            outcome.fail(err)
+            return
+        if added:
             COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
             return
         outcome.layout = None
@@ -411,9 +417,8 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         key.shape[-1],
         max_requests=model_runner.req_to_token_pool.size + 1,
         pool_rows=req_to_token.shape[0],
-        fixed_capacity=metadata_entries(
-            entries_per_layer * layers, config.decode_metadata_fraction
-        ),
+        fixed_capacity=metadata_entries(entries_per_layer * layers, config.decode_metadata_fraction)
+        + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
         bound_capacity=bound_chunks(
             entries_per_layer * layers, config.max_dynamic_fraction, config.chunk_size
         ),

@@ -138,6 +138,7 @@ def add_to_internal_state(result: Any, controller: Any = None, *args: Any, **kwa
 
 def memory_snapshot(scheduler: Any) -> dict[str, Any]:
     """SGLang's own KV pool counts (tokens) plus what compact storage holds."""
+    from hybridkv_sglang.runtime.activation import active_backend
     from hybridkv_sglang.runtime.compaction import installed
 
     memory: dict[str, Any] = {}
@@ -149,6 +150,9 @@ def memory_snapshot(scheduler: Any) -> dict[str, Any]:
         memory["protected_tokens"] = int(tree.protected_size())
         memory["running_requests"] = len(scheduler.running_batch.reqs)
         memory["waiting_requests"] = len(scheduler.waiting_queue)
+    backend = active_backend()
+    if backend is not None and backend.decode_meta is not None:
+        memory["decode_metadata"] = backend.decode_meta.usage()
     storage = installed()
     if storage is not None:
         memory["compact_slots"] = storage.live_slots

@@ -12,8 +12,9 @@ entries are laid out row after row:
   from the host copy, then the window ``[tail_start, N)``; the retrievable chunks live on the
   host (chunk-major), one host chunk per (layer, head, chunk).
 
-Decode reads a row as region offsets mapped through the region (``take_from_regions``), so a
-compact row lists the same KV, in the same order, as the ``in_place`` row of the same plan.
+Decode reads a row as region offsets mapped through the region (``CHUNK_BASE`` in the decode
+records of :mod:`hybridkv_sglang.kernels.folded_tables`), so a compact row lists the same KV as
+the ``in_place`` row of the same plan.
 Everything here is pure torch; the runtime does the allocation and the copies.
 """
 

@@ -115,7 +115,7 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
         if values
         else torch.empty(0, dtype=torch.int32, device=device)
     )
-    dim = plan.layers[0].chunk_kmin.shape[-1] if kmins else 0
+    dim = kmins[0].shape[-1] if kmins else 0
     kmin = torch.cat(kmins) if kmins else torch.empty(0, dim, device=device)
     kmax = torch.cat(kmaxs) if kmaxs else torch.empty(0, dim, device=device)
     return RequestRows(meta, fixed, kmin, kmax, plan.prompt_len, dyn.chunk_size)
@@ -231,6 +231,19 @@ class DecodeMetadata:
     def live_requests(self) -> int:
         with self._lock:
             return len(self._held)
+
+    def usage(self) -> dict[str, int]:
+        """Live requests and free / total capacity of each pool (stats; leak checks)."""
+        with self._lock:
+            return {
+                "requests": len(self._held),
+                "free_slots": len(self._free_slots),
+                "slots": self.row_meta.shape[0],
+                "free_fixed_values": self._fixed.free_size,
+                "fixed_values": self._fixed.capacity,
+                "free_chunk_bounds": self._bounds.free_size,
+                "chunk_bounds": self._bounds.capacity,
+            }
 
     def add(self, pool_row: int, rows: RequestRows, host_tier: CompactLayout | None = None) -> bool:
         """Write ``rows`` for ``pool_row`` (replacing what it held); ``False`` when the pools

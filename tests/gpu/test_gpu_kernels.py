@@ -30,6 +30,7 @@ from hybridkv_sglang.kernels.folded_tables import (
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
 from tests.unit.kernels.folded_meta_testlib import RandomBatch, random_batch
+from tests.unit.kernels.test_kernel_folded_tables import _fill, _lengths, _retrieve
 
 CUDA = "cuda"
 SERVING = dict(batch=16, layers=3, heads=4, group=7, dim=128, chunk=16, ctx=200, padded=2)
@@ -117,60 +118,6 @@ def test_gather_entries_compiled_matches_ref(dtype):
 
 
 # ----------------------------------------------------------------------------- folded tables
-def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
-    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
-    device = batch.row_meta.device
-    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32, device=device)
-    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32, device=device)
-    fn(
-        batch.req_pool_indices,
-        batch.seq_lens,
-        batch.slot_of_row,
-        batch.row_meta,
-        indptr,
-        splits,
-        chunk_size=batch.chunk_size,
-        max_kv_splits=max_splits,
-        target_programs=132,
-    )
-    return indptr, splits
-
-
-def _retrieve(batch: RandomBatch, fn, layer: int):
-    device = batch.kmin.device
-    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32, device=device)
-    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32, device=device)
-    fn(
-        batch.q,
-        batch.kmin,
-        batch.kmax,
-        scores,
-        top,
-        batch.req_pool_indices,
-        batch.slot_of_row,
-        batch.row_meta,
-        layer,
-    )
-    return top
-
-
-def _fill(batch: RandomBatch, fn, layer: int, indptr, top):
-    size = int(indptr[layer, -3]) + 5
-    indices = torch.full((size,), -1, dtype=torch.int64, device=batch.req_to_token.device)
-    fn(
-        batch.req_to_token,
-        batch.req_pool_indices,
-        batch.seq_lens,
-        batch.slot_of_row,
-        batch.row_meta,
-        batch.fixed_values,
-        top,
-        indptr[layer],
-        indices,
-        layer,
-        chunk_size=batch.chunk_size,
-    )
-    return indices
 
 
 def _dynamic_rows(batch: RandomBatch, layer: int):
@@ -272,6 +219,8 @@ def _decoders(batch: RandomBatch, kv_dim: int, slack: int = 0) -> tuple[FoldedDe
         table_entries=int(indptr[:, rows].max()) + slack * rows,
         max_kv_splits=MAX_SPLITS,
         chunk_size=batch.chunk_size,
+        max_chunks=int(batch.row_meta[..., NUM_CHUNKS].max()),
+        max_selected=int(batch.row_meta[..., NUM_SEL].max()),
     )
     device = batch.row_meta.device
     return tuple(

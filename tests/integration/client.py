@@ -127,6 +127,10 @@ def assert_nothing_left_behind(server: Any) -> dict[str, Any]:
     assert memory["protected_tokens"] == 0
     assert memory.get("compact_slots", 0) == 0
     assert memory.get("host_chunks_used", 0) == 0
+    pools = memory["decode_metadata"]
+    assert pools["requests"] == 0 and pools["free_slots"] == pools["slots"]
+    assert pools["free_fixed_values"] == pools["fixed_values"]
+    assert pools["free_chunk_bounds"] == pools["chunk_bounds"]
     assert server.process.poll() is None
     assert requests.get(f"{server.base_url}/health", timeout=30).status_code == 200
     # SGLang's idle check raises on a leaked slot; a fresh request after idling proves it passed.

@@ -10,6 +10,8 @@ import torch
 
 from hybridkv_sglang.kernels._common import interpret_enabled
 from hybridkv_sglang.kernels.folded_tables import (
+    NUM_CHUNKS,
+    NUM_SEL,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -30,8 +32,9 @@ def _seed() -> torch.Generator:
 
 def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
     rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
-    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32)
-    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32)
+    device = batch.row_meta.device
+    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32, device=device)
+    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32, device=device)
     fn(
         batch.req_pool_indices,
         batch.seq_lens,
@@ -47,9 +50,10 @@ def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
 
 
 def _retrieve(batch: RandomBatch, fn, layer: int):
-    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32)
-    ids = torch.zeros(batch.kmin.shape[0], dtype=torch.int32)
-    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32)
+    device = batch.kmin.device
+    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32, device=device)
+    ids = torch.zeros(batch.kmin.shape[0], dtype=torch.int32, device=device)
+    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32, device=device)
     fn(
         batch.q,
         batch.kmin,
@@ -61,14 +65,15 @@ def _retrieve(batch: RandomBatch, fn, layer: int):
         batch.slot_of_row,
         batch.row_meta,
         layer,
-        max_chunks=int(batch.row_meta[..., 6].max()),
-        max_selected=int(batch.row_meta[..., 5].max()),
+        max_chunks=int(batch.row_meta[..., NUM_CHUNKS].max()),
+        max_selected=int(batch.row_meta[..., NUM_SEL].max()),
     )
     return top
 
 
 def _fill(batch: RandomBatch, fn, layer: int, indptr, top):
-    indices = torch.full((int(indptr[layer, -3]) + 5,), -1, dtype=torch.int64)
+    size = int(indptr[layer, -3]) + 5
+    indices = torch.full((size,), -1, dtype=torch.int64, device=batch.req_to_token.device)
     fn(
         batch.req_to_token,
         batch.req_pool_indices,

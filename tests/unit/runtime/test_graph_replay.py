@@ -23,6 +23,7 @@ from hybridkv_sglang.runtime.graph_decode import (
     limit_graph_to_fit,
     record_pool_rows,
 )
+from hybridkv_sglang.runtime.prefill_compression import PrefillOutcome
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from tests.unit.runtime.folded_steps import folded_for
@@ -185,3 +186,13 @@ def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
     backend.init_forward_metadata(_forward_batch([1, 2]))  # applies the releases on the device
     assert bool((backend.decode_meta.slot_of_row == -1).all())
     assert np.count_nonzero(backend.decode_meta.prompt_entries) == 0
+
+
+def test_a_request_whose_records_fail_is_served_dense(served):
+    backend, _ = served
+    request = SimpleNamespace(rid="r-broken", req_pool_idx=4)
+    outcome = PrefillOutcome(request, None, layout=object())  # records cannot be built from it
+    backend._register(outcome)
+    assert outcome.layout is None and outcome.dense_reason == "compression_error"
+    assert not backend.decode_meta.compressed_rows[4]
+    assert backend.decode_meta.usage()["requests"] == 2  # the others are untouched
