@@ -31,6 +31,7 @@ from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.decode_metadata import (
     DecodeMetadata,
     bound_chunks,
+    held_prompts,
     metadata_entries,
     request_rows,
 )
@@ -415,12 +416,15 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         layers,
         heads,
         key.shape[-1],
-        max_requests=model_runner.req_to_token_pool.size + 1,
+        max_requests=model_runner.req_to_token_pool.size + 2,  # + a compaction's rewrite
         pool_rows=req_to_token.shape[0],
         fixed_capacity=metadata_entries(entries_per_layer * layers, config.decode_metadata_fraction)
         + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
         bound_capacity=bound_chunks(
-            entries_per_layer * layers, config.max_dynamic_fraction, config.chunk_size
+            entries_per_layer * layers,
+            config.max_dynamic_fraction
+            * held_prompts(config.storage, config.budget, config.budget_tokens),
+            config.chunk_size,
         ),
         bound_dtype=key.dtype,
         device=key.device,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.storage.decode_metadata import metadata_bytes_per_entry
+from hybridkv_sglang.storage.decode_metadata import held_prompts, metadata_bytes_per_entry
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_laye
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     per_entry = metadata_bytes_per_entry(
         config.decode_metadata_fraction,
-        config.max_dynamic_fraction,
+        config.max_dynamic_fraction
+        * held_prompts(config.storage, config.budget, config.budget_tokens),
         config.chunk_size,
         kvc.model_config.head_dim,
         torch._utils._element_size(kvc.kv_cache_dtype),

@@ -360,6 +360,15 @@ class DecodeMetadata:
         self.chunk_top[where] = (region_chunk - dyn.first_chunk).to(torch.int32)
 
 
+def held_prompts(storage: str, budget: float, budget_tokens: int | None) -> float:
+    """Prompt entries live compressed requests hold per KV pool entry: 1 in place (every prompt
+    stays in the pool); with compact storage, whose requests hand their prompts back to the
+    tree, up to ``1 / budget`` (at most 10; their chunk bounds stay on the device)."""
+    if storage != "compact" or budget_tokens is not None:
+        return 1.0
+    return min(10.0, 1.0 / budget)
+
+
 def metadata_entries(prompt_entries: int, fraction: float) -> int:
     """Fixed values the pool holds for ``prompt_entries`` (token, layer, kv head) entries."""
     return int(prompt_entries * fraction)

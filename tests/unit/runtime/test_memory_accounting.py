@@ -1,0 +1,35 @@
+"""The decode metadata pools count in SGLang's bytes per KV token, for hybridkv servers only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.runtime_context import get_parallel
+
+from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
+from hybridkv_sglang.runtime.memory_accounting import add_decode_metadata_bytes
+
+
+def _kvc(backend: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        server_args=SimpleNamespace(attention_backend=backend, decode_attention_backend=None),
+        model_config=SimpleNamespace(get_num_kv_heads=lambda tp: 4 // tp, head_dim=128),
+        kv_cache_dtype=torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "bounds_factor"),
+    [(HybridKVConfig(), 1.0), (HybridKVConfig(storage="compact", budget=0.2), 5.0)],
+)
+def test_pools_add_their_bytes_per_kv_token(monkeypatch, config, bounds_factor):
+    monkeypatch.setenv(ENV_VAR, config.to_env())
+    kv_bytes = 4 * 28 * (128 + 128) * 2  # Qwen2.5-VL-7B: 4 kv heads, 28 layers, bf16
+    with get_parallel().override(attn_tp_size=1):
+        got = add_decode_metadata_bytes(kv_bytes, None, _kvc("hybridkv"), 28)
+        stock = add_decode_metadata_bytes(kv_bytes, None, _kvc("flashinfer"), 28)
+    bound = (2 * 128 * 2 + 8) * 0.5 / 16 * bounds_factor
+    assert got - kv_bytes == pytest.approx(4 * 28 * (4 + bound), abs=1)
+    assert stock == kv_bytes
