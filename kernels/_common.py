@@ -58,7 +58,7 @@ def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
         want = "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing triton)"
     raise ValueError(
         f"{op}: expected {want}, got devices {devices}; call {op}_ref (the torch definition) "
-        "instead, or the op's caller that picks by device"
+        f"or the caller that picks by device ({op}_auto where it exists) instead"
     )
 
 
