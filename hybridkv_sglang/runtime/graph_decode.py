@@ -61,8 +61,9 @@ def record_pool_rows(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     if getattr(forward_batch, "req_pool_indices_cpu", None) is None:
         batch = next((a for a in (*args, kwargs.get("batch")) if hasattr(a, "reqs")), None)
         if batch is not None:
+            reqs = batch.reqs
             forward_batch.req_pool_indices_cpu = torch.from_numpy(
-                np.fromiter((r.kv.req_pool_idx for r in batch.reqs), dtype=np.int64)
+                np.fromiter((r.kv.req_pool_idx for r in reqs), dtype=np.int64, count=len(reqs))
             )
     return forward_batch
 

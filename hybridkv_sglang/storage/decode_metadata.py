@@ -310,6 +310,8 @@ class DecodeMetadata:
 
     def apply_releases(self) -> None:
         """Clear released rows on the device (one op, only when there are any)."""
+        if not self._pending_clear:  # the common case: no lock, no op
+            return
         with self._lock:
             rows, self._pending_clear = self._pending_clear, []
         if rows:
