@@ -524,8 +524,8 @@ def make_step(setup: Setup, pool_rows: list[int]) -> Step:
     graph_batch = SimpleNamespace(**vars(forward_batch))
     graph_batch.req_pool_indices, graph_batch.seq_lens = view.req_pool_indices, view.seq_lens
     # SGLang's Req keeps its pool row in ``req.kv.req_pool_idx`` (ReqKvInfo)
-    reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r), req_pool_idx=r) for r in pool_rows]
-    schedule_batch = SimpleNamespace(reqs=reqs)
+    reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in pool_rows]
+    schedule_batch = SimpleNamespace(reqs=reqs, forward_mode=ForwardMode.DECODE)
     return Step(forward_batch, schedule_batch, view, graph_batch)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hybridkv_sglang.runtime.activation import active_backend, is_active
+from hybridkv_sglang.runtime.prefill_tracking import schedule_batch_of
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def record_pool_rows(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     if backend is None or not backend.has_live_compressed():
         return forward_batch
     if getattr(forward_batch, "req_pool_indices_cpu", None) is None:
-        batch = next((a for a in (*args, kwargs.get("batch")) if hasattr(a, "reqs")), None)
+        batch = schedule_batch_of(args, kwargs)
         if batch is not None:
             reqs = batch.reqs
             forward_batch.req_pool_indices_cpu = torch.from_numpy(

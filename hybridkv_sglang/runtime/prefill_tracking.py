@@ -30,7 +30,8 @@ class ScheduledExtend:
 _pending: OrderedDict[int, ScheduledExtend] = OrderedDict()
 
 
-def _schedule_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def schedule_batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``ScheduleBatch`` among ``ForwardBatch.init_new``'s arguments (``None``: absent)."""
     candidates = [*args, kwargs.get("batch")]
     return next((a for a in candidates if hasattr(a, "reqs") and hasattr(a, "forward_mode")), None)
 
@@ -41,7 +42,7 @@ def record_extend_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
         return forward_batch
     if forward_batch is None or not forward_batch.forward_mode.is_extend():
         return forward_batch
-    batch = _schedule_batch(args, kwargs)
+    batch = schedule_batch_of(args, kwargs)
     rids = forward_batch.rids
     if batch is None or rids is None:
         return forward_batch
