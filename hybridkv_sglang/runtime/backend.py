@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -122,6 +123,8 @@ class HybridKVAttnBackend(AttentionBackend):
         """The decode-graph variant SGLang chose for the batch it is about to replay."""
         self._host_tier_rows: list[int] = []
         self._last_rows_cpu: Any = None
+        self._last_rows = np.zeros(0, dtype=np.int64)
+        """Host pool rows of the batch ``_last_rows_cpu`` came with (see batch_is_sparse)."""
         self._last_sparse = False
         self._on_cuda = torch.cuda.is_available()
         self._delegate_base_api()
@@ -162,9 +165,9 @@ class HybridKVAttnBackend(AttentionBackend):
         if rows_cpu is None or self.decode_meta is None:
             return False
         if rows_cpu is not self._last_rows_cpu:
-            rows = batch_pool_rows(forward_batch)
             self._last_rows_cpu = rows_cpu
-            self._last_sparse = self.decode_meta.batch_has_compressed(rows)
+            self._last_rows = batch_pool_rows(forward_batch)
+            self._last_sparse = self.decode_meta.batch_has_compressed(self._last_rows)
         return self._last_sparse
 
     def select_graph_variant(self, forward_batch: Any) -> str:
@@ -179,7 +182,7 @@ class HybridKVAttnBackend(AttentionBackend):
         if not self.batch_is_sparse(forward_batch):
             return None
         assert self.decode_meta is not None
-        rows = batch_pool_rows(forward_batch)
+        rows = self._last_rows
         reason = None
         if self.decode_meta.host_tier_rows(rows):
             reason = "a compact request with dynamic heads on the host tier"
@@ -214,7 +217,7 @@ class HybridKVAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode() and self.folded is not None and self.batch_is_sparse(forward_batch):
             assert self.decode_meta is not None
-            rows = batch_pool_rows(forward_batch)
+            rows = self._last_rows
             self._sparse_step = True
             self._host_tier_rows = self.decode_meta.host_tier_rows(rows)
             self.folded.begin_step(

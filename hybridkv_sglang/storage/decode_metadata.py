@@ -195,11 +195,12 @@ class DecodeMetadata:
         self.chunk_scores = torch.zeros(self.kmin.shape[0], dtype=torch.float32, device=device)
         self.chunk_ids = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
         self.chunk_top = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
-        self.compressed_rows = np.zeros(pool_rows, dtype=np.bool_)
-        """Host mirror: pool rows whose request decodes over these tables."""
+        self.on_host_tier = np.zeros(pool_rows, dtype=np.bool_)
+        """Host mirror: pool rows whose dynamic heads are staged from the host tier."""
         self.prompt_entries = np.zeros(pool_rows, dtype=np.int64)
         """Host mirror: each compressed row's prompt-part table entries (widest layer)."""
         self.prompt_lens = np.zeros(pool_rows, dtype=np.int64)
+        """Host mirror: each compressed row's prompt length (0: the row is dense)."""
         self.num_chunks = np.zeros(pool_rows, dtype=np.int64)
         """Host mirror: each row's most retrievable chunks of a dynamic row (0: none)."""
         self.num_selected = np.zeros(pool_rows, dtype=np.int64)
@@ -286,7 +287,7 @@ class DecodeMetadata:
                 self._host_tier[pool_row] = (host_tier, meta)
             else:
                 self._host_tier.pop(pool_row, None)
-        self.compressed_rows[pool_row] = True
+        self.on_host_tier[pool_row] = host_tier is not None
         self.prompt_entries[pool_row] = rows.prompt_entries
         self.prompt_lens[pool_row] = rows.prompt_len
         self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
@@ -302,7 +303,7 @@ class DecodeMetadata:
             self._give_back(held)
             self._host_tier.pop(pool_row, None)
             self._pending_clear.append(pool_row)
-            self.compressed_rows[pool_row] = False
+            self.on_host_tier[pool_row] = False
             self.prompt_entries[pool_row] = 0
             self.prompt_lens[pool_row] = 0
             self.num_chunks[pool_row] = 0
@@ -323,9 +324,14 @@ class DecodeMetadata:
         self._fixed.free(*held.fixed)
         self._bounds.free(*held.bounds)
 
+    @property
+    def compressed_rows(self) -> np.ndarray:
+        """Host mirror: pool rows whose request decodes over these tables."""
+        return self.prompt_lens > 0
+
     def batch_has_compressed(self, pool_rows: np.ndarray) -> bool:
         """Host only: whether any of these pool rows decodes over the folded tables."""
-        return bool(self.compressed_rows[pool_rows].any())
+        return bool(self.prompt_lens[pool_rows].any())
 
     def retrieval_bounds(self, pool_rows: np.ndarray) -> tuple[int, int]:
         """Host only: the most chunks and selected chunks of any dynamic row of this batch."""
@@ -339,10 +345,7 @@ class DecodeMetadata:
 
     def host_tier_rows(self, pool_rows: np.ndarray) -> list[int]:
         """Host only: the rows of this batch whose dynamic heads are staged from the host."""
-        with self._lock:
-            if not self._host_tier:
-                return []
-            return [int(r) for r in pool_rows if int(r) in self._host_tier]
+        return pool_rows[self.on_host_tier[pool_rows]].tolist()
 
     def stage_host_chunks(self, pool_row: int, layer: int, stager: ChunkStager) -> None:
         """After :func:`chunk_retrieval` of ``layer``: stage a host-tier request's chosen
