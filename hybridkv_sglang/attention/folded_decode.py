@@ -86,11 +86,9 @@ class FoldedDecode:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the step buffers (the tables; the metadata pools count apart)."""
-        tensors = [self.kv_indptr, self.num_kv_splits, self.kv_indices]
-        if self.use_triton:
-            tensors += [self.attn_logits, self.attn_lse]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Device bytes of the step buffers: the tables plus the attention's split scratch."""
+        scratch = (self.attn_logits, self.attn_lse) if self.use_triton else ()
+        return self.table_bytes + sum(t.numel() * t.element_size() for t in scratch)
 
     def _allocate_rows(self, device: torch.device | str) -> None:
         shape = self.shape

@@ -25,17 +25,12 @@ from hybridkv_sglang.runtime import compaction, window_prefill
 from hybridkv_sglang.runtime.activation import set_active_backend
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.graph_decode import DENSE, SPARSE, batch_pool_rows, capture_variant
+from hybridkv_sglang.runtime.memory_accounting import pool_sizing
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import PrefillChunk, dense_reason, find_prefill_ends
 from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
-from hybridkv_sglang.storage.decode_metadata import (
-    DecodeMetadata,
-    bound_chunks,
-    held_prompts,
-    metadata_entries,
-    request_rows,
-)
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
 from hybridkv_sglang.storage.host_tier import HostTier
 
 logger = logging.getLogger(__name__)
@@ -415,20 +410,16 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
     q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
     req_to_token = model_runner.req_to_token_pool.req_to_token
     entries_per_layer = key.shape[0] * heads
+    sizing = pool_sizing(config)
     meta = DecodeMetadata(
         layers,
         heads,
         key.shape[-1],
         max_requests=model_runner.req_to_token_pool.size + 2,  # + a compaction's rewrite
         pool_rows=req_to_token.shape[0],
-        fixed_capacity=metadata_entries(entries_per_layer * layers, config.decode_metadata_fraction)
+        fixed_capacity=sizing.fixed_values(entries_per_layer * layers)
         + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
-        bound_capacity=bound_chunks(
-            entries_per_layer * layers,
-            config.max_dynamic_fraction
-            * held_prompts(config.storage, config.budget, config.budget_tokens),
-            config.chunk_size,
-        ),
+        bound_capacity=sizing.bound_chunks(entries_per_layer * layers),
         bound_dtype=key.dtype,
         device=key.device,
     )

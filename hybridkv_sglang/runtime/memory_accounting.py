@@ -2,7 +2,7 @@
 
 SGLang sizes its KV pool as (available memory) / (bytes per token). An AFTER hook on the
 configurator's per-token cost adds what the metadata pools take per token of that pool
-(:func:`~hybridkv_sglang.storage.decode_metadata.metadata_bytes_per_entry` per layer and kv
+(:meth:`~hybridkv_sglang.storage.decode_metadata.PoolSizing.bytes_per_entry` per layer and kv
 head), so the pools allocated afterwards at the pool's size leave the memory budget exact.
 """
 
@@ -14,11 +14,24 @@ from typing import Any
 import torch
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.storage.decode_metadata import held_prompts, metadata_bytes_per_entry
+from hybridkv_sglang.storage.decode_metadata import PoolSizing
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "hybridkv"
+
+
+def pool_sizing(config: HybridKVConfig) -> PoolSizing:
+    """The decode metadata pools' sizes per KV pool entry for this config (start-up sizing and
+    the per-token count both come from here)."""
+    return PoolSizing.of(
+        config.decode_metadata_fraction,
+        config.max_dynamic_fraction,
+        config.chunk_size,
+        config.storage,
+        config.budget,
+        config.budget_tokens,
+    )
 
 
 def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_layers: int) -> Any:
@@ -39,13 +52,8 @@ def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_laye
     from sglang.srt.runtime_context import get_parallel
 
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
-    per_entry = metadata_bytes_per_entry(
-        config.decode_metadata_fraction,
-        config.max_dynamic_fraction
-        * held_prompts(config.storage, config.budget, config.budget_tokens),
-        config.chunk_size,
-        kvc.model_config.head_dim,
-        torch._utils._element_size(kvc.kv_cache_dtype),
+    per_entry = pool_sizing(config).bytes_per_entry(
+        kvc.model_config.head_dim, torch._utils._element_size(kvc.kv_cache_dtype)
     )
     extra = int(per_entry * heads * num_layers + 0.999)
     logger.info("hybridkv: %d of %d bytes per KV token are decode metadata", extra, result + extra)

@@ -365,29 +365,39 @@ class DecodeMetadata:
         self.chunk_top[where] = (region_chunk - dyn.first_chunk).to(torch.int32)
 
 
-def held_prompts(storage: str, budget: float, budget_tokens: int | None) -> float:
-    """Prompt entries live compressed requests hold per KV pool entry: 1 in place (every prompt
-    stays in the pool); with compact storage, whose requests hand their prompts back to the
-    tree, up to ``1 / budget`` (at most 10; their chunk bounds stay on the device)."""
-    if storage != "compact" or budget_tokens is not None:
-        return 1.0
-    return min(10.0, 1.0 / budget)
+@dataclass(frozen=True)
+class PoolSizing:
+    """How large the pools are per (token, layer, kv head) entry of SGLang's KV pool, so the
+    pools and SGLang's per-token memory count agree."""
 
+    fixed_fraction: float
+    """Fixed values per entry: every kept position or compact entry is one of the pool's."""
+    bound_fraction: float
+    """Dynamic prompt entries per entry (their chunk bounds stay on the device)."""
+    chunk_size: int
 
-def metadata_entries(prompt_entries: int, fraction: float) -> int:
-    """Fixed values the pool holds for ``prompt_entries`` (token, layer, kv head) entries."""
-    return int(prompt_entries * fraction)
+    @classmethod
+    def of(
+        cls,
+        fixed_fraction: float,
+        max_dynamic_fraction: float,
+        chunk_size: int,
+        storage: str,
+        budget: float,
+        budget_tokens: int | None,
+    ) -> PoolSizing:
+        """In place every prompt stays in the pool; with compact storage, whose requests hand
+        their prompts back to the tree, they hold up to ``1 / budget`` prompts per pool entry
+        (at most 10)."""
+        held = 1.0 if storage != "compact" or budget_tokens is not None else min(10.0, 1 / budget)
+        return cls(fixed_fraction, max_dynamic_fraction * held, chunk_size)
 
+    def fixed_values(self, prompt_entries: int) -> int:
+        return int(prompt_entries * self.fixed_fraction)
 
-def bound_chunks(prompt_entries: int, max_dynamic_fraction: float, chunk_size: int) -> int:
-    """Chunk bounds the arena holds when at most ``max_dynamic_fraction`` of
-    ``prompt_entries`` entries are dynamic."""
-    return int(prompt_entries * max_dynamic_fraction) // chunk_size + 1
+    def bound_chunks(self, prompt_entries: int) -> int:
+        return int(prompt_entries * self.bound_fraction) // self.chunk_size + 1
 
-
-def metadata_bytes_per_entry(
-    fraction: float, max_dynamic_fraction: float, chunk_size: int, head_dim: int, kv_bytes: int
-) -> float:
-    """Device bytes of the pools per (token, layer, kv head) entry of the KV pool."""
-    bound = 2 * head_dim * kv_bytes + 8  # kmin, kmax, score and top id of one chunk
-    return 4 * fraction + bound * max_dynamic_fraction / chunk_size
+    def bytes_per_entry(self, head_dim: int, kv_bytes: int) -> float:
+        bound = 2 * head_dim * kv_bytes + 8  # kmin, kmax, score and top id of one chunk
+        return 4 * self.fixed_fraction + bound * self.bound_fraction / self.chunk_size
