@@ -3,14 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: env demo test test-unit lint bench-fidelity bench-decode bench-overhead bench-capacity \
-	bench-quality
+.PHONY: env demo demo-quality test test-unit lint bench-fidelity bench-decode bench-overhead \
+	bench-capacity bench-quality
 
 env:
 	@bash devtools/setup_cpu_env.sh
 
 demo: env
 	$(PY) examples/demo.py
+
+demo-quality: env
+	$(PY) examples/quality_demo.py
 
 test: env
 	$(PY) -m pytest tests -q -ra

@@ -36,12 +36,12 @@ each about a new image) and ``multi_mixed`` (describe, pair_name, describe over 
 conversations, 452 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
 compressed; ``window`` stays at the config default (32), which with this model's short questions
 also covers the last image's 16 visual tokens; ``sink``, ``chunk_size`` and ``top_k_chunks`` are
-the committed model's settings (``TILE_MODEL_SETTINGS``), the same for every row. Each server
-answers a warm-up conversation, then its prefix cache is flushed (every configuration starts
-from the same empty cache), then every conversation, ``--concurrency`` at a time (SGLang batches
-them; greedy replies are the same as one at a time). Later turns hit the cached prefix of the
-earlier ones; the last ``window`` tokens of every compressed prompt are prefilled again, so each
-turn is observed over a whole window.
+the committed model's settings (``quality_task.TILE_MODEL_SETTINGS``), the same for every row.
+Each server answers a warm-up conversation, then its prefix cache is flushed (every configuration
+starts from the same empty cache), then every conversation, ``--concurrency`` at a time (SGLang
+batches them; greedy replies are the same as one at a time). Later turns hit the cached prefix of
+the earlier ones; the last ``window`` tokens of every compressed prompt are prefilled again, so
+each turn is observed over a whole window.
 
 Dataset format (``--dataset FILE.jsonl``, one conversation per line)::
 
@@ -65,14 +65,17 @@ Later turns carry the model's own earlier replies as history.
 Run::
 
     python bench/quality.py                       # defaults: CPU, committed model, tile set
+    python bench/quality.py --out bench/results/quality   # the same, refreshing committed results
     python bench/quality.py --model Qwen/Qwen2.5-VL-7B-Instruct --device cuda \\
         --dataset my_set.jsonl --max-new-tokens 16 --match prefix
     python bench/quality.py --url http://127.0.0.1:30000 --label hybridkv@0.1 --dataset ...
 
-Writes ``bench/results/quality.json`` (machine, arguments, dataset summary, one row per
-configuration, the paired comparisons) and ``bench/results/quality.png`` (accuracy with its 95 %
-interval against the budget and against the measured read fraction, one line per policy), and
-prints both tables.
+Writes ``<out>.json`` (machine, arguments, dataset summary, one row per configuration, the paired
+comparisons) and ``<out>.png`` (accuracy with its 95 % interval against the budget and against the
+measured read fraction, one line per policy), and prints both tables. ``--out`` defaults to
+``.cache/quality`` (git-ignored), so a trial run never overwrites the committed results; refresh
+those with ``--out bench/results/quality`` (or ``bench/results/quality.json``: the suffix is
+replaced).
 """
 
 from __future__ import annotations
@@ -104,11 +107,11 @@ from tqdm import tqdm
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 from hybridkv_sglang.policy import POLICIES as POLICY_REGISTRY
+from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, is_correct
 from hybridkv_sglang.testing.server import RunningServer, free_port, launch_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "bench" / "quality_model"
-RESULTS = ROOT / "bench" / "results"
 POLICIES: tuple[str, ...] = tuple(POLICY_REGISTRY)
 """Every registered policy (``hybridkv`` and the baselines run by the same machinery)."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -128,12 +131,6 @@ DEFAULT_POLICIES: tuple[str, ...] = (
 )
 """The default run's rows (``lookm`` and ``hybridkv_design`` with ``--policies``): 8 x 2 budgets
 + full fit the 60-minute budget of a 2-core machine."""
-TILE_MODEL_SETTINGS: dict[str, int] = {"sink": 0, "chunk_size": 4, "top_k_chunks": 64}
-"""Per-model settings of the committed tile-task model, for every row alike
-(``docs/quality-diagnosis.md``): it has no attention sink (< 2 % of any head's mass on the first
-4 tokens), its tiles are 2 x 2 tokens (16-token chunks are coarse against them), and with
-``dynamic_top_k="budget"`` the budget, not ``top_k_chunks``, bounds retrieval. Other models get
-the config defaults unless ``--sink``/``--chunk-size``/``--top-k-chunks`` say otherwise."""
 IMAGE_PLACEHOLDER = "<image>"
 REQUEST_TIMEOUT_S = 600
 Z95 = 1.959964
@@ -275,23 +272,6 @@ def _image_part(url: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
-
-
-def normalize(text: str) -> str:
-    text = " ".join(text.strip().lower().split())
-    text = text.strip("\"'`")
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def is_correct(reply: str, answers: Sequence[str], match: str = "exact") -> bool:
-    got = normalize(reply)
-    for answer in answers:
-        want = normalize(answer)
-        if got == want:
-            return True
-        if match == "prefix" and got.startswith(want) and re.match(r"\W|$", got[len(want) :]):
-            return True
-    return False
 
 
 def decode_token_matches(reply_tokens: Sequence[str], gold_tokens: Sequence[str]) -> int:
@@ -957,7 +937,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             flag,
             type=int,
             help="every row (default: the committed model's setting, see "
-            "TILE_MODEL_SETTINGS, or the config default for other models)",
+            "quality_task.TILE_MODEL_SETTINGS, or the config default for other models)",
         )
     parser.add_argument("--min-prompt-tokens", type=int, default=128)
     parser.add_argument("--hybridkv-json", help="more HybridKVConfig fields for every row, JSON")
@@ -992,7 +972,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="evaluate this running server instead of starting any")
     parser.add_argument("--label", default="served", help="with --url: the row's config name")
     parser.add_argument("--label-budget", type=float, help="with --url: the row's budget")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="writes .json/.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / ".cache" / "quality",
+        help="writes OUT.json and OUT.png (committed results: bench/results/quality)",
+    )
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "quality-logs")
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw --out .png from its .json, run nothing"

@@ -34,7 +34,9 @@ remaining key colours, each at least twice; those repeated colours are never ask
 Everything is a function of the seed: :func:`make_case` builds one case, :func:`make_question_set`
 the held-out evaluation set, :func:`make_training_case` one training conversation. A case renders
 its images (:meth:`TileCase.images`) and converts to the benchmark's JSONL record format
-(:meth:`TileCase.to_record`; the format is documented in ``bench/quality.py``).
+(:meth:`TileCase.to_record`; the format is documented in ``bench/quality.py``). Replies are scored
+by :func:`is_correct`, and ``TILE_MODEL_SETTINGS`` are the committed model's hybridkv settings:
+what the benchmark (``bench/quality.py``) and the demo (``examples/quality_demo.py``) share.
 
     python -m hybridkv_sglang.testing.quality_task OUT.jsonl [--seed S] [--ks 16,32,64] ...
 
@@ -48,6 +50,7 @@ import base64
 import io
 import json
 import random
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -132,6 +135,12 @@ LEARNED_KINDS: tuple[CaseKind, ...] = ("single", "describe", "pair_name", "multi
 
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 SYSTEM_PROMPT = "You are a helpful assistant."
+TILE_MODEL_SETTINGS: dict[str, int] = {"sink": 0, "chunk_size": 4, "top_k_chunks": 64}
+"""``HybridKVConfig`` fields for the committed tile-task model (``bench/quality_model``;
+``docs/quality-diagnosis.md``): it has no attention sink (< 2 % of any head's mass on the first
+4 tokens), its tiles are 2 x 2 tokens (16-token chunks are coarse against them), and with
+``dynamic_top_k="budget"`` the budget, not ``top_k_chunks``, bounds retrieval. Other models keep
+the config defaults."""
 
 
 @dataclass(frozen=True)
@@ -422,6 +431,26 @@ def messages(case: TileCase, image_urls: Sequence[str], *, answers: Sequence[str
         if i < upto - 1:
             out.append({"role": "assistant", "content": answers[i]})
     return out
+
+
+def normalize(text: str) -> str:
+    """Lower case, whitespace collapsed, surrounding quotes and a trailing full stop dropped."""
+    text = " ".join(text.strip().lower().split())
+    text = text.strip("\"'`")
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def is_correct(reply: str, answers: Sequence[str], match: str = "exact") -> bool:
+    """Whether ``reply`` gives one of ``answers`` after :func:`normalize`: equal (``exact``), or
+    followed by a word boundary (``prefix``, for models that explain after answering)."""
+    got = normalize(reply)
+    for answer in answers:
+        want = normalize(answer)
+        if got == want:
+            return True
+        if match == "prefix" and got.startswith(want) and re.match(r"\W|$", got[len(want) :]):
+            return True
+    return False
 
 
 def prompt_tokens(case: TileCase, text_tokens: int) -> int:

@@ -1,5 +1,6 @@
 """The tile task generator: deterministic, answers right by construction (read back from the
-pixels), askable keys unique, token counts as the processor makes them."""
+pixels), askable keys unique, token counts as the processor makes them; replies scored by
+exact match after normalisation."""
 
 from __future__ import annotations
 
@@ -291,3 +292,22 @@ def test_records_carry_everything(quality_bench):
     assert parsed.case_id == case.case_id and parsed.k == 16 and parsed.kind == "multi_turn"
     assert [t.question for t in parsed.turns] == [t.question for t in case.turns]
     assert [t.answers for t in parsed.turns] == [(t.answer,) for t in case.turns]
+
+
+@pytest.mark.parametrize(
+    ("reply", "answers", "match", "expected"),
+    [
+        ("navy", ["navy"], "exact", True),
+        (" Navy.\n", ["navy"], "exact", True),
+        ("navy teal", ["navy teal"], "exact", True),
+        ("navy  teal", ["navy teal"], "exact", True),
+        ("navy", ["navy teal"], "exact", False),
+        ("teal navy", ["navy teal"], "exact", False),
+        ("navy blue", ["navy"], "exact", False),
+        ("navy, because", ["navy"], "prefix", True),
+        ("navyblue", ["navy"], "prefix", False),
+        ("'B'", ["b", "c"], "exact", True),
+    ],
+)
+def test_scoring(reply, answers, match, expected):
+    assert qt.is_correct(reply, answers, match) is expected
