@@ -1,14 +1,15 @@
-"""``hybridkv-serve``: SGLang's ``launch_server`` with ``--attention-backend hybridkv``.
+"""``hybridkv-serve``: ``sglang serve`` with ``--attention-backend hybridkv``.
 
-Every ``sglang.launch_server`` flag passes through unchanged; ``--hybridkv-<field>`` flags set
-the HybridKVConfig, which is validated here (a bad value stops start-up before SGLang loads a
-model) and handed to SGLang's spawned processes through ``HYBRIDKV_CONFIG``.
+Every ``sglang serve`` flag passes through unchanged; ``--hybridkv-<field>`` flags set the
+HybridKVConfig, which is validated here (a bad value stops start-up before SGLang is even
+imported, naming the flag as typed) and handed to SGLang's spawned processes through
+``HYBRIDKV_CONFIG``. A ``--hybridkv-`` flag that names no field is an error, never passed on.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridkv-serve",
         description="Start an SGLang server with hybridkv KV-cache compression. Every "
-        "`python -m sglang.launch_server` flag is accepted unchanged (see "
-        "`python -m sglang.launch_server --help`); the flags below configure hybridkv.",
+        "`sglang serve` flag is accepted unchanged (see `sglang serve --help`); the flags below "
+        "configure hybridkv.",
+        allow_abbrev=False,
     )
     group = parser.add_argument_group("hybridkv")
     group.add_argument(
@@ -77,26 +79,60 @@ def resolve(argv: Sequence[str]) -> tuple[HybridKVConfig, list[str]]:
     """Split argv into the validated hybridkv config and the flags meant for SGLang."""
     parser = build_parser()
     known, sglang_args = parser.parse_known_args(list(argv))
+    _refuse_unknown_flags(sglang_args)
     base = os.environ.get(ENV_VAR) if known.hybridkv_config is None else known.hybridkv_config
-    config = HybridKVConfig() if not base else HybridKVConfig.parse(base, source=ENV_VAR)
+    source = ENV_VAR if known.hybridkv_config is None else "--hybridkv-config"
+    config = HybridKVConfig() if not base else HybridKVConfig.parse(base, source=source)
     overrides = {
         name: value
         for name in HybridKVConfig.model_fields
         if (value := getattr(known, f"hybridkv_{name}")) is not None
     }
     if overrides:
-        config = HybridKVConfig.parse(
-            json.dumps({**config.model_dump(), **overrides}), source="--hybridkv-* flags"
-        )
+        config = _with_flags(config, overrides)
     chosen = _attention_backend(sglang_args)
     if chosen is None:
         sglang_args += ["--attention-backend", "hybridkv"]
     elif chosen != "hybridkv":
         raise HybridKVConfigError(
             f"hybridkv-serve sets --attention-backend hybridkv; got --attention-backend {chosen} "
-            "(use `python -m sglang.launch_server` to serve without hybridkv)"
+            "(use `sglang serve` to serve without hybridkv)"
         )
     return config, sglang_args
+
+
+def _refuse_unknown_flags(sglang_args: Sequence[str]) -> None:
+    """A mistyped ``--hybridkv-`` flag would reach SGLang and be rejected there, or worse,
+    accepted by a prefix; name it and the closest real one instead."""
+    typed = [arg.split("=", 1)[0] for arg in sglang_args if arg.startswith(FLAG_PREFIX)]
+    if not typed:
+        return
+    known = ["--hybridkv-config", *(_flag(name) for name in HybridKVConfig.model_fields)]
+    close = difflib.get_close_matches(typed[0], known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise HybridKVConfigError(
+        f"unknown flag {typed[0]}{hint}; `hybridkv-serve --help` lists the hybridkv flags"
+    )
+
+
+def _with_flags(config: HybridKVConfig, overrides: dict[str, Any]) -> HybridKVConfig:
+    """``config`` with the flags' values; an error names the flags that cause it, as typed
+    (the one flag that fails alone, or all of them when only their combination fails)."""
+    try:
+        return config.with_values(overrides, "--hybridkv-* flags")
+    except HybridKVConfigError:
+        culprits = [name for name in overrides if not _valid(config, {name: overrides[name]})]
+        named = culprits or list(overrides)
+        typed = ", ".join(f"{_flag(name)} {overrides[name]}" for name in named)
+        return config.with_values(overrides, typed)
+
+
+def _valid(config: HybridKVConfig, values: dict[str, Any]) -> bool:
+    try:
+        config.with_values(values, "")
+    except HybridKVConfigError:
+        return False
+    return True
 
 
 def server_environment(config: HybridKVConfig, sglang_args: Sequence[str]) -> dict[str, str]:
@@ -119,10 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, sglang_args = resolve(args)
     except HybridKVConfigError as err:
         sys.exit(f"hybridkv-serve: {err}")
-    env = server_environment(config, sglang_args)
-    command = [sys.executable, "-m", "sglang.launch_server", *sglang_args]
+    os.environ.update(server_environment(config, sglang_args))
     print(f"hybridkv-serve: {config.model_dump_json()}", file=sys.stderr, flush=True)
-    os.execve(sys.executable, command, env)
+    from sglang.cli.main import main as sglang_main
+
+    sys.argv = ["sglang", "serve", *sglang_args]
+    sglang_main()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hybridkv_sglang.policy import build_policy
 
 ENV_VAR = "HYBRIDKV_CONFIG"
+REQUEST_PARAMS_KEY = "hybridkv"
+"""A request's own settings: ``sampling_params.custom_params["hybridkv"]`` (``/generate``) or
+``custom_params`` in the OpenAI API's body (``extra_body`` in the OpenAI client)."""
 
 PolicyName = Literal[
     "hybridkv",
@@ -176,18 +179,61 @@ class HybridKVConfig(BaseModel):
             stripped = path.read_text()
             source = f"{source} ({path})"
         try:
-            return cls.model_validate(json.loads(stripped))
+            values = json.loads(stripped)
         except json.JSONDecodeError as err:
             raise HybridKVConfigError(f"{source} is not valid JSON: {err}") from None
+        return cls.validated(values, f"invalid hybridkv config in {source}")
+
+    @classmethod
+    def validated(cls, values: Any, source: str) -> HybridKVConfig:
+        """``values`` as a config; an error reads ``"<source>: <field>: <what is wrong>"``."""
+        try:
+            return cls.model_validate(values)
         except ValidationError as err:
             problems = "; ".join(_describe(e) for e in err.errors())
-            raise HybridKVConfigError(f"invalid hybridkv config in {source}: {problems}") from None
+            raise HybridKVConfigError(f"{source}: {problems}") from None
+
+    def with_values(self, values: dict[str, Any], source: str) -> HybridKVConfig:
+        """This config with ``values`` replaced, validated as a whole (see ``validated``)."""
+        return self.validated({**self.model_dump(), **values}, source)
+
+    def for_request(self, custom_params: Any) -> HybridKVConfig:
+        """This config as one request asked for it (``custom_params["hybridkv"]``), validated
+        like the server's own config; the server's config when the request asks nothing."""
+        asked = custom_params.get(REQUEST_PARAMS_KEY) if isinstance(custom_params, dict) else None
+        if asked is None:
+            return self
+        source = f"custom_params.{REQUEST_PARAMS_KEY}"
+        try:
+            request = RequestSettings.model_validate(asked)
+        except ValidationError as err:
+            problems = "; ".join(_describe(e) for e in err.errors())
+            raise HybridKVConfigError(f"invalid {source}: {problems}") from None
+        if request.enabled and not self.enabled:
+            raise HybridKVConfigError(
+                f"{source}.enabled: this server runs with enabled=false, so no request can be "
+                "compressed; start it with enabled=true"
+            )
+        update = request.model_dump(exclude_unset=True)
+        if "budget" in update and "budget_tokens" not in update:
+            update["budget_tokens"] = None  # the request's ratio wins over the server's tokens
+        return self.with_values(update, f"invalid {source}")
 
     @classmethod
     def from_env(cls) -> HybridKVConfig:
         """The config of this process: ``HYBRIDKV_CONFIG`` if set, else the defaults."""
         text = os.environ.get(ENV_VAR)
         return cls() if text is None or not text.strip() else cls.parse(text)
+
+
+class RequestSettings(BaseModel):
+    """What one request may set for itself: its budget, or no compression at all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    enabled: bool | None = None
+    budget: float | None = None
+    budget_tokens: int | None = None
 
 
 def _describe(error: Any) -> str:

@@ -3,12 +3,16 @@
 SGLang loads every installed plugin in every process it starts, so the plugin's hooks are
 registered in servers that never select ``--attention-backend hybridkv``. The backend factory
 marks the process active; every hook returns SGLang's result untouched until then, so an
-installed plugin costs a stock server nothing.
+installed plugin costs a stock server nothing. The launching process never builds a backend: it
+is marked when its resolved server arguments select ``hybridkv`` (``frontend.check_at_launch``).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+BACKEND_NAME = "hybridkv"
+"""``--attention-backend hybridkv``."""
 
 _active = False
 
@@ -37,3 +41,18 @@ def set_active_backend(backend: Any) -> None:
 def active_backend() -> Any:
     """This process's ``hybridkv`` backend, or ``None``."""
     return _backend
+
+
+_launch_config: Any = None
+
+
+def set_launch_config(config: Any) -> None:
+    """The launching process (HTTP server, tokenizer manager, ``Engine``) serves hybridkv with
+    ``config``; its request-path hooks act from here on."""
+    global _launch_config
+    _launch_config = config
+
+
+def launch_config() -> Any:
+    """The ``HybridKVConfig`` of a launching process that serves hybridkv, else ``None``."""
+    return _launch_config

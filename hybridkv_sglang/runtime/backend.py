@@ -19,16 +19,23 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
-from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
 from hybridkv_sglang.policy import build_policy
 from hybridkv_sglang.runtime import compaction, window_prefill
 from hybridkv_sglang.runtime.activation import set_active_backend
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
 from hybridkv_sglang.runtime.graph_decode import DENSE, SPARSE, batch_pool_rows, capture_variant
 from hybridkv_sglang.runtime.memory_accounting import pool_sizing
+from hybridkv_sglang.runtime.metrics import scheduler_metrics
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import PrefillChunk, dense_reason, find_prefill_ends
-from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.runtime.requests import (
+    PrefillChunk,
+    PrefillEnd,
+    dense_reason,
+    find_prefill_ends,
+)
+from hybridkv_sglang.runtime.startup_checks import check_supported
+from hybridkv_sglang.runtime.stats import STATS, kv_entry_bytes
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
 from hybridkv_sglang.storage.host_tier import HostTier
@@ -39,56 +46,6 @@ logger = logging.getLogger(__name__)
 def dense_backend_name(device: str | torch.device) -> str:
     """The dense backend hybridkv wraps on this device."""
     return "flashinfer" if torch.device(device).type == "cuda" else "torch_native"
-
-
-def check_supported(
-    server_args: Any, sliding_window_size: int | None, storage: str = "in_place"
-) -> None:
-    """Refuse, at start-up, combinations whose dense bookkeeping would bypass the plugin."""
-    compact = storage == "compact"
-    refusals = {
-        "models with sliding-window attention layers": sliding_window_size is not None
-        and sliding_window_size > 0,
-        "speculative decoding (--speculative-algorithm)": server_args.speculative_algorithm
-        is not None,
-        "quantized KV (--kv-cache-dtype fp8/fp4: the chunk key bounds and Quest scores read the "
-        "pool unscaled; use --kv-cache-dtype auto)": str(
-            getattr(server_args, "kv_cache_dtype", "auto")
-        ).startswith(("fp8", "fp4")),
-        "--page-size > 1 (hybridkv selects single tokens; use --page-size 1)": (
-            server_args.page_size or 1
-        )
-        > 1,
-        "--enable-mixed-chunk (decode rows would take the dense extend path)": bool(
-            server_args.enable_mixed_chunk
-        ),
-        "prefill CUDA graphs (add --disable-prefill-cuda-graph; decode CUDA graphs are "
-        "supported)": str(server_args.device).startswith("cuda")
-        and prefill_graph_backend(server_args) != "disabled",
-        "storage='compact' without the radix cache (remove --disable-radix-cache)": compact
-        and bool(server_args.disable_radix_cache),
-        "storage='compact' with --enable-hierarchical-cache": compact
-        and bool(server_args.enable_hierarchical_cache),
-        "storage='compact' with PD disaggregation": compact
-        and str(server_args.disaggregation_mode) != "null",
-        "storage='compact' with --tp-size/--pp-size/--dp-size > 1 (slot decisions must match "
-        "across ranks)": compact
-        and max(server_args.tp_size, server_args.pp_size, server_args.dp_size) > 1,
-    }
-    refused = [what for what, bad in refusals.items() if bad]
-    if refused:
-        raise NotImplementedError(
-            "--attention-backend hybridkv does not support " + "; ".join(refused) + " yet"
-        )
-
-
-def prefill_graph_backend(server_args: Any) -> str:
-    """The prefill CUDA-graph backend SGLang resolved (``"disabled"`` when off)."""
-    if server_args.disable_cuda_graph or getattr(server_args, "disable_prefill_cuda_graph", False):
-        return "disabled"
-    config = getattr(server_args, "cuda_graph_config", None)
-    prefill = getattr(config, "prefill", None)
-    return str(getattr(prefill, "backend", "disabled"))
 
 
 class HybridKVAttnBackend(AttentionBackend):
@@ -110,6 +67,7 @@ class HybridKVAttnBackend(AttentionBackend):
         self.folded = folded
         self.decode_meta: DecodeMetadata | None = None if folded is None else folded.meta
         self.policy = build_policy(config.policy, **config.policy_values())
+        self._policies = {tuple(config.policy_values().items()): self.policy}
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
         self._sparse_step = False
@@ -223,6 +181,8 @@ class HybridKVAttnBackend(AttentionBackend):
             )
             STATS.count("sparse_decode_steps")
             return
+        if mode.is_decode():
+            STATS.count("dense_decode_steps")
         self.dense.init_forward_metadata(forward_batch)
         if mode == ForwardMode.EXTEND:
             self._on_extend_metadata(forward_batch)
@@ -246,11 +206,14 @@ class HybridKVAttnBackend(AttentionBackend):
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
         """Before a decode graph's capture or replay: the ``dense`` variant does what the dense
         backend does; the ``hybridkv`` variant nothing but O(1) bookkeeping."""
-        if self.folded is None or not forward_batch.forward_mode.is_decode():
+        if not forward_batch.forward_mode.is_decode():
             return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
-        self._begin_forward()
+        if self.folded is not None:
+            self._begin_forward()
         variant = capture_variant() if in_capture else self._selected_variant
-        if variant != SPARSE:
+        if self.folded is None or variant != SPARSE:
+            if not in_capture:
+                STATS.count("dense_decode_steps")
             return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
         self._sparse_step = True
         if not in_capture:
@@ -320,11 +283,24 @@ class HybridKVAttnBackend(AttentionBackend):
             STATS.record_prefill_chunk(rid)
         if ends:
             self.prefill_compression = PrefillCompression(
-                self.policy,
-                [(r, dense_reason(r, self.config)) for r in ends],
-                self.num_layers,
-                WINDOW_TAILS,
+                [self._plan_request(r) for r in ends], self.num_layers, WINDOW_TAILS
             )
+
+    def _plan_request(self, request: PrefillEnd) -> tuple[PrefillEnd, str | None, Any]:
+        """The request, why it stays dense (``None``: it is compressed) and the policy at its own
+        budget (``custom_params``, validated when it arrived; built once per distinct budget)."""
+        try:
+            config = self.config.for_request(request.custom_params)
+        except HybridKVConfigError as err:
+            logger.warning("hybridkv: %s served dense: %s", request.rid, err)
+            return request, "invalid_request_params", self.policy
+        reason = dense_reason(request, config)
+        if reason == "disabled" and self.config.enabled:
+            reason = "disabled_by_request"
+        key = tuple(config.policy_values().items())
+        if key not in self._policies:
+            self._policies[key] = build_policy(config.policy, **config.policy_values())
+        return request, reason, self._policies[key]
 
     def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any) -> None:
         """Runs after every layer's dense attention of a forward holding last prefill chunks."""
@@ -396,6 +372,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         config.model_dump_json(),
     )
     backend = HybridKVAttnBackend(dense, config, num_layers, folded)
+    STATS.attach(kv_entry_bytes(model_runner.token_to_kv_pool), scheduler_metrics())
     set_active_backend(backend)
     return backend
 

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
+from hybridkv_sglang.runtime.activation import BACKEND_NAME
 from hybridkv_sglang.storage.decode_metadata import PoolSizing
 
 logger = logging.getLogger(__name__)
-
-BACKEND_NAME = "hybridkv"
 
 
 def pool_sizing(config: HybridKVConfig) -> PoolSizing:

@@ -9,11 +9,16 @@ from __future__ import annotations
 import logging
 import os
 
-from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
+from hybridkv_sglang.runtime.activation import BACKEND_NAME
 from hybridkv_sglang.runtime.compaction import (
     compact_after_checkpoint,
     count_compact_slots,
     release_compact,
+)
+from hybridkv_sglang.runtime.frontend import (
+    check_at_launch,
+    check_request_params,
+    refuse_empty_prompt,
 )
 from hybridkv_sglang.runtime.graph_decode import (
     limit_graph_to_fit,
@@ -27,13 +32,13 @@ from hybridkv_sglang.runtime.window_prefill import cap_prefix_for_window
 
 logger = logging.getLogger("hybridkv_sglang")
 
-BACKEND_NAME = "hybridkv"
 _registered = False
 
 
 def register() -> None:
-    """Register the ``hybridkv`` attention backend and its hooks (scheduler side, prefix-match
-    cap, decode pool rows, decode graph variants and eligibility, metadata memory)."""
+    """Register the ``hybridkv`` attention backend and its hooks (launch and request checks,
+    scheduler side, prefix-match cap, decode pool rows, decode graph variants and eligibility,
+    metadata memory)."""
     global _registered
     if _registered:
         return
@@ -45,6 +50,19 @@ def register() -> None:
 
     register_attention_backend(BACKEND_NAME)(create_hybridkv_backend)
     add_attention_backend_choices([BACKEND_NAME])
+    HookRegistry.register(
+        "sglang.srt.server_args.ServerArgs.check_server_args", check_at_launch, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.sampling.sampling_params.SamplingParams.verify",
+        check_request_params,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        refuse_empty_prompt,
+        HookType.BEFORE,
+    )
     HookRegistry.register(
         "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
         record_extend_batch,
@@ -97,10 +115,4 @@ def register() -> None:
         HookType.AFTER,
     )
     _registered = True
-    try:
-        HybridKVConfig.from_env()
-    except HybridKVConfigError as err:
-        # SGLang logs and swallows plugin exceptions; the backend factory raises it again at
-        # scheduler start-up, which stops the server before it serves anything.
-        logger.error("hybridkv: %s", err)
     logger.debug("hybridkv plugin registered in pid %d", os.getpid())

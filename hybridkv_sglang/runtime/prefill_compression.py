@@ -31,6 +31,8 @@ class PrefillOutcome:
 
     request: PrefillEnd
     dense_reason: str | None
+    policy: CompressionPolicy
+    """The server's policy at this request's own budget (``custom_params``), or the server's."""
     observations: list[LayerObservation] = field(default_factory=list)
     layout: CompressedLayout | None = None
     plan_stats: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +62,9 @@ class PrefillOutcome:
             prompt_entries=self.plan_stats.get("dense_entries", 0),
             read_fraction=1.0 if self.layout is None else self.layout.read_fraction,
             window_rows=self.window_rows,
-            extra={"policy": self.plan_stats.get("policy")} if self.plan_stats else {},
+            extra={"policy": self.plan_stats.get("policy"), "budget": self.policy.budget}
+            if self.plan_stats
+            else {},
         )
 
     def summary(self) -> str:
@@ -81,16 +85,15 @@ class PrefillCompression:
 
     def __init__(
         self,
-        policy: CompressionPolicy,
-        requests: Sequence[tuple[PrefillEnd, str | None]],
+        requests: Sequence[tuple[PrefillEnd, str | None, CompressionPolicy]],
         num_layers: int,
         window_tails: WindowQueryTails | None = None,
     ) -> None:
-        """``window_tails``: earlier chunks' window queries (the last chunk may be short)."""
-        self.policy = policy
+        """``requests``: each with why it stays dense (``None``: compress it) and its policy;
+        ``window_tails``: earlier chunks' window queries (the last chunk may be short)."""
         self.num_layers = num_layers
         self.window_tails = window_tails
-        self.outcomes = [PrefillOutcome(request, reason) for request, reason in requests]
+        self.outcomes = [PrefillOutcome(*request) for request in requests]
 
     def observe(
         self,
@@ -113,24 +116,24 @@ class PrefillCompression:
         for outcome in self.outcomes:
             if outcome.dense_reason is not None:
                 continue
-            r = outcome.request
+            r, policy = outcome.request, outcome.policy
             try:
                 rows = q[r.query_start : r.query_start + r.extend_len]
                 if self.window_tails is None:
-                    q_window = rows[-self.policy.window :]
+                    q_window = rows[-policy.window :]
                 else:
                     q_window = self.window_tails.window_queries(r, layer.layer_id, rows)
                 slots = req_to_token[r.req_pool_idx, : r.prompt_len].to(torch.int64)
                 values = {}
-                if self.policy.needs_values:
+                if policy.needs_values:
                     if v_buffer is None:
                         raise ValueError(
-                            f"policy {self.policy.name!r} needs the value pool at prefill end"
+                            f"policy {policy.name!r} needs the value pool at prefill end"
                         )
                     values["values"] = v_buffer[slots]
                 outcome.window_rows = int(q_window.shape[0])
                 outcome.observations.append(
-                    self.policy.observe_layer(
+                    policy.observe_layer(
                         layer.layer_id, q_window, k_buffer[slots], layer.scaling, **values
                     )
                 )
@@ -148,7 +151,7 @@ class PrefillCompression:
                         f"observed {len(outcome.observations)} of {self.num_layers} layers"
                     )
                 is_text = _text_mask(outcome.request, device)
-                plan = self.policy.finalize(outcome.observations, is_text)
+                plan = outcome.policy.finalize(outcome.observations, is_text)
                 outcome.layout = CompressedLayout.from_plan(plan, device)
                 outcome.plan_stats = plan.stats()
             except Exception as err:  # contained: this request stays dense

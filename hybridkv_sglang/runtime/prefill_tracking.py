@@ -25,6 +25,8 @@ class ScheduledExtend:
     rids: list[str]
     finishes_prefill: tuple[bool, ...]
     prompt_lens: tuple[int, ...]
+    custom_params: tuple[Any, ...]
+    """Each request's ``sampling_params.custom_params`` (its own hybridkv settings live there)."""
 
 
 _pending: OrderedDict[int, ScheduledExtend] = OrderedDict()
@@ -54,6 +56,7 @@ def record_extend_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
             for r in reqs
         ),
         prompt_lens=tuple(len(r.full_untruncated_fill_ids) for r in reqs),
+        custom_params=tuple(r.sampling_params.custom_params for r in reqs),
     )
     while len(_pending) > _MAX_PENDING:
         _pending.popitem(last=False)

@@ -26,6 +26,8 @@ class PrefillEnd:
     extend_start: int
     query_start: int
     visual_spans: tuple[tuple[int, int], ...]
+    custom_params: Any = None
+    """The request's ``sampling_params.custom_params`` (see ``HybridKVConfig.for_request``)."""
 
     @property
     def visual_tokens(self) -> int:
@@ -88,8 +90,10 @@ def find_prefill_ends(
     prefix_lens = forward_batch.extend_prefix_lens_cpu
     extend_lens = forward_batch.extend_seq_lens_cpu
     seq_lens = forward_batch.seq_lens_cpu.tolist()
+    custom_params: tuple[Any, ...] = (None,) * len(rids)
     if scheduled is not None:
         finishes = scheduled.finishes_prefill
+        custom_params = scheduled.custom_params
     else:
         orig = forward_batch.orig_seq_lens
         assert orig is not None, "extend batch without orig_seq_lens or a scheduler record"
@@ -124,6 +128,7 @@ def find_prefill_ends(
                     extend_start=int(prefix_lens[i]),
                     query_start=query_start,
                     visual_spans=visual_spans_of(mm_inputs[i], prompt_len),
+                    custom_params=custom_params[i],
                 )
             )
         query_start += int(extend_lens[i])

@@ -1,15 +1,16 @@
 """Start and stop a real SGLang server on CPU, for tests, the demo and benchmarks.
 
-Launches either ``hybridkv-serve`` (compression on) or stock ``python -m
-sglang.launch_server --attention-backend torch_native``, waits until it answers, and always
-kills the whole process group on exit. A stock server runs without this plugin
-(``stock_environment``): SGLang would otherwise load it, as it loads every installed plugin.
+Launches either ``hybridkv-serve`` (compression on) or stock ``sglang serve --attention-backend
+torch_native``, waits until it answers, and always kills the whole process group on exit. A
+stock server runs without this plugin (``stock_environment``): SGLang would otherwise load it,
+as it loads every installed plugin.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,19 @@ STARTUP_TIMEOUT_S = 240.0
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "hybridkv"
 """This package's entry point in SGLang's general-plugin group (pyproject.toml)."""
+NO_CUDA_GRAPHS = (
+    "--cuda-graph-backend-decode",
+    "disabled",
+    "--cuda-graph-backend-prefill",
+    "disabled",
+)
+"""SGLang's current spelling of the deprecated ``--disable-cuda-graph`` (a CPU has no graphs)."""
+
+
+def sglang_serve() -> list[str]:
+    """``sglang serve``: SGLang's console script beside this interpreter (the current entry
+    point; ``python -m sglang.launch_server`` is deprecated)."""
+    return [shutil.which("sglang", path=str(Path(sys.executable).parent)) or "sglang", "serve"]
 
 
 def stock_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -69,7 +83,7 @@ def cpu_server_args(
     return [
         "--model-path", str(model_path),
         "--device", "cpu",
-        "--disable-cuda-graph",
+        *NO_CUDA_GRAPHS,
         "--dtype", "float32",
         "--max-total-tokens", str(max_total_tokens),
         "--context-length", str(context_length),
@@ -142,7 +156,7 @@ def launch_server(
     args = cpu_server_args(model_path, port, extra=extra_args, **server_kwargs)
     process_env = {**os.environ, **CPU_ENVIRONMENT, **(env or {})}
     if hybridkv is None:
-        command = [sys.executable, "-m", "sglang.launch_server", *args]
+        command = [*sglang_serve(), *args]
         command += ["--attention-backend", "torch_native"]
         process_env = stock_environment(process_env)
     else:

@@ -12,7 +12,11 @@ import pytest
 
 from hybridkv_sglang.cli import CPU_ENVIRONMENT
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
-from hybridkv_sglang.testing.server import cpu_server_args, free_port
+from hybridkv_sglang.testing.server import (
+    cpu_server_args,
+    free_port,
+    sglang_serve,
+)
 from tests.integration.client import chat_prompt, generate, images
 from tests.integration.conftest import IMAGE_SIDE
 
@@ -45,21 +49,50 @@ def test_engine_with_hybridkv_equals_stock_server(tiny_model, stock_server):
     assert record["compressed"] and record["read_fraction"] == pytest.approx(1.0)
 
 
-def test_invalid_config_stops_stock_launcher_at_startup(tiny_model):
+def _launch(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _loaded_nothing(done: subprocess.CompletedProcess) -> bool:
+    """The launch ended before any scheduler started, so before any model weight loaded."""
+    output = done.stdout + done.stderr
+    return "Load weight begin" not in output and "Init torch distributed" not in output
+
+
+def test_invalid_config_stops_stock_launcher_before_loading_the_model(tiny_model):
     env = {**os.environ, **CPU_ENVIRONMENT, ENV_VAR: '{"budget": 1.5}'}
-    command = [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "hybridkv"]
-    command += cpu_server_args(tiny_model, free_port())
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = [*sglang_serve(), "--attention-backend", "hybridkv"]
+    done = _launch(command + cpu_server_args(tiny_model, free_port()), env)
     assert done.returncode != 0
     assert "budget must be in (0, 1], got 1.5" in done.stdout + done.stderr
+    assert _loaded_nothing(done), done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_hybridkv_serve_rejects_bad_flags_before_loading_anything():
-    done = subprocess.run(
-        [sys.executable, "-m", "hybridkv_sglang.cli", "--model-path", "x", "--hybridkv-theta", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--page-size", "16"], "--page-size > 1"),
+        (["--hybridkv-storage", "compact", "--disable-radix-cache"], "--disable-radix-cache"),
+    ],
+)
+def test_refused_flags_stop_hybridkv_serve_before_loading_the_model(tiny_model, flags, named):
+    command = [sys.executable, "-m", "hybridkv_sglang.cli", *flags]
+    done = _launch(command + cpu_server_args(tiny_model, free_port()), dict(os.environ))
     assert done.returncode != 0
-    assert "theta must be in (0, 1], got 0.0" in done.stderr
+    assert named in done.stdout + done.stderr
+    assert _loaded_nothing(done), done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--hybridkv-theta", "0"], "--hybridkv-theta 0.0: theta must be in (0, 1], got 0.0"),
+        (["--hybridkv-budgett", "0.1"], "unknown flag --hybridkv-budgett (did you mean "),
+        (["--hybridkv-policy", "lookm"], "--hybridkv-policy lookm: policy 'lookm' merges"),
+    ],
+)
+def test_hybridkv_serve_names_the_flag_before_importing_sglang(flags, message):
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    done = _launch([sys.executable, "-m", "hybridkv_sglang.cli", "--model-path", "x", *flags], env)
+    assert done.returncode != 0
+    assert message in done.stderr

@@ -95,13 +95,13 @@ def test_no_attention_is_read_and_values_are_required() -> None:
 
 def test_runtime_passes_values_only_to_policies_that_need_them() -> None:
     from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-    from tests.unit.runtime.test_prefill_compression import LAYERS, Layer, _batch
+    from tests.unit.runtime.test_prefill_compression import LAYERS, Layer, _batch, _with
 
     k_buffers, req_to_token, requests, q = _batch()
     v_buffers = [torch.randn_like(k) for k in k_buffers]
     policy = FlashCachePolicy(budget=0.3, window=8, sink=2)
-    with_values = PrefillCompression(policy, requests[:2], LAYERS)
-    without = PrefillCompression(policy, requests[:2], LAYERS)
+    with_values = PrefillCompression(_with(requests[:2], policy), LAYERS)
+    without = PrefillCompression(_with(requests[:2], policy), LAYERS)
     for layer in range(LAYERS):
         with_values.observe(Layer(layer), q, k_buffers[layer], req_to_token, v_buffers[layer])
         without.observe(Layer(layer), q, k_buffers[layer], req_to_token)
@@ -112,7 +112,9 @@ def test_runtime_passes_values_only_to_policies_that_need_them() -> None:
         def observe_layer(self, layer_id, q_window, keys, sm_scale):  # type: ignore[override]
             return super().observe_layer(layer_id, q_window, keys, sm_scale)
 
-    keys_only = PrefillCompression(KeysOnly(budget=0.3, window=8, sink=2), requests[:2], LAYERS)
+    keys_only = PrefillCompression(
+        _with(requests[:2], KeysOnly(budget=0.3, window=8, sink=2)), LAYERS
+    )
     for layer in range(LAYERS):
         keys_only.observe(Layer(layer), q, k_buffers[layer], req_to_token, v_buffers[layer])
     assert all(o.layout is not None for o in keys_only.finish(torch.device("cpu")))

@@ -191,7 +191,7 @@ def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
 def test_a_request_whose_records_fail_is_served_dense(served):
     backend, _ = served
     request = SimpleNamespace(rid="r-broken", req_pool_idx=4)
-    outcome = PrefillOutcome(request, None, layout=object())  # records cannot be built from it
+    outcome = PrefillOutcome(request, None, backend.policy, layout=object())  # not recordable
     backend._register(outcome)
     assert outcome.layout is None and outcome.dense_reason == "compression_error"
     assert not backend.decode_meta.compressed_rows[4]

@@ -46,10 +46,15 @@ def _batch():
     return k_buffers, req_to_token, requests, q
 
 
+def _with(requests, policy):
+    """The batch's requests, each compressed (or not) by ``policy``."""
+    return [(request, reason, policy) for request, reason in requests]
+
+
 def test_one_failing_request_stays_dense_and_the_others_compress(caplog):
     k_buffers, req_to_token, requests, q = _batch()
     policy = FailsOnLength(budget=0.3, window=8, sink=2, chunk_size=8, top_k_chunks=2)
-    compression = PrefillCompression(policy, requests, LAYERS)
+    compression = PrefillCompression(_with(requests, policy), LAYERS)
     for layer in range(LAYERS):
         compression.observe(Layer(layer), q, k_buffers[layer], req_to_token)
     with caplog.at_level(logging.WARNING):
@@ -73,7 +78,7 @@ def test_window_queries_are_the_requests_last_rows():
             seen.append((q_window, keys))
             return super().observe_layer(layer_id, q_window, keys, sm_scale)
 
-    compression = PrefillCompression(Recording(window=8, sink=2), requests[:2], LAYERS)
+    compression = PrefillCompression(_with(requests[:2], Recording(window=8, sink=2)), LAYERS)
     compression.observe(Layer(0), q, k_buffers[0], req_to_token)
     (qa, ka), (qb, kb) = seen
     torch.testing.assert_close(qa, q[32:40])  # request a: rows [0, 40), window = last 8

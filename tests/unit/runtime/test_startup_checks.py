@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hybridkv_sglang.runtime.backend import check_supported, dense_backend_name
+from hybridkv_sglang.runtime.backend import dense_backend_name
+from hybridkv_sglang.runtime.startup_checks import check_supported
 
 
 def _args(**overrides):

@@ -1,0 +1,60 @@
+"""Server flag combinations hybridkv cannot serve, refused at start-up with the flag named.
+
+Checked twice with the same function: in the launching process, right after SGLang resolves its
+server arguments and before any scheduler loads a model weight (``frontend.check_at_launch``),
+and by the backend factory, which also knows the model (sliding-window layers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_supported(
+    server_args: Any, sliding_window_size: int | None, storage: str = "in_place"
+) -> None:
+    """Refuse, at start-up, combinations whose dense bookkeeping would bypass the plugin."""
+    compact = storage == "compact"
+    refusals = {
+        "models with sliding-window attention layers": sliding_window_size is not None
+        and sliding_window_size > 0,
+        "speculative decoding (--speculative-algorithm)": server_args.speculative_algorithm
+        is not None,
+        "quantized KV (--kv-cache-dtype fp8/fp4: the chunk key bounds and Quest scores read the "
+        "pool unscaled; use --kv-cache-dtype auto)": str(
+            getattr(server_args, "kv_cache_dtype", "auto")
+        ).startswith(("fp8", "fp4")),
+        "--page-size > 1 (hybridkv selects single tokens; use --page-size 1)": (
+            server_args.page_size or 1
+        )
+        > 1,
+        "--enable-mixed-chunk (decode rows would take the dense extend path)": bool(
+            server_args.enable_mixed_chunk
+        ),
+        "prefill CUDA graphs (add --cuda-graph-backend-prefill disabled; decode CUDA graphs are "
+        "supported)": str(server_args.device).startswith("cuda")
+        and prefill_graph_backend(server_args) != "disabled",
+        "storage='compact' without the radix cache (remove --disable-radix-cache)": compact
+        and bool(server_args.disable_radix_cache),
+        "storage='compact' with --enable-hierarchical-cache": compact
+        and bool(server_args.enable_hierarchical_cache),
+        "storage='compact' with PD disaggregation": compact
+        and str(server_args.disaggregation_mode) != "null",
+        "storage='compact' with --tp-size/--pp-size/--dp-size > 1 (slot decisions must match "
+        "across ranks)": compact
+        and max(server_args.tp_size, server_args.pp_size, server_args.dp_size) > 1,
+    }
+    refused = [what for what, bad in refusals.items() if bad]
+    if refused:
+        raise NotImplementedError(
+            "--attention-backend hybridkv does not support " + "; ".join(refused) + " yet"
+        )
+
+
+def prefill_graph_backend(server_args: Any) -> str:
+    """The prefill CUDA-graph backend SGLang resolved (``"disabled"`` when off)."""
+    if server_args.disable_cuda_graph or getattr(server_args, "disable_prefill_cuda_graph", False):
+        return "disabled"
+    config = getattr(server_args, "cuda_graph_config", None)
+    prefill = getattr(config, "prefill", None)
+    return str(getattr(prefill, "backend", "disabled"))
