@@ -245,7 +245,10 @@ def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: An
     if not is_active():
         return result
     WINDOW_TAILS.drop(req.rid)
-    STATS.record_decode_steps(req.rid, max(len(req.output_ids) - 1, 0))
+    # SGLang's ``Req.is_prefill_only`` less its speculative-decoding test (hybridkv refuses
+    # speculative decoding), which reads a config namespace a unit test does not publish.
+    prefill_only = req.sampling_params.max_new_tokens == 0
+    STATS.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only)
     entry = COMPRESSED.pop(req.rid)
     backend = active_backend()
     if entry is not None and backend is not None and backend.decode_meta is not None:

@@ -2,7 +2,15 @@
 
 Lives in the scheduler process (where the attention backend runs). An AFTER hook on the
 scheduler's internal-state readback adds ``{"hybridkv": snapshot}`` to every entry of
-``/server_info``'s ``internal_states`` (and ``Engine.get_server_info()``).
+``/server_info``'s ``internal_states`` (and ``Engine.get_server_info()``). With
+``--enable-metrics`` the same calls feed SGLang's Prometheus endpoint (``runtime.metrics``).
+
+A request's record appears at its prefill end and is counted in the totals when SGLang releases
+its KV (finish, abort or retraction; a retracted request is compressed afresh at its re-prefill
+and counted again). A prefill-only request (``max_new_tokens=0``) decodes nothing and leaves no
+record: that is the prefix-caching request SGLang sends ahead of the samples of an ``n > 1``
+request, so such a request reports once per sample, under the ids its responses carry in
+``meta_info["id"]``.
 """
 
 from __future__ import annotations
@@ -10,11 +18,16 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybridkv_sglang.runtime.activation import is_active
 
+if TYPE_CHECKING:
+    from hybridkv_sglang.runtime.metrics import HybridKVMetrics
+
 MAX_RECENT_REQUESTS = 256
+FAILURE_REASONS = frozenset({"compression_error", "decode_metadata_full"})
+"""Dense reasons of a request whose compression was tried and failed (served dense)."""
 
 
 @dataclass
@@ -50,8 +63,19 @@ class HybridKVStats:
         self._lock = threading.Lock()
         self._max_recent = max_recent
         self._recent: OrderedDict[str, RequestStats] = OrderedDict()
+        self._unreleased: dict[str, RequestStats] = {}
+        """Records between prefill end and release: one per request holding KV, unbounded so
+        none goes uncounted."""
         self._chunks: OrderedDict[str, int] = OrderedDict()
         self._totals: Counter[str] = Counter()
+        self.kv_entry_bytes = 0
+        """K and V bytes of one (token, layer, kv head) entry of the KV pool."""
+        self.metrics: HybridKVMetrics | None = None
+
+    def attach(self, kv_entry_bytes: int, metrics: HybridKVMetrics | None) -> None:
+        """The backend factory: the pool's entry size, and the Prometheus series if exported."""
+        self.kv_entry_bytes = kv_entry_bytes
+        self.metrics = metrics
 
     def record_prefill_chunk(self, rid: str) -> None:
         """Count extends per request; bounded, since an aborted request never reaches its end."""
@@ -62,26 +86,60 @@ class HybridKVStats:
                 self._chunks.popitem(last=False)
 
     def record_prefill_end(self, stats: RequestStats) -> None:
+        """The request's record, visible from now on; counted at :meth:`record_release`."""
         with self._lock:
             stats.prefill_chunks = self._chunks.pop(rid := stats.rid, 0)
             self._recent[rid] = stats
             self._recent.move_to_end(rid)
             while len(self._recent) > self._max_recent:
                 self._recent.popitem(last=False)
-            self._totals["requests"] += 1
-            if stats.compressed:
-                self._totals["compressed_requests"] += 1
-                self._totals["kept_entries"] += stats.kept_entries
-                self._totals["prompt_entries"] += stats.prompt_entries
-            else:
-                self._totals[f"dense_{stats.dense_reason}"] += 1
+            self._unreleased[rid] = stats
+
+    def record_release(self, rid: str, decode_steps: int, prefill_only: bool) -> None:
+        """At each release of a request's KV: count its last prefill end, with the decode steps
+        it took (counted once, not per step); a prefill-only request's record is dropped."""
+        with self._lock:
+            record = self._unreleased.pop(rid, None)
+            if record is None:
+                return
+            if prefill_only:
+                if self._recent.get(rid) is record:
+                    del self._recent[rid]
+                return
+            record.decode_steps = decode_steps
+            self._count(record)
+
+    def _count(self, record: RequestStats) -> None:
+        """Totals and Prometheus series for one released record (the caller holds the lock)."""
+        totals = self._totals
+        totals["requests"] += 1
+        totals["decode_tokens"] += record.decode_steps
+        if record.compressed:
+            totals["compressed_requests"] += 1
+            totals["kept_entries"] += record.kept_entries
+            totals["prompt_entries"] += record.prompt_entries
+        else:
+            totals[f"dense_{record.dense_reason}"] += 1
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if record.compressed:
+            kept = record.kept_entries * self.kv_entry_bytes
+            saved = (record.prompt_entries - record.kept_entries) * self.kv_entry_bytes
+            metrics.compressed(record.storage, kept, saved, record.read_fraction)
+        else:
+            metrics.dense(str(record.dense_reason))
+            if record.dense_reason in FAILURE_REASONS:
+                metrics.failure(str(record.dense_reason))
 
     def record_compaction(self, rid: str, done: Any, failure: str | None) -> None:
         """``done``: a ``Compaction`` (or ``None`` with the reason it stayed ``in_place``)."""
         with self._lock:
-            record = self._recent.get(rid)
+            record = self._unreleased.get(rid)
             if done is None:
                 self._totals[f"not_compacted_{failure}"] += 1
+                if self.metrics is not None:
+                    self.metrics.failure(str(failure))
                 return
             self._totals["compacted_requests"] += 1
             if done.host_tier_full:
@@ -97,14 +155,8 @@ class HybridKVStats:
         """Add ``n`` to a running total (e.g. decode steps over the fixed tables)."""
         with self._lock:
             self._totals[name] += n
-
-    def record_decode_steps(self, rid: str, steps: int) -> None:
-        """At release: the decode steps a request took (counted once, not per step)."""
-        with self._lock:
-            self._totals["decode_tokens"] += steps
-            record = self._recent.get(rid)
-            if record is not None:
-                record.decode_steps = steps
+            if self.metrics is not None:
+                self.metrics.count(name, n)
 
     def snapshot(
         self, live_compressed: int = 0, memory: dict[str, Any] | None = None
@@ -112,6 +164,7 @@ class HybridKVStats:
         with self._lock:
             return {
                 "live_compressed_requests": live_compressed,
+                "kv_entry_bytes": self.kv_entry_bytes,
                 "memory": memory or {},
                 "totals": dict(self._totals),
                 "requests": {rid: asdict(s) for rid, s in self._recent.items()},
@@ -119,6 +172,13 @@ class HybridKVStats:
 
 
 STATS = HybridKVStats()
+
+
+def kv_entry_bytes(kv_pool: Any) -> int:
+    """K and V bytes of one (token, layer, kv head) entry of SGLang's KV pool, from its buffers
+    (``[slots, H_kv, D]`` each)."""
+    key, value = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
+    return key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size()
 
 
 def add_to_internal_state(result: Any, controller: Any = None, *args: Any, **kwargs: Any) -> Any:

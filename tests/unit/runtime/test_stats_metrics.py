@@ -1,0 +1,162 @@
+"""Per-request stats are counted once, at release; the Prometheus series agree with the totals."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from hybridkv_sglang.runtime.metrics import HybridKVMetrics
+from hybridkv_sglang.runtime.stats import HybridKVStats, RequestStats, kv_entry_bytes
+
+LABELS = {"model_name": "tiny", "engine_type": "unified", "tp_rank": "0"}
+ENTRY_BYTES = 256
+STORE = ("in_place", "compact")
+
+
+def _record(rid: str, compressed: bool = True, reason: str | None = None) -> RequestStats:
+    return RequestStats(
+        rid=rid,
+        prompt_tokens=300,
+        visual_tokens=256,
+        visual_spans=[(10, 266)],
+        prefill_chunks=0,
+        compressed=compressed,
+        dense_reason=reason,
+        kept_entries=120 if compressed else 0,
+        prompt_entries=1200 if compressed else 0,
+        read_fraction=0.1 if compressed else 1.0,
+    )
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def stats(registry: CollectorRegistry) -> HybridKVStats:
+    stats = HybridKVStats()
+    stats.attach(ENTRY_BYTES, HybridKVMetrics(LABELS, registry=registry))
+    return stats
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, {**LABELS, **labels})
+    return 0.0 if value is None else value
+
+
+def test_a_request_is_visible_at_prefill_end_and_counted_once_at_release(stats, registry):
+    stats.record_prefill_end(_record("a"))
+    seen = stats.snapshot()
+    assert seen["requests"]["a"]["compressed"] and seen["totals"] == {}
+    stats.record_release("a", decode_steps=11, prefill_only=False)
+    stats.record_release("a", decode_steps=11, prefill_only=False)  # a second release: no record
+    seen = stats.snapshot()
+    assert seen["requests"]["a"]["decode_steps"] == 11
+    assert seen["totals"] == {
+        "requests": 1,
+        "decode_tokens": 11,
+        "compressed_requests": 1,
+        "kept_entries": 120,
+        "prompt_entries": 1200,
+    }
+    assert _sample(registry, "sglang:hybridkv_compressed_requests_total") == 1
+
+
+def test_a_prefill_only_request_leaves_no_record_and_no_count(stats, registry):
+    """The prefix-caching request SGLang sends ahead of an ``n > 1`` request's samples."""
+    stats.record_prefill_end(_record("warmup"))
+    stats.record_release("warmup", decode_steps=0, prefill_only=True)
+    seen = stats.snapshot()
+    assert seen["requests"] == {} and seen["totals"] == {}
+    assert _sample(registry, "sglang:hybridkv_compressed_requests_total") == 0
+    assert _sample(registry, "sglang:hybridkv_read_fraction_count") == 0
+
+
+def test_a_retracted_request_counts_each_prefill_end(stats):
+    stats.record_prefill_end(_record("r"))
+    stats.record_release("r", decode_steps=5, prefill_only=False)  # retraction
+    stats.record_prefill_end(_record("r"))  # the re-prefill is compressed afresh
+    stats.record_release("r", decode_steps=23, prefill_only=False)
+    seen = stats.snapshot()
+    assert seen["totals"]["requests"] == seen["totals"]["compressed_requests"] == 2
+    assert list(seen["requests"]) == ["r"] and seen["requests"]["r"]["decode_steps"] == 23
+
+
+def test_prometheus_series_agree_with_the_totals(stats, registry):
+    compaction = SimpleNamespace(slots=64, host_chunks=0, dynamic_tier="device", host_tier_full=0)
+    for rid in ("in_place", "compact", "not_compacted"):
+        stats.record_prefill_end(_record(rid))
+    stats.record_compaction("compact", compaction, None)
+    stats.record_compaction("not_compacted", None, "no_free_slots")
+    stats.record_prefill_end(_record("short", compressed=False, reason="short_prompt"))
+    stats.record_prefill_end(_record("failed", compressed=False, reason="compression_error"))
+    for rid in ("in_place", "compact", "not_compacted", "short", "failed"):
+        stats.record_release(rid, decode_steps=3, prefill_only=False)
+    stats.count("sparse_decode_steps", 7)
+    stats.count("dense_decode_steps", 2)
+    stats.count("graph_fallbacks")
+    stats.count("unmerged_requests")  # a total without a series
+
+    totals = stats.snapshot()["totals"]
+    assert _sample(registry, "sglang:hybridkv_compressed_requests_total") == 3
+    for reason in ("short_prompt", "compression_error"):
+        assert (
+            _sample(registry, "sglang:hybridkv_dense_requests_total", reason=reason)
+            == (totals[f"dense_{reason}"])
+        )
+    kept = {s: _sample(registry, "sglang:hybridkv_kept_kv_bytes_total", storage=s) for s in STORE}
+    saved = {s: _sample(registry, "sglang:hybridkv_saved_kv_bytes_total", storage=s) for s in STORE}
+    assert kept == {"in_place": 2 * 120 * ENTRY_BYTES, "compact": 120 * ENTRY_BYTES}
+    assert sum(kept.values()) == totals["kept_entries"] * ENTRY_BYTES
+    assert sum(saved.values()) == (totals["prompt_entries"] - totals["kept_entries"]) * ENTRY_BYTES
+    assert _sample(registry, "sglang:hybridkv_read_fraction_count") == 3
+    assert _sample(registry, "sglang:hybridkv_read_fraction_sum") == pytest.approx(0.3)
+    assert _sample(registry, "sglang:hybridkv_read_fraction_bucket", le="0.1") == 3
+    for path in ("sparse", "dense"):
+        assert (
+            _sample(registry, "sglang:hybridkv_decode_steps_total", path=path)
+            == (totals[f"{path}_decode_steps"])
+        )
+    assert _sample(registry, "sglang:hybridkv_graph_fallbacks_total") == totals["graph_fallbacks"]
+    failures = {
+        reason: _sample(registry, "sglang:hybridkv_compression_failures_total", reason=reason)
+        for reason in ("compression_error", "no_free_slots", "short_prompt")
+    }
+    assert failures == {"compression_error": 1, "no_free_slots": 1, "short_prompt": 0}
+
+
+def test_stats_without_metrics_count_the_same_totals():
+    stats = HybridKVStats()
+    stats.record_prefill_end(_record("a"))
+    stats.record_release("a", decode_steps=4, prefill_only=False)
+    stats.count("dense_decode_steps")
+    assert stats.snapshot()["totals"]["compressed_requests"] == 1
+    assert stats.snapshot()["kv_entry_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "v_head_dim"),
+    [(torch.float32, 16, None), (torch.bfloat16, 64, None), (torch.float16, 24, 8)],
+)
+def test_kv_entry_bytes_of_sglang_pool(dtype, head_dim, v_head_dim):
+    heads, layers, size = 3, 2, 50
+    pool = MHATokenToKVPool(
+        size=size,
+        page_size=1,
+        dtype=dtype,
+        head_num=heads,
+        head_dim=head_dim,
+        layer_num=layers,
+        device="cpu",
+        enable_memory_saver=False,
+        v_head_dim=v_head_dim,
+    )
+    per_entry = kv_entry_bytes(pool)
+    assert per_entry == (head_dim + (v_head_dim or head_dim)) * dtype.itemsize
+    slots = pool.get_key_buffer(0).shape[0]  # the pool's padding slot included
+    assert per_entry * slots * heads * layers == sum(pool.get_kv_size_bytes())
