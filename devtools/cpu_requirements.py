@@ -1,7 +1,9 @@
 """Print SGLang's own requirements minus the CUDA-only packages, for a CPU development venv.
 
 SGLang pins a CUDA torch and a dozen GPU kernel packages that cannot run (or even install sanely)
-on a CPU-only machine; everything else it needs is installed as declared.
+on a CPU-only machine; everything else it needs is installed as declared. torchcodec is left out
+too: it loads the system's FFmpeg libraries, which a bare machine lacks, and SGLang falls back to
+decord (installed by setup_cpu_env.sh) when torchcodec does not import.
 """
 
 from __future__ import annotations

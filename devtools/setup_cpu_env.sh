@@ -39,8 +39,12 @@ trap 'rm -f "$CONSTRAINTS" "$REQUIREMENTS"' EXIT
 "$VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" >"$CONSTRAINTS"
 "$VENV/bin/python" "$ROOT/devtools/cpu_requirements.py" >"$REQUIREMENTS"
 # pip reports SGLang's missing CUDA-only requirements ("requires ... not installed"): expected.
+# Video: SGLang decodes with torchcodec, which needs the system's FFmpeg libraries, else with
+# decord, whose wheel bundles FFmpeg (0.6.0 is the last release; it works with numpy 2). PyAV
+# (its wheels bundle FFmpeg too; SGLang's own pin) encodes the test videos.
 "${PIP[@]}" -c "$CONSTRAINTS" -r "$REQUIREMENTS" triton "$TORCHVISION_SPEC" \
-    pytest hypothesis ruff matplotlib tqdm requests openai 2>&1 | grep -v "not installed" || true
+    pytest hypothesis ruff matplotlib tqdm requests openai \
+    "decord==0.6.0; platform_machine == 'x86_64'" av==16.1.0 2>&1 | grep -v "not installed" || true
 
 "$VENV/bin/python" "$ROOT/devtools/torchvision_cpu_fix.py"
 "$VENV/bin/python" "$ROOT/devtools/sgl_kernel_stub/generate_op_names.py"
@@ -49,6 +53,7 @@ trap 'rm -f "$CONSTRAINTS" "$REQUIREMENTS"' EXIT
 
 "$VENV/bin/python" - <<'PY'
 import sglang, torch, triton, torchvision.transforms, sgl_kernel, hybridkv_sglang  # noqa: F401
+import decord, av  # noqa: F401  (video decoding for SGLang, encoding for the test videos)
 from importlib.metadata import entry_points
 assert any(ep.name == "hybridkv" for ep in entry_points(group="sglang.srt.plugins")), "plugin entry point missing"
 print(f"[setup] ok: torch {torch.__version__}, sglang {sglang.__version__}, triton {triton.__version__}")

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the config, the seeded weights, a byte-level BPE tokenizer trained on a
 built-in corpus (carrying Qwen's special tokens), the Qwen2-VL chat template, the generation config
-and the Qwen2-VL image processor config are all made here.
+and the Qwen2-VL image and video processor configs are all made here.
 
     python -m hybridkv_sglang.testing.tiny_model OUT_DIR [--preset tiny|bench7b] [--layers N] ...
 
@@ -50,6 +50,11 @@ PATCH_SIZE = 14
 SPATIAL_MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 PIXELS_PER_VISUAL_TOKEN = (PATCH_SIZE * SPATIAL_MERGE_SIZE) ** 2  # 28² = 784
+# Per-frame pixel limits of the video processor, Qwen's own (and SGLang's video preprocessing
+# defaults), in every preset: a 448x448 frame pair stays 256 visual tokens, so a clip of a few
+# frames is long enough to be compressed under the default ``min_prompt_tokens``.
+VIDEO_MIN_PIXELS = PIXELS_PER_VISUAL_TOKEN * 128
+VIDEO_MAX_PIXELS = PIXELS_PER_VISUAL_TOKEN * 768
 
 # Qwen2/Qwen2.5-VL special tokens, in Qwen's id order (placed right after the trained vocabulary).
 QWEN_SPECIAL_TOKENS = (
@@ -244,6 +249,16 @@ class TinyQwen2_5_VLSpec:
         """Number of ``<|image_pad|>`` tokens one ``width`` x ``height`` image expands to."""
         grid_h, grid_w = self.image_grid(width, height)
         return grid_h * grid_w // (SPATIAL_MERGE_SIZE**2)
+
+    def video_tokens(self, frames: int, width: int, height: int) -> int:
+        """Number of ``<|video_pad|>`` tokens ``frames`` frames of ``width`` x ``height`` expand
+        to in the processor (frames are padded to pairs: the temporal patch is 2 frames).
+
+        These are the frames the processor receives: SGLang first samples the video at 2 fps.
+        """
+        resized_h, resized_w = smart_resize(height, width, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+        per_pair = (resized_h // PATCH_SIZE) * (resized_w // PATCH_SIZE) // (SPATIAL_MERGE_SIZE**2)
+        return -(-frames // TEMPORAL_PATCH_SIZE) * per_pair
 
 
 PRESETS: dict[str, TinyQwen2_5_VLSpec] = {
@@ -525,6 +540,7 @@ def _write_model(out: Path, spec: TinyQwen2_5_VLSpec, extra_words: tuple[str, ..
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
     )
 
     raw_tokenizer = _train_tokenizer(spec, extra_words)
@@ -549,22 +565,17 @@ def _write_model(out: Path, spec: TinyQwen2_5_VLSpec, extra_words: tuple[str, ..
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         merge_size=SPATIAL_MERGE_SIZE,
     )
-    processor_kwargs: dict[str, Any] = {}
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        processor_kwargs["video_processor"] = Qwen2VLVideoProcessor(
-            patch_size=PATCH_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-            merge_size=SPATIAL_MERGE_SIZE,
-        )
-    except ImportError:
-        pass
+    video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+        patch_size=PATCH_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        merge_size=SPATIAL_MERGE_SIZE,
+    )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
+        video_processor=video_processor,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
-        **processor_kwargs,
     )
     processor.save_pretrained(out)
     # transformers 5 writes the image processor into processor_config.json; SGLang and older

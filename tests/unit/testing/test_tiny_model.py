@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.testing.images import (
     image_base64,
     image_data_url,
@@ -26,6 +27,7 @@ from hybridkv_sglang.testing.tiny_model import (
     main,
     resolve_spec,
 )
+from hybridkv_sglang.testing.videos import make_test_frames
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -264,6 +266,34 @@ def test_large_max_pixels_gives_a_thousand_visual_tokens(tmp_path: Path) -> None
     count = int((inputs["input_ids"] == image_token_id).sum())
     assert count == resolve_spec(max_pixels=LARGE_MAX_PIXELS).image_tokens(1024, 1024)
     assert count >= 1000
+
+
+@pytest.mark.parametrize(
+    ("frames", "width", "height", "expected"),
+    [
+        (2, 448, 448, 256),  # one temporal patch of 16 x 16 merged tokens
+        (3, 448, 448, 512),  # an odd frame count is padded to a pair
+        (8, 448, 448, 1024),
+        (4, 100, 50, 256),  # small frames are scaled up to the video min pixels (128 tokens)
+        (4, 640, 480, 782),
+        (2, 1792, 1792, 729),  # large frames are scaled down to the video max pixels (768 tokens)
+    ],
+)
+def test_video_token_count_matches_frames_and_size(
+    processor, frames: int, width: int, height: int, expected: int
+) -> None:
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|vision_start|><|video_pad|><|vision_end|>?" in prompt
+    videos = [make_test_frames(frames, width, height)]
+    inputs = processor(text=[prompt], videos=videos, return_tensors="pt")
+    video_token_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    count = int((inputs["input_ids"] == video_token_id).sum())
+    assert count == PRESETS["tiny"].video_tokens(frames, width, height) == expected
+
+
+def test_a_few_frames_are_enough_to_compress_by_default() -> None:
+    assert PRESETS["tiny"].video_tokens(4, 448, 448) > HybridKVConfig().min_prompt_tokens
 
 
 # --- model ---------------------------------------------------------------------------------------
