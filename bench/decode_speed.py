@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -51,11 +50,12 @@ from tqdm import tqdm
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 from hybridkv_sglang.testing.images import image_base64
 from hybridkv_sglang.testing.server import (
+    NO_CUDA_GRAPHS,
     RunningServer,
-    _stop,
-    _wait_ready,
     free_port,
     launch_server,
+    serve_command,
+    sglang_serve,
     stock_environment,
 )
 from hybridkv_sglang.testing.tiny_model import (
@@ -168,7 +168,7 @@ def _launch_cuda(
     are off for both: hybridkv refuses them). UNTESTED here (written on a machine without a GPU).
     """
     port = free_port()
-    graphs = ["--disable-prefill-cuda-graph"] if args.cuda_graph else ["--disable-cuda-graph"]
+    graphs = ["--cuda-graph-backend-prefill", "disabled"] if args.cuda_graph else NO_CUDA_GRAPHS
     flags = [
         "--model-path", str(model),
         "--device", "cuda",
@@ -184,23 +184,14 @@ def _launch_cuda(
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_USE_CPU_ENGINE", ENV_VAR)}
     if hybridkv is None:
-        command = [sys.executable, "-m", "sglang.launch_server", *flags]
+        command = [*sglang_serve(), *flags]
         command += ["--attention-backend", "flashinfer"]
         env = stock_environment(env)
     else:
         command = [sys.executable, "-m", "hybridkv_sglang.cli", *flags]
         env[ENV_VAR] = hybridkv.to_env()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        _wait_ready(server, args.startup_timeout)
+    with serve_command(command, port, log_path, env, timeout_s=args.startup_timeout) as server:
         yield server
-    finally:
-        _stop(process)
 
 
 # Measurement ---------------------------------------------------------------------------------

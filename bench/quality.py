@@ -91,7 +91,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -108,7 +107,12 @@ from tqdm import tqdm
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 from hybridkv_sglang.policy import POLICIES as POLICY_REGISTRY
 from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, is_correct
-from hybridkv_sglang.testing.server import RunningServer, free_port, launch_server
+from hybridkv_sglang.testing.server import (
+    NO_CUDA_GRAPHS,
+    free_port,
+    launch_server,
+    serve_command,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "bench" / "quality_model"
@@ -469,29 +473,18 @@ def serve(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> Itera
 @contextlib.contextmanager
 def _serve_gpu(config: EvalConfig, args: argparse.Namespace, log_path: Path) -> Iterator[Any]:
     """``hybridkv-serve`` on CUDA with SGLang's defaults plus ``--server-args``."""
-    from hybridkv_sglang.testing import server as cpu_server
-
     port = free_port()
     assert config.hybridkv is not None  # on GPU "full" is hybridkv with enabled=false
     command = [
         sys.executable, "-m", "hybridkv_sglang.cli",
         "--model-path", str(args.model),
         "--host", "127.0.0.1", "--port", str(port),
-        "--disable-cuda-graph",
+        *NO_CUDA_GRAPHS,
         *args.server_args,
     ]  # fmt: skip
     env = {**os.environ, ENV_VAR: config.hybridkv.to_env()}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        cpu_server._wait_ready(server, timeout_s=1800)
+    with serve_command(command, port, log_path, env, timeout_s=1800) as server:
         yield server
-    finally:
-        cpu_server._stop(process)
 
 
 class ServerPipeline:

@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.report import describe, request_record
 from hybridkv_sglang.testing.images import image_base64
 from hybridkv_sglang.testing.server import launch_server
 from hybridkv_sglang.testing.tiny_model import build_tiny_qwen2_5_vl
@@ -38,16 +39,6 @@ def ask(base_url: str, prompt: str, image_data: list[str]) -> dict:
     return response.json()
 
 
-def describe(record: dict) -> str:
-    if not record["compressed"]:
-        return f"served dense ({record['dense_reason']})"
-    return (
-        f"compressed: {record['static_heads']} static / {record['dynamic_heads']} dynamic heads, "
-        f"{record['kept_entries']} of {record['prompt_entries']} prompt KV entries resident, "
-        f"{record['read_fraction']:.1%} of the prompt KV read per decode step"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=0.1)
@@ -55,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print("building a tiny random-weight Qwen2.5-VL ...", flush=True)
-    model = build_tiny_qwen2_5_vl(args.work_dir / "model", max_pixels=448 * 448)
+    model = build_tiny_qwen2_5_vl(args.work_dir / "model")
     config = HybridKVConfig(budget=args.budget)
     print(f"starting hybridkv-serve on CPU with {config.model_dump_json()} ...", flush=True)
     started = time.monotonic()
@@ -68,14 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         history = first_prompt + first["text"] + "<|im_end|>\n"
         second = ask(server.base_url, history + turn("Which one is brighter?"), pictures)
 
-        seen = server.hybridkv_stats()["requests"]
         for name, answer in (("turn 1", first), ("turn 2", second)):
             meta = answer["meta_info"]
             print(f"{name}: {answer['text']!r}")
-            print(
-                f"  prompt {meta['prompt_tokens']} tokens, {meta['cached_tokens']} from the "
-                f"prefix cache; hybridkv {describe(seen[meta['id']])}\n"
-            )
+            cached = meta["cached_tokens"]
+            print(f"  prompt {meta['prompt_tokens']} tokens, {cached} from the prefix cache")
+            print(f"  hybridkv {describe(*request_record(server.base_url, meta['id']))}\n")
     print(f"server log: {args.work_dir / 'server.log'}")
     return 0
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import requests
 
+from hybridkv_sglang.report import describe, request_record
+
 QUESTIONS = [
     "Describe the screen.",
     "Which element should I click to continue?",
@@ -38,6 +40,7 @@ def main() -> None:
 
     conversation = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     first_user = "<|vision_start|><|image_pad|><|vision_end|>"
+    compressed = 0
     for turn, question in enumerate(QUESTIONS):
         conversation += f"<|im_start|>user\n{first_user if turn == 0 else ''}{question}<|im_end|>\n"
         conversation += "<|im_start|>assistant\n"
@@ -55,11 +58,10 @@ def main() -> None:
         print(f"turn {turn + 1}: {question}")
         print(f"  -> {response['text']!r}")
         print(f"  prompt {meta['prompt_tokens']} tokens, {meta['cached_tokens']} cached")
-
-    info = requests.get(f"{args.url}/server_info", timeout=60).json()
-    seen = info["internal_states"][0]["hybridkv"]["requests"]
-    compressed = [r for r in seen.values() if r["compressed"]]
-    print(f"hybridkv compressed {len(compressed)} of the last {len(seen)} requests")
+        record, entry_bytes = request_record(args.url, meta["id"])
+        print(f"  hybridkv {describe(record, entry_bytes)}")
+        compressed += record["compressed"]
+    print(f"hybridkv compressed {compressed} of {len(QUESTIONS)} turns")
 
 
 if __name__ == "__main__":

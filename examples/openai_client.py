@@ -1,5 +1,6 @@
 """The OpenAI-compatible chat API with an image, against a server started by ``hybridkv-serve``,
-then the per-request compression stats hybridkv reports through ``/server_info``.
+then what hybridkv did to the request (from ``/server_info``). ``--budget`` sets this request's
+own budget (``extra_body={"custom_params": {"hybridkv": {"budget": ...}}}``).
 
     hybridkv-serve --model-path Qwen/Qwen2.5-VL-7B-Instruct --port 30000
     python examples/openai_client.py --url http://127.0.0.1:30000 --image photo.jpg
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import mimetypes
 from pathlib import Path
 
-import requests
 from openai import OpenAI
+
+from hybridkv_sglang.report import describe, request_record
 
 
 def data_url(path: Path) -> str:
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:30000")
     parser.add_argument("--image", type=Path, help="an image file (default: a generated one)")
     parser.add_argument("--question", default="What is in this image?")
+    parser.add_argument("--budget", type=float, help="this request's budget (default: server's)")
     args = parser.parse_args()
     if args.image is None:
         from hybridkv_sglang.testing.images import image_data_url
@@ -36,6 +38,7 @@ def main() -> None:
         url = data_url(args.image)
 
     client = OpenAI(base_url=f"{args.url}/v1", api_key="none")
+    own_budget = {} if args.budget is None else {"budget": args.budget}
     reply = client.chat.completions.create(
         model="default",
         temperature=0,
@@ -49,15 +52,11 @@ def main() -> None:
                 ],
             }
         ],
+        extra_body={"custom_params": {"hybridkv": own_budget}},
     )
     print("answer:", reply.choices[0].message.content)
     print("usage:", reply.usage)
-
-    info = requests.get(f"{args.url}/server_info", timeout=60).json()
-    snapshot = info["internal_states"][0]["hybridkv"]
-    print("hybridkv totals:", json.dumps(snapshot["totals"]))
-    last = list(snapshot["requests"].values())[-1]
-    print("last request:", json.dumps(last, indent=1))
+    print("hybridkv", describe(*request_record(args.url, reply.id)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import sglang as sgl
 
+from hybridkv_sglang.report import describe, request_record
+
 
 @sgl.function
 def look_twice(s, image_path: str):
@@ -35,8 +37,10 @@ def main() -> None:
         make_test_image(448, 448, seed=0).save(image)
     backend = sgl.RuntimeEndpoint(args.url, chat_template_name=args.chat_template)
     state = look_twice.run(image_path=str(image), backend=backend)
-    print("description:", state["description"])
-    print("colour:", state["colour"])
+    for name in ("description", "colour"):
+        print(f"{name}:", state[name])
+        record, entry_bytes = request_record(args.url, state.get_meta_info(name)["id"])
+        print(f"  hybridkv {describe(record, entry_bytes)}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import mimetypes
 import sys
 from pathlib import Path
 
-import requests
 from openai import OpenAI
+
+from hybridkv_sglang.report import describe, request_record
 
 
 def data_url(path: Path) -> str:
@@ -62,19 +63,13 @@ def main() -> int:
     print("answer:", reply.choices[0].message.content)
     print(f"prompt tokens: {reply.usage.prompt_tokens}")
 
-    info = requests.get(f"{args.url}/server_info", timeout=60).json()
-    record = info["internal_states"][0]["hybridkv"]["requests"].get(reply.id)
-    if record is None:
-        print(f"hybridkv has no record of request {reply.id} (is this a hybridkv-serve server?)")
+    try:
+        record, entry_bytes = request_record(args.url, reply.id)
+    except KeyError as err:
+        print(f"{err.args[0]} (is this a hybridkv server?)")
         return 1
     print(f"visual tokens: {record['visual_tokens']}")
-    if not record["compressed"]:
-        print(f"hybridkv served the request dense: {record['dense_reason']}")
-        return 0
-    kept, total = record["kept_entries"], record["prompt_entries"]
-    print(f"kept fraction: {kept / total:.3f} ({kept} of {total} prompt KV entries resident)")
-    print(f"KV entries saved: {total - kept}")
-    print(f"read fraction: {record['read_fraction']:.3f} of the prompt KV per decode step")
+    print(f"hybridkv {describe(record, entry_bytes)}")
     print("hybridkv record:", json.dumps(record))
     return 0
 

@@ -3,12 +3,17 @@
 The pattern is a smooth colour gradient overlaid with seeded 28x28 colour blocks (the size of one
 merged Qwen2-VL visual token), so neighbouring visual tokens differ while the PNG stays small.
 ``kind="noise"`` gives per-pixel noise instead (large PNGs; every patch unlike every other).
+
+    python -m hybridkv_sglang.testing.images OUT.png [--size 448] [--seed 0]
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import sys
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -62,3 +67,20 @@ def image_base64(width: int, height: int, *, seed: int = 0, kind: ImageKind = "b
 def image_data_url(width: int, height: int, *, seed: int = 0, kind: ImageKind = "blocks") -> str:
     """A ``data:image/png;base64,...`` URL, as an OpenAI ``image_url`` content part takes it."""
     return "data:image/png;base64," + image_base64(width, height, seed=seed, kind=kind)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write a square test image, for requests that name an image file."""
+    parser = argparse.ArgumentParser(prog="python -m hybridkv_sglang.testing.images")
+    parser.add_argument("out", type=Path, help="the image file to write (.png, .jpg, ...)")
+    parser.add_argument("--size", type=int, default=448, help="side in pixels (448: 256 tokens)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    make_test_image(args.size, args.size, seed=args.seed).save(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

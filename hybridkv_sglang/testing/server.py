@@ -162,13 +162,30 @@ def launch_server(
     else:
         command = [sys.executable, "-m", "hybridkv_sglang.cli", *args]
         process_env[ENV_VAR] = hybridkv.to_env()
+    with serve_command(command, port, log_path, process_env, timeout_s=timeout_s) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_command(
+    command: Sequence[str],
+    port: int,
+    log_path: Path,
+    env: Mapping[str, str],
+    *,
+    cwd: Path | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Run any server command line serving on ``port`` in a process group of its own, logging to
+    ``log_path``; ready when ``/health`` answers, the whole group killed when the block ends."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            command,
+            list(command),
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=process_env,
+            env=dict(env),
+            cwd=cwd,
             start_new_session=True,
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)

@@ -8,7 +8,8 @@ and the Qwen2-VL image and video processor configs are all made here.
 
 Presets:
 - ``tiny``: hidden 64, 2 layers, 4 query / 2 KV heads (head dim 16), vision depth 2 hidden 32,
-  images of 4..16 visual tokens (min/max pixels 28²·4 .. 28²·16). Builds in seconds.
+  images of 4..256 visual tokens (min/max pixels 28²·4 .. 448²), so one 448 x 448 image makes a
+  prompt long enough for the default config to compress. Builds in seconds.
 - ``bench7b``: the KV layout of Qwen2.5-VL-7B (28 query / 4 KV heads, head dim 128, hidden 3584)
   with 2 layers and a small MLP and vision tower, and Qwen's own pixel limits (28²·4 .. 28²·16384),
   so one large image gives thousands of visual tokens.
@@ -179,7 +180,7 @@ class TinyQwen2_5_VLSpec:
     vision_intermediate: int = 64
     vision_window: int = 112  # pixels; 112 = 4x4 merged tokens per attention window
     min_pixels: int = PIXELS_PER_VISUAL_TOKEN * 4
-    max_pixels: int = PIXELS_PER_VISUAL_TOKEN * 16
+    max_pixels: int = PIXELS_PER_VISUAL_TOKEN * 256  # 448 x 448: a prompt long enough to compress
     vocab: int = 1000  # trained BPE vocabulary before the special tokens (corpus allows ~1200)
     max_position_embeddings: int = 32768
     rope_theta: float = 1_000_000.0

@@ -54,18 +54,12 @@ def test_video_client_shows_the_request_compressed(default_server: RunningServer
     assert printed["answer"].strip()
     assert int(printed["visual tokens"]) == VIDEO_TOKENS
 
-    fraction, kept, total = re.fullmatch(
-        r"([\d.]+) \((\d+) of (\d+) prompt KV entries resident\)", printed["kept fraction"]
-    ).groups()
-    kept, total = int(kept), int(total)
-    assert float(fraction) == pytest.approx(kept / total, abs=5e-4)
-    assert 0 < kept < 2 * HybridKVConfig().budget * total
-    assert int(printed["KV entries saved"]) == total - kept
-
+    assert "hybridkv compressed" in done.stdout and "at a budget of 10.0%" in done.stdout
     # The printed record is the server's record of this request, and the video is its visual span.
     printed_record = json.loads(printed["hybridkv record"])
     record = default_server.hybridkv_stats()["requests"][printed_record["rid"]]
-    assert record["compressed"] and record["kept_entries"] == kept
+    assert record == printed_record and record["compressed"]
+    assert 0 < record["kept_entries"] < 2 * HybridKVConfig().budget * record["prompt_entries"]
     assert record["prompt_tokens"] == int(printed["prompt tokens"]) > VIDEO_TOKENS
     [(start, end)] = record["visual_spans"]
     assert end - start == record["visual_tokens"] == VIDEO_TOKENS

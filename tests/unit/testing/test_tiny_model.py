@@ -245,7 +245,8 @@ def test_chat_template_renders_the_qwen_vision_placeholder(processor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("width", "height"), [(28, 28), (56, 56), (100, 50), (112, 112), (300, 200), (640, 480)]
+    ("width", "height"),
+    [(28, 28), (56, 56), (100, 50), (112, 112), (300, 200), (448, 448), (640, 480)],
 )
 def test_image_token_count_matches_the_image_size(processor, width: int, height: int) -> None:
     spec = PRESETS["tiny"]
@@ -255,7 +256,7 @@ def test_image_token_count_matches_the_image_size(processor, width: int, height:
     grid_t, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
     assert (grid_t, grid_h, grid_w) == (1, *spec.image_grid(width, height))
     assert count == spec.image_tokens(width, height)
-    assert 4 <= count <= 16  # min/max pixels of the tiny preset: 28²·4 .. 28²·16
+    assert 4 <= count <= 256  # min/max pixels of the tiny preset: 28²·4 .. 448²
 
 
 def test_large_max_pixels_gives_a_thousand_visual_tokens(tmp_path: Path) -> None:
@@ -335,3 +336,8 @@ def test_test_images_are_deterministic_and_sized(kind: str) -> None:
     assert png.startswith(b"\x89PNG")
     assert make_test_image(37, 23, kind=kind).size == (37, 23)
     assert image_data_url(8, 8) == "data:image/png;base64," + image_base64(8, 8)
+
+
+def test_one_picture_is_enough_to_compress_by_default() -> None:
+    """The documented path (default build, default config) compresses a one-image question."""
+    assert PRESETS["tiny"].image_tokens(448, 448) >= HybridKVConfig().min_prompt_tokens
