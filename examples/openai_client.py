@@ -9,18 +9,12 @@ own budget (``extra_body={"custom_params": {"hybridkv": {"budget": ...}}}``).
 from __future__ import annotations
 
 import argparse
-import base64
-import mimetypes
 from pathlib import Path
 
 from openai import OpenAI
 
 from hybridkv_sglang.report import describe, request_record
-
-
-def data_url(path: Path) -> str:
-    mime = mimetypes.guess_type(path.name)[0] or "image/png"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+from hybridkv_sglang.testing.images import file_data_url, image_data_url
 
 
 def main() -> None:
@@ -30,12 +24,7 @@ def main() -> None:
     parser.add_argument("--question", default="What is in this image?")
     parser.add_argument("--budget", type=float, help="this request's budget (default: server's)")
     args = parser.parse_args()
-    if args.image is None:
-        from hybridkv_sglang.testing.images import image_data_url
-
-        url = image_data_url(448, 448, seed=0)
-    else:
-        url = data_url(args.image)
+    url = image_data_url(448, 448, seed=0) if args.image is None else file_data_url(args.image)
 
     client = OpenAI(base_url=f"{args.url}/v1", api_key="none")
     own_budget = {} if args.budget is None else {"budget": args.budget}

@@ -12,20 +12,14 @@ Without ``--video`` a short clip of moving shapes is generated (``pip install av
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import mimetypes
 import sys
 from pathlib import Path
 
 from openai import OpenAI
 
 from hybridkv_sglang.report import describe, request_record
-
-
-def data_url(path: Path) -> str:
-    mime = mimetypes.guess_type(path.name)[0] or "video/mp4"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+from hybridkv_sglang.testing.images import file_data_url
 
 
 def main() -> int:
@@ -42,7 +36,7 @@ def main() -> int:
         url = video_data_url(args.frames, 448, 448, seed=0)
         print(f"video: generated, {args.frames} frames of 448x448 at {DEFAULT_FPS} fps")
     else:
-        url = data_url(args.video)
+        url = file_data_url(args.video)
         print(f"video: {args.video}")
 
     client = OpenAI(base_url=f"{args.url}/v1", api_key="none")

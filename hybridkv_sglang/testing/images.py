@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import mimetypes
 import sys
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,12 @@ def image_base64(width: int, height: int, *, seed: int = 0, kind: ImageKind = "b
 def image_data_url(width: int, height: int, *, seed: int = 0, kind: ImageKind = "blocks") -> str:
     """A ``data:image/png;base64,...`` URL, as an OpenAI ``image_url`` content part takes it."""
     return "data:image/png;base64," + image_base64(width, height, seed=seed, kind=kind)
+
+
+def file_data_url(path: Path) -> str:
+    """A data URL of an image or video file, so a server need not see the client's files."""
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def main(argv: list[str] | None = None) -> int:
