@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from hybridkv_sglang.policy.classify import FocusClassifier
 from hybridkv_sglang.policy.head_stats import HeadStatsReducer
 from hybridkv_sglang.policy.plan import CompressionPlan
 from hybridkv_sglang.policy.selection import mask_to_csr
+from hybridkv_sglang.policy.sharding import HeadShard
 from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelector
 from hybridkv_sglang.policy.window_attention import window_attention
 
@@ -252,13 +253,22 @@ class CompressionPolicy:
         )
 
     def finalize(
-        self, observations: Sequence[LayerObservation], is_text: Tensor
+        self,
+        observations: Sequence[LayerObservation],
+        is_text: Tensor,
+        shard: HeadShard | None = None,
     ) -> CompressionPlan:
         """Stages 1-3 over all layers of one request.
 
         Args:
             observations: one per layer, layer ids ``0..L-1`` (any order).
             is_text: ``[N]`` bool, ``True`` for text tokens (``False`` = visual).
+            shard: under tensor parallelism, the kv heads this rank holds. The observations'
+                focus sizes, scores and focus sets then cover all ``shard.total`` heads (the
+                runtime gathered them from every rank), their chunk bounds only the shard's.
+                The plan is made over every head, as a single rank would make it, and the
+                returned plan covers the shard's heads, with the model-wide plan's stats in
+                ``model_stats``.
         """
         if not observations:
             raise ValueError("expected at least one layer observation, got none")
@@ -275,6 +285,11 @@ class CompressionPolicy:
             )
         focus = torch.stack([o.focus_size for o in obs])  # [L, H]
         scores = torch.stack([o.scores for o in obs])  # [L, H, N]
+        num_layers, num_heads = focus.shape
+        if shard is not None and shard.total != num_heads:
+            raise ValueError(
+                f"expected observations over all {shard.total} kv heads, got {num_heads}"
+            )
         geo = self.geometry(n)
         is_dynamic = self.classify(focus, geo)
         alloc = self.allocate(focus, is_dynamic, geo, scores)
@@ -288,7 +303,13 @@ class CompressionPolicy:
         kept[dynamic.reshape(-1)] = resident_mask(
             n, geo.sink, geo.window, self.chunk_size, scores.device
         )
-        indptr, positions = mask_to_csr(kept)
+
+        model_stats = None
+        if shard is not None and not shard.is_whole:
+            model_stats = self._plan(geo, dynamic, budgets, focus, kept).stats()
+            heads = shard.heads
+            dynamic, budgets, focus = dynamic[:, heads], budgets[:, heads], focus[:, heads]
+            kept = kept.view(num_layers, num_heads, n)[:, heads].reshape(-1, n)
 
         kmin = kmax = None
         if bool(dynamic.any()):
@@ -296,8 +317,23 @@ class CompressionPolicy:
                 raise ValueError(f"policy {self.name!r} made dynamic heads without chunk bounds")
             kmin = torch.stack([o.chunk_kmin for o in obs])  # type: ignore[misc]
             kmax = torch.stack([o.chunk_kmax for o in obs])  # type: ignore[misc]
+        return self._plan(geo, dynamic, budgets, focus, kept, kmin, kmax, model_stats)
+
+    def _plan(
+        self,
+        geo: Geometry,
+        dynamic: Tensor,
+        budgets: Tensor,
+        focus: Tensor,
+        kept: Tensor,
+        kmin: Tensor | None = None,
+        kmax: Tensor | None = None,
+        model_stats: dict[str, Any] | None = None,
+    ) -> CompressionPlan:
+        """The plan of the heads of ``dynamic [L, H]`` from their ``[L*H, N]`` kept mask."""
+        indptr, positions = mask_to_csr(kept)
         return CompressionPlan(
-            prompt_len=n,
+            prompt_len=geo.prompt_len,
             is_dynamic=dynamic,
             budgets=budgets,
             focus_size=focus,
@@ -311,6 +347,7 @@ class CompressionPolicy:
             window=geo.window,
             policy=self.name,
             merge_evicted=self.merges_evicted,
+            model_stats=model_stats,
         )
 
     # ------------------------------------------------------------------ hooks

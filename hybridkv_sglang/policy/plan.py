@@ -6,6 +6,7 @@ Rows are (layer, kv head) pairs in layer-major order: row ``l * H_kv + h``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class CompressionPlan:
     merge_evicted: bool = False
     """Static heads' evicted KV is to be merged into their kept KV (LOOK-M); only compact
     storage can hold merged KV."""
+    model_stats: dict[str, Any] | None = None
+    """:meth:`stats` of the plan over all the model's kv heads when this plan is one
+    tensor-parallel rank's share of it (``None``: this plan covers every head)."""
 
     def __post_init__(self) -> None:
         num_layers, num_heads = self.is_dynamic.shape
@@ -139,6 +143,18 @@ class CompressionPlan:
             self.prompt_len, self.sink, self.window, self.chunk_size, self.top_k_chunks
         )
 
+    def digest(self) -> str:
+        """Fingerprint of which heads are dynamic and which positions every head keeps: two
+        servers (at different TP sizes, say) made the same plan iff the digests match."""
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in (self.is_dynamic.to(torch.uint8), self.kept_indptr, self.kept_positions):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def reported_stats(self) -> dict[str, Any]:
+        """The stats users see: those of the model-wide plan (every rank's heads)."""
+        return self.stats() if self.model_stats is None else self.model_stats
+
     def stats(self) -> dict[str, Any]:
         """Plain numbers for logs and metrics.
 
@@ -164,4 +180,5 @@ class CompressionPlan:
             "read_entries_per_step": read,
             "read_fraction": read / dense if dense else 0.0,
             "dense_entries": dense,
+            "plan_digest": self.digest(),
         }

@@ -36,6 +36,7 @@ from hybridkv_sglang.runtime.requests import (
 )
 from hybridkv_sglang.runtime.startup_checks import check_supported
 from hybridkv_sglang.runtime.stats import STATS, kv_entry_bytes
+from hybridkv_sglang.runtime.tensor_parallel import AttentionTP
 from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
 from hybridkv_sglang.storage.host_tier import HostTier
@@ -59,6 +60,7 @@ class HybridKVAttnBackend(AttentionBackend):
         config: HybridKVConfig,
         num_layers: int,
         folded: FoldedDecode | None = None,
+        tp: AttentionTP | None = None,
     ) -> None:
         super().__init__()
         self.dense = dense
@@ -68,6 +70,7 @@ class HybridKVAttnBackend(AttentionBackend):
         self.decode_meta: DecodeMetadata | None = None if folded is None else folded.meta
         self.policy = build_policy(config.policy, **config.policy_values())
         self._policies = {tuple(config.policy_values().items()): self.policy}
+        self.tp = tp
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
         self._sparse_step = False
@@ -283,7 +286,7 @@ class HybridKVAttnBackend(AttentionBackend):
             STATS.record_prefill_chunk(rid)
         if ends:
             self.prefill_compression = PrefillCompression(
-                [self._plan_request(r) for r in ends], self.num_layers, WINDOW_TAILS
+                [self._plan_request(r) for r in ends], self.num_layers, WINDOW_TAILS, self.tp
             )
 
     def _plan_request(self, request: PrefillEnd) -> tuple[PrefillEnd, str | None, Any]:
@@ -305,21 +308,29 @@ class HybridKVAttnBackend(AttentionBackend):
     def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any) -> None:
         """Runs after every layer's dense attention of a forward holding last prefill chunks."""
         pool = self.dense.token_to_kv_pool
-        self.prefill_compression.observe(
+        req_to_token = self.dense.req_to_token_pool.req_to_token
+        compression = self.prefill_compression
+        compression.observe(
             layer,
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
             pool.get_key_buffer(layer.layer_id),
-            self.dense.req_to_token_pool.req_to_token,
+            req_to_token,
             pool.get_value_buffer(layer.layer_id),
         )
         if layer.layer_id != self.num_layers - 1:
             return
         device = pool.get_key_buffer(layer.layer_id).device
-        for outcome in self.prefill_compression.finish(device):
+        outcomes = compression.finish(device, pool, req_to_token)
+        for outcome in outcomes:
+            if outcome.layout is not None:
+                self._register(outcome)
+        if self.tp is not None and compression.eligible:
+            self._agree_on_records(compression.eligible, device)
+        for outcome in outcomes:
             request = outcome.request
             WINDOW_TAILS.drop(request.rid)
             if outcome.layout is not None:
-                self._register(outcome)
+                COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
             STATS.record_prefill_end(outcome.stats())
             logger.info("hybridkv: %s", outcome.summary())
         self.prefill_compression = None
@@ -334,11 +345,44 @@ class HybridKVAttnBackend(AttentionBackend):
         except Exception as err:
             outcome.fail(err)
             return
-        if added:
-            COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
-            return
-        outcome.layout = None
-        outcome.dense_reason = "decode_metadata_full"
+        if not added:
+            outcome.layout = None
+            outcome.dense_reason = "decode_metadata_full"
+
+    def _agree_on_records(self, outcomes: list[Any], device: torch.device) -> None:
+        """Tensor parallelism: a request any rank could not register is served dense by all,
+        and every rank keeps the largest table bounds of any rank (one all-reduce)."""
+        assert self.tp is not None and self.decode_meta is not None
+        local = torch.tensor(
+            [(_FAILURE_CODES.get(o.dense_reason, 0), *self._bounds_of(o)) for o in outcomes],
+            dtype=torch.int64,
+        )
+        agreed = self.tp.all_reduce_max(local.to(device)).cpu().tolist()
+        for outcome, (code, *bounds) in zip(outcomes, agreed, strict=True):
+            row = outcome.request.req_pool_idx
+            if outcome.layout is None:
+                continue
+            if code:
+                self.decode_meta.release(row)
+                outcome.layout = None
+                outcome.dense_reason = _FAILURE_REASONS[code]
+                logger.warning(
+                    "hybridkv: %s served dense: another attention-TP rank could not compress it",
+                    outcome.request.rid,
+                )
+                continue
+            self.decode_meta.set_table_bounds(row, *bounds)
+
+    def _bounds_of(self, outcome: Any) -> tuple[int, int, int]:
+        if outcome.layout is None:
+            return 0, 0, 0
+        assert self.decode_meta is not None
+        return self.decode_meta.table_bounds(outcome.request.req_pool_idx)
+
+
+_FAILURE_REASONS = {1: "decode_metadata_full", 2: "compression_error"}
+_FAILURE_CODES = {reason: code for code, reason in _FAILURE_REASONS.items()}
+"""Why a rank served a compressible request dense, as a code whose max over ranks wins."""
 
 
 def _host_seq_lens(forward_batch: Any):
@@ -371,7 +415,14 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         num_layers,
         config.model_dump_json(),
     )
-    backend = HybridKVAttnBackend(dense, config, num_layers, folded)
+    tp = AttentionTP.current(model_runner.model_config.get_total_num_kv_heads())
+    if tp is not None and tp.shard.count != model_runner.token_to_kv_pool.head_num:
+        raise NotImplementedError(
+            f"--attention-backend hybridkv: attention-TP rank {tp.rank} holds "
+            f"{model_runner.token_to_kv_pool.head_num} kv heads, not the {tp.shard.count} of "
+            "SGLang's usual split (decode context parallelism is not supported)"
+        )
+    backend = HybridKVAttnBackend(dense, config, num_layers, folded, tp)
     STATS.attach(kv_entry_bytes(model_runner.token_to_kv_pool), scheduler_metrics())
     set_active_backend(backend)
     return backend

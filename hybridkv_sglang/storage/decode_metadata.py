@@ -309,6 +309,28 @@ class DecodeMetadata:
             self.num_chunks[pool_row] = 0
             self.num_selected[pool_row] = 0
 
+    def table_bounds(self, pool_row: int) -> tuple[int, int, int]:
+        """Host mirror: a row's prompt-part table entries, most chunks and most selected chunks
+        of a dynamic row (all 0 for a dense row)."""
+        return (
+            int(self.prompt_entries[pool_row]),
+            int(self.num_chunks[pool_row]),
+            int(self.num_selected[pool_row]),
+        )
+
+    def set_table_bounds(
+        self, pool_row: int, prompt_entries: int, num_chunks: int, num_selected: int
+    ) -> None:
+        """Raise a compressed row's host-mirror bounds to values agreed across tensor-parallel
+        ranks (the max over their heads), so every rank sizes a batch, and so picks graph or
+        eager, alike. Upper bounds: the tables are built from the device records."""
+        with self._lock:
+            if pool_row not in self._held:
+                raise ValueError(f"pool row {pool_row} holds no compressed request")
+        self.prompt_entries[pool_row] = max(prompt_entries, int(self.prompt_entries[pool_row]))
+        self.num_chunks[pool_row] = max(num_chunks, int(self.num_chunks[pool_row]))
+        self.num_selected[pool_row] = max(num_selected, int(self.num_selected[pool_row]))
+
     def apply_releases(self) -> None:
         """Clear released rows on the device (one op, only when there are any)."""
         if not self._pending_clear:  # the common case: no lock, no op
