@@ -4,7 +4,9 @@ what compression did to a request (the examples print it).
 Everything comes from SGLang's ``GET /server_info``: each scheduler's ``internal_states`` entry
 carries a ``hybridkv`` snapshot (per-request records, totals, the KV entry size). A server with
 several schedulers (data parallel) has one entry each; a request's record is in the entry of the
-scheduler that served it.
+scheduler that served it, and :func:`merged_snapshot` adds them up. Under tensor parallelism
+each data-parallel replica reports from its first rank, and its plans' numbers (heads, kept
+entries) cover the kv heads of every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +23,40 @@ def hybridkv_snapshots(base_url: str) -> list[dict[str, Any]]:
     info = requests.get(f"{base_url}/server_info", timeout=60)
     info.raise_for_status()
     return [s["hybridkv"] for s in info.json().get("internal_states", []) if "hybridkv" in s]
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """One snapshot for the whole server: counts summed over the schedulers (totals, live
+    requests, memory), request records united, the KV entry size kept (the same everywhere)."""
+    merged: dict[str, Any] = {}
+    for snapshot in snapshots:
+        _add_into(merged, snapshot)
+    return merged
+
+
+def _add_into(merged: dict[str, Any], snapshot: dict[str, Any]) -> None:
+    for key, value in snapshot.items():
+        if key == "kv_entry_bytes":
+            merged[key] = value
+        elif key == "requests" and isinstance(value, dict):  # records by rid: united
+            merged.setdefault(key, {}).update(value)
+        elif isinstance(value, dict):
+            _add_into(merged.setdefault(key, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = merged.get(key, 0) + value
+        else:
+            merged.setdefault(key, value)
+
+
+def merged_snapshot(base_url: str) -> dict[str, Any]:
+    """Every scheduler's hybridkv snapshot added up (see :func:`merge_snapshots`)."""
+    return merge_snapshots(hybridkv_snapshots(base_url))
+
+
+def merged_totals(base_url: str) -> dict[str, int]:
+    """The server's running totals (requests, compressed requests, kept and prompt entries,
+    decode steps...), summed over every scheduler."""
+    return merged_snapshot(base_url).get("totals", {})
 
 
 def request_record(base_url: str, rid: str) -> tuple[dict[str, Any], int]:

@@ -38,11 +38,19 @@ def check_supported(
         and bool(server_args.disable_radix_cache),
         "storage='compact' with --enable-hierarchical-cache": compact
         and bool(server_args.enable_hierarchical_cache),
-        "storage='compact' with PD disaggregation": compact
-        and str(server_args.disaggregation_mode) != "null",
-        "storage='compact' with --tp-size/--pp-size/--dp-size > 1 (slot decisions must match "
-        "across ranks)": compact
-        and max(server_args.tp_size, server_args.pp_size, server_args.dp_size) > 1,
+        "PD disaggregation (--disaggregation-mode prefill/decode: the decode server receives "
+        "dense KV and would never compress it)": str(
+            getattr(server_args, "disaggregation_mode", "null")
+        )
+        != "null",
+        "--pp-size > 1 (pipeline parallelism: the plan ranks the heads of every layer, and "
+        "each stage holds only its own layers)": getattr(server_args, "pp_size", 1) > 1,
+        "--enable-dp-attention (use --dp-size N without it, or --tp-size)": bool(
+            getattr(server_args, "enable_dp_attention", False)
+        ),
+        "storage='compact' with --tp-size > 1 (each rank's compact slots hold a different "
+        "number of its heads' entries; use storage='in_place' with TP, or compact with "
+        "--dp-size)": compact and server_args.tp_size > 1,
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:

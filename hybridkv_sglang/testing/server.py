@@ -26,6 +26,7 @@ import requests
 
 from hybridkv_sglang.cli import CPU_ENVIRONMENT
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
+from hybridkv_sglang.report import merge_snapshots
 
 STARTUP_TIMEOUT_S = 240.0
 PLUGIN_GROUP = "sglang.srt.plugins"
@@ -119,9 +120,9 @@ class RunningServer:
         return response.json()
 
     def hybridkv_stats(self) -> dict[str, Any]:
-        """The hybridkv snapshot of the (single) scheduler."""
+        """The hybridkv snapshot of the server: every scheduler's (data parallel) added up."""
         states = self.server_info()["internal_states"]
-        return states[0]["hybridkv"]
+        return merge_snapshots([state["hybridkv"] for state in states if "hybridkv" in state])
 
 
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:

@@ -60,10 +60,13 @@ def test_decode_cuda_graphs_are_accepted(overrides):
         (
             {"device": "cuda", "disable_cuda_graph": False, "cuda_graph_config": _graphs("full")},
             None,
-            "--disable-prefill-cuda-graph",
+            "--cuda-graph-backend-prefill disabled",
         ),
         ({}, 4096, "sliding-window"),
         ({"kv_cache_dtype": "fp8_e4m3"}, None, "--kv-cache-dtype fp8"),
+        ({"disaggregation_mode": "prefill"}, None, "--disaggregation-mode"),
+        ({"pp_size": 2}, None, "--pp-size > 1"),
+        ({"enable_dp_attention": True}, None, "--enable-dp-attention"),
     ],
 )
 def test_unsupported_combination_is_named(overrides, window, named):
@@ -77,8 +80,7 @@ def test_unsupported_combination_is_named(overrides, window, named):
     [
         ({"disable_radix_cache": True}, "without the radix cache"),
         ({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
-        ({"disaggregation_mode": "decode"}, "PD disaggregation"),
-        ({"tp_size": 2}, "--tp-size"),
+        ({"tp_size": 2}, "--tp-size > 1"),
     ],
 )
 def test_compact_storage_refuses_what_its_slot_protocol_cannot_serve(overrides, named):
@@ -86,6 +88,13 @@ def test_compact_storage_refuses_what_its_slot_protocol_cannot_serve(overrides, 
     check_supported(_args(), sliding_window_size=None, storage="compact")
     with pytest.raises(NotImplementedError, match=named):
         check_supported(_args(**overrides), sliding_window_size=None, storage="compact")
+
+
+def test_tensor_and_data_parallelism_are_accepted():
+    """In place under TP (ranks agree on plans and decisions); compact under plain DP (each
+    replica its own scheduler, allocator and tree)."""
+    check_supported(_args(tp_size=2, dp_size=2), sliding_window_size=None, storage="in_place")
+    check_supported(_args(dp_size=2), sliding_window_size=None, storage="compact")
 
 
 def test_dense_backend_per_device():
