@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.testing.images import image_base64
-from hybridkv_sglang.testing.server import RunningServer, launch_server
+from hybridkv_sglang.testing.server import RunningServer, cpu_rank_binding, launch_server
 from hybridkv_sglang.testing.tiny_model import cached_build, resolve_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,10 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-total-tokens", type=int, default=12288)
     parser.add_argument("--max-running-requests", type=int, default=64)
     parser.add_argument("--chunked-prefill-size", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=2, help="OMP threads per server")
+    parser.add_argument("--threads", type=int, default=2, help="OMP threads per server rank")
+    parser.add_argument(
+        "--tp-size", type=int, default=1, help="SGLang --tp-size (CPU ranks share the cores)"
+    )
     parser.add_argument("--sample-every", type=float, default=0.3)
-    parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: capacity[_tpN].json")
     args = parser.parse_args(argv)
+    suffix = "" if args.tp_size == 1 else f"_tp{args.tp_size}"
+    args.out = args.out or RESULTS / f"capacity{suffix}.json"
+    tp_env = {} if args.tp_size == 1 else cpu_rank_binding(args.tp_size)
 
     side_px = args.image_tokens_side * MERGED_PX
     spec = resolve_spec("tiny", max_pixels=side_px * side_px)
@@ -285,16 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tqdm(total=len(configs), desc="capacity", unit="server") as progress:
         for name, config in configs:
-            log_path = CACHE / "bench-logs" / "capacity" / f"{name}.log"
+            log_path = CACHE / "bench-logs" / "capacity" / f"{name}{suffix}.log"
             with launch_server(
                 model,
                 hybridkv=config,
                 log_path=log_path,
-                env={"OMP_NUM_THREADS": str(args.threads)},
+                env={"OMP_NUM_THREADS": str(args.threads), **tp_env},
                 max_total_tokens=args.max_total_tokens,
                 context_length=8192,
                 max_running_requests=args.max_running_requests,
-                extra_args=["--chunked-prefill-size", str(args.chunked_prefill_size)],
+                extra_args=[
+                    "--chunked-prefill-size",
+                    str(args.chunked_prefill_size),
+                    "--tp-size",
+                    str(args.tp_size),
+                ],
             ) as server:
                 send(
                     server.base_url,
@@ -320,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=2))
     title = (
         f"Capacity at --max-total-tokens {args.max_total_tokens}: {args.requests} concurrent "
-        f"2-image requests (~{rows[0]['prompt_tokens_median']:.0f} tokens), CPU, tiny model"
+        f"2-image requests (~{rows[0]['prompt_tokens_median']:.0f} tokens), CPU, tiny model, "
+        f"TP {args.tp_size}"
     )
     plot(rows, title, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -52,6 +52,7 @@ from hybridkv_sglang.testing.images import image_base64
 from hybridkv_sglang.testing.server import (
     NO_CUDA_GRAPHS,
     RunningServer,
+    cpu_rank_binding,
     free_port,
     launch_server,
     serve_command,
@@ -135,7 +136,12 @@ def launch(
     args: argparse.Namespace, model: Path, hybridkv: HybridKVConfig | None, log_path: Path
 ) -> Iterator[RunningServer]:
     """A server on ``args.device`` with the flags every configuration shares."""
-    extra = ["--chunked-prefill-size", str(args.chunked_prefill_size)]
+    extra = [
+        "--chunked-prefill-size",
+        str(args.chunked_prefill_size),
+        "--tp-size",
+        str(args.tp_size),
+    ]
     sizes = {
         "max_total_tokens": args.max_total_tokens,
         "context_length": args.context_length,
@@ -143,6 +149,8 @@ def launch(
     }
     if args.device == "cpu":
         threads = {"OMP_NUM_THREADS": str(args.threads)}
+        if args.tp_size > 1:
+            threads |= cpu_rank_binding(args.tp_size)
         with launch_server(
             model, hybridkv=hybridkv, log_path=log_path, extra_args=extra, env=threads, **sizes
         ) as server:
@@ -476,9 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=1800.0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "decode_speed.json")
+    parser.add_argument(
+        "--tp-size", type=int, default=1, help="SGLang --tp-size (on CPU, ranks split the cores)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: decode_speed[_tpN].json in results"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     args = parser.parse_args(argv)
+    suffix = "" if args.tp_size == 1 else f"_tp{args.tp_size}"
+    args.out = args.out or RESULTS / f"decode_speed{suffix}.json"
     args.plot = args.plot or args.out.with_suffix(".png")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")

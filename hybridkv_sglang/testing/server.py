@@ -97,6 +97,30 @@ def cpu_server_args(
     ]  # fmt: skip
 
 
+def cpu_rank_binding(ranks: int, cores: Sequence[int] | None = None) -> dict[str, str]:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` CPU ranks (``tp × dp × pp``)
+    its own share of ``cores`` (default: the cores this process may run on), ``"0|1"`` for two
+    ranks on two cores.
+
+    SGLang binds a CPU rank's threads to a NUMA node and refuses more ranks than nodes unless
+    this variable lists one core set per rank; with it set, SGLang cannot size the KV pool from
+    free memory, so pass ``--max-total-tokens`` (``cpu_server_args`` does).
+    """
+    available = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+    if not 1 <= ranks <= len(available):
+        raise ValueError(f"expected 1 <= ranks <= {len(available)} cores, got {ranks}")
+    per_rank = len(available) // ranks
+    sets = [available[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]
+    return {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(_core_set(s) for s in sets)}
+
+
+def _core_set(cores: list[int]) -> str:
+    """``"4-7"`` for consecutive cores, else ``"1,3"``."""
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
