@@ -237,21 +237,17 @@ class PrefillCompression:
         local = tp.shard.count
         payloads = []
         for outcome in self.eligible:
-            entries = self.num_layers * local
-            n = outcome.request.prompt_len
-            payload = torch.zeros(2 + entries * (1 + 2 * n), dtype=torch.float32, device=device)
+            payload = torch.zeros(
+                2 + self.num_layers * local * (1 + 2 * outcome.request.prompt_len),
+                dtype=torch.float32,
+                device=device,
+            )
             if outcome.dense_reason is None:
-                obs = sorted(outcome.observations, key=lambda o: o.layer_id)
-                payload[0] = 1.0
-                payload[2 : 2 + entries] = torch.stack([o.focus_size for o in obs]).flatten()
-                payload[2 + entries : 2 + entries * (1 + n)] = torch.stack(
-                    [o.scores for o in obs]
-                ).flatten()
-                if all(o.focus_set is not None for o in obs):
-                    payload[1] = 1.0
-                    payload[2 + entries * (1 + n) :] = torch.stack(
-                        [o.focus_set for o in obs]  # type: ignore[misc]
-                    ).flatten()
+                try:
+                    _pack_head_stats(payload, outcome.observations)
+                except Exception as err:  # contained: sent as "not observed"
+                    payload.zero_()
+                    outcome.fail(err)
             payloads.append(payload)
         parts = tp.all_gather(torch.cat(payloads))
         offset = 0
@@ -285,6 +281,24 @@ class PrefillCompression:
                 )
                 for i, o in enumerate(obs)
             ]
+
+
+def _pack_head_stats(payload: torch.Tensor, observations: list[LayerObservation]) -> None:
+    """``payload``: observed flag, has-focus-sets flag, then ``[L, H]`` focus sizes, ``[L, H,
+    N]`` scores and ``[L, H, N]`` focus sets (zeros when the policy keeps none), flattened."""
+    obs = sorted(observations, key=lambda o: o.layer_id)
+    focus = torch.stack([o.focus_size for o in obs]).flatten()
+    scores = torch.stack([o.scores for o in obs]).flatten()
+    if 2 + focus.numel() + 2 * scores.numel() != payload.numel():
+        raise RuntimeError(f"observed {len(obs)} layers of an unexpected shape")
+    payload[0] = 1.0
+    payload[2 : 2 + focus.numel()] = focus
+    payload[2 + focus.numel() : 2 + focus.numel() + scores.numel()] = scores
+    if all(o.focus_set is not None for o in obs):
+        payload[1] = 1.0
+        payload[2 + focus.numel() + scores.numel() :] = torch.stack(
+            [o.focus_set for o in obs]  # type: ignore[misc]
+        ).flatten()
 
 
 def _heads(
