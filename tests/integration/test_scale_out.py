@@ -24,6 +24,7 @@ from hybridkv_sglang.testing.server import (
     cpu_server_args,
     free_port,
 )
+from hybridkv_sglang.testing.tiny_model import build_tiny_qwen2_5_vl
 from tests.integration.client import (
     assert_nothing_left_behind,
     chat_prompt,
@@ -85,24 +86,47 @@ def _record(server: RunningServer, reply: dict) -> dict:
     return server.hybridkv_stats()["requests"][reply["meta_info"]["id"]]
 
 
-def test_tp2_makes_the_tp1_plan(compressing_server, tp2_server):
-    tp1_records = []
+def _same_plans(tp1: RunningServer, tp2: RunningServer, kv_heads: int) -> None:
+    """Send the same image requests to both; their plans match."""
+    records = []
     for i, count in enumerate((1, 2, 2, 3)):
         text, data = _image_request(i, count)
-        one = _record(compressing_server, generate(compressing_server.base_url, text, data))
-        two = _record(tp2_server, generate(tp2_server.base_url, text, data))
-        tp1_records.append(one)
+        one = _record(tp1, generate(tp1.base_url, text, data))
+        two = _record(tp2, generate(tp2.base_url, text, data))
         assert one["compressed"] and two["compressed"]
         assert two["extra"]["plan_digest"] == one["extra"]["plan_digest"]
         for field in ("static_heads", "dynamic_heads", "kept_entries", "prompt_entries"):
             assert two[field] == one[field], field
-        # rank 0 holds one kv head; its record covers the heads of both ranks
-        assert two["static_heads"] + two["dynamic_heads"] == LAYERS * KV_HEADS
-        assert two["prompt_entries"] == LAYERS * KV_HEADS * two["prompt_tokens"]
+        # rank 0's record covers the heads of both ranks
+        assert two["static_heads"] + two["dynamic_heads"] == LAYERS * kv_heads
+        assert two["prompt_entries"] == LAYERS * kv_heads * two["prompt_tokens"]
         assert two["read_fraction"] == pytest.approx(one["read_fraction"])
-    # both head types occur, so stage 2 split the budget across the two ranks' heads
-    assert any(r["dynamic_heads"] for r in tp1_records)
-    assert any(r["static_heads"] for r in tp1_records)
+        records.append(one)
+    # both head types occur, so stage 1 capped and stage 2 shared B over both ranks' heads
+    assert any(r["dynamic_heads"] for r in records) and any(r["static_heads"] for r in records)
+
+
+def test_tp2_makes_the_tp1_plan(compressing_server, tp2_server):
+    """One kv head per rank."""
+    _same_plans(compressing_server, tp2_server, KV_HEADS)
+
+
+def test_kv_heads_padded_for_cpu_tp_are_refused(
+    tmp_path_factory: pytest.TempPathFactory, server_logs: Path
+):
+    """On a CPU, SGLang pads kv heads that --tp-size does not divide with zero-weight heads
+    (on a GPU it replicates them, which the plan handles): the plan would count the padding."""
+    model = build_tiny_qwen2_5_vl(
+        tmp_path_factory.mktemp("models") / "tiny-one-kv-head",
+        max_pixels=IMAGE_SIDE * IMAGE_SIDE,
+        kv_heads=1,
+    )
+    tp2 = serve(model, server_logs, "one_kv_head_tp2", COMPRESSING, _overrides("--tp-size", "2"),
+                **TWO_RANKS)  # fmt: skip
+    with pytest.raises(RuntimeError, match="during start-up") as err, tp2:
+        pass
+    assert "pads the model's 1 kv heads to 2" in str(err.value)
+    assert "use a --tp-size that divides 1" in str(err.value)
 
 
 def test_tp2_keep_all_equals_stock_tp2(tp2_server, stock_tp2_server):
