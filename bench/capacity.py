@@ -64,11 +64,13 @@ def prompt(i: int, images: int) -> str:
     )
 
 
-def server_configs(budgets: list[float]) -> list[tuple[str, HybridKVConfig | None]]:
+def server_configs(
+    budgets: list[float], storage: str = "compact"
+) -> list[tuple[str, HybridKVConfig | None]]:
     configs: list[tuple[str, HybridKVConfig | None]] = [("stock", None)]
     for budget in budgets:
-        config = HybridKVConfig(budget=budget, storage="compact")
-        configs.append((f"hybridkv-compact@{budget:g}", config))
+        config = HybridKVConfig(budget=budget, storage=storage)
+        configs.append((f"hybridkv-{storage.replace('_', '-')}@{budget:g}", config))
     return configs
 
 
@@ -277,8 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         "--tp-size", type=int, default=1, help="SGLang --tp-size (CPU ranks share the cores)"
     )
     parser.add_argument("--sample-every", type=float, default=0.3)
+    parser.add_argument(
+        "--storage",
+        choices=["compact", "in_place"],
+        default="compact",
+        help="hybridkv storage (in_place saves decode reads, not memory; compact needs TP 1)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: capacity[_tpN].json")
     args = parser.parse_args(argv)
+    if args.storage == "compact" and args.tp_size > 1:
+        parser.error("--storage compact is refused with --tp-size > 1; use --storage in_place")
     suffix = "" if args.tp_size == 1 else f"_tp{args.tp_size}"
     args.out = args.out or RESULTS / f"capacity{suffix}.json"
     tp_env = {} if args.tp_size == 1 else cpu_rank_binding(args.tp_size)
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_spec("tiny", max_pixels=side_px * side_px)
     model = cached_build(CACHE / "bench-models", preset="tiny", max_pixels=side_px * side_px)
     kv_bytes_per_token = spec.layers * spec.kv_heads * spec.head_dim * 2 * 4  # float32 on CPU
-    configs = server_configs(args.budgets)
+    configs = server_configs(args.budgets, args.storage)
     rows = []
     with tqdm(total=len(configs), desc="capacity", unit="server") as progress:
         for name, config in configs:

@@ -1,21 +1,25 @@
 """Prefill-end compression over a real gloo group: every attention-TP rank plans what one rank
-plans at TP 1 (heads split, and heads replicated), and a fault on one rank is dense on all."""
+plans at TP 1 (heads split, and heads replicated), a fault on one rank is dense on all, and the
+ranks agree on which requests they registered and on their decode-table bounds."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybridkv_sglang.kernels.folded_tables import NF, PRE_LEN, TAIL_START
 from hybridkv_sglang.policy import HybridKVPolicy
 from hybridkv_sglang.policy.sharding import HeadShard
 from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
 from hybridkv_sglang.runtime.requests import PrefillEnd
 from hybridkv_sglang.runtime.tensor_parallel import FAIL_RANK_ENV, FAIL_RID_PREFIX, AttentionTP
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
 LAYERS, HEADS, GROUP, DIM = 2, 2, 2, 8
 FAULTY = f"{FAIL_RID_PREFIX}-b"
@@ -108,3 +112,65 @@ def test_a_fault_on_one_rank_is_dense_on_every_rank() -> None:
     for outcomes in ranks:
         assert outcomes[0] == expected[0]  # the other request is untouched
         assert outcomes[1] == ("compression_error", None)
+
+
+def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
+    """Rank ``rank``'s decode pools after its own registration: request ``a`` on both ranks
+    (rank 1's heads keep more entries), request ``b`` on rank 0 only (rank 1's pools were
+    full)."""
+    meta = DecodeMetadata(
+        1, 1, DIM, max_requests=4, pool_rows=4, fixed_capacity=256, bound_capacity=16,
+        bound_dtype=torch.float32, device="cpu",
+    )  # fmt: skip
+    outcomes = []
+    for rid, row, registered in (("a", 1, True), ("b", 2, rank == 0)):
+        kept = 10 + 5 * rank
+        rows = torch.zeros(1, 1, NF, dtype=torch.int32)
+        rows[0, 0, PRE_LEN], rows[0, 0, TAIL_START] = kept, 50
+        empty = torch.empty(0, DIM)
+        if registered:
+            assert meta.add(row, RequestRows(rows, torch.arange(kept), empty, empty, 50, 8))
+        outcomes.append(
+            SimpleNamespace(
+                request=SimpleNamespace(rid=rid, req_pool_idx=row),
+                layout=object() if registered else None,
+                dense_reason=None if registered else "decode_metadata_full",
+            )
+        )
+    return outcomes, meta
+
+
+def _agreement_worker(rank: int, size: int, port: int, out: dict) -> None:
+    from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)  # fmt: skip
+    try:
+        outcomes, meta = _records(rank)
+        backend = SimpleNamespace(
+            tp=AttentionTP(rank, size, HeadShard.of_rank(rank, size, 2), dist.group.WORLD),
+            decode_meta=meta,
+        )
+        backend._bounds_of = lambda o: HybridKVAttnBackend._bounds_of(backend, o)
+        HybridKVAttnBackend._agree_on_records(backend, outcomes, torch.device("cpu"))
+        out[rank] = (
+            [(o.layout is not None, o.dense_reason) for o in outcomes],
+            meta.table_bounds(1),
+            meta.usage()["requests"],
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_registration_and_table_bounds() -> None:
+    from hybridkv_sglang.testing.server import free_port
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_agreement_worker, args=(2, free_port(), out), nprocs=2)
+        ranks = [out[0], out[1]]
+    for decisions, bounds, live in ranks:
+        # b: rank 0 had registered it and released it; a: the larger table bound everywhere
+        assert decisions == [(True, None), (False, "decode_metadata_full")]
+        assert bounds == (15, 0, 0)
+        assert live == 1
