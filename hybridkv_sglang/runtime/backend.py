@@ -415,35 +415,7 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         num_layers,
         config.model_dump_json(),
     )
-    model_config = model_runner.model_config
-    padded_from = getattr(model_config.hf_text_config, "original_total_num_kv_heads", None)
-    if padded_from is not None and padded_from != model_config.get_total_num_kv_heads():
-        tp_size = model_runner.server_args.tp_size
-        raise NotImplementedError(
-            f"--attention-backend hybridkv on CPU with --tp-size {tp_size}: SGLang "
-            f"pads the model's {padded_from} kv heads to {model_config.get_total_num_kv_heads()} "
-            "(zero-weight heads), which the plan would count as heads; use a --tp-size that "
-            f"divides {padded_from}"
-        )
-    tp = AttentionTP.current(model_config.get_total_num_kv_heads())
-    if tp is not None and tp.shard.count != model_runner.token_to_kv_pool.head_num:
-        raise NotImplementedError(
-            f"--attention-backend hybridkv: attention-TP rank {tp.rank} holds "
-            f"{model_runner.token_to_kv_pool.head_num} kv heads, not the {tp.shard.count} of "
-            "SGLang's usual split (decode context parallelism is not supported)"
-        )
-    if tp is not None:
-        shard = tp.shard
-        logger.info(
-            "hybridkv: attention-TP rank %d of %d holds kv heads [%d, %d) of %d, replicated on "
-            "%d ranks; plans are made over every head",
-            tp.rank,
-            tp.size,
-            shard.first,
-            shard.first + shard.count,
-            shard.total,
-            shard.replicas,
-        )
+    tp = AttentionTP.of_model_runner(model_runner)
     backend = HybridKVAttnBackend(dense, config, num_layers, folded, tp)
     STATS.attach(kv_entry_bytes(model_runner.token_to_kv_pool), scheduler_metrics())
     set_active_backend(backend)

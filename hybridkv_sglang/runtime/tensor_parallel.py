@@ -22,6 +22,7 @@ their prefill, their lengths, the config), so no rank waits in a collective the 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hybridkv_sglang.policy.sharding import HeadShard, all_shards, replica_ranks
+
+logger = logging.getLogger(__name__)
 
 FAIL_RANK_ENV = "HYBRIDKV_TEST_FAIL_RANK"
 """Test hook: this attention-TP rank fails its own compression of requests whose rid starts
@@ -50,16 +53,44 @@ class AttentionTP:
     """``torch.distributed`` process group (SGLang's attention-TP device group)."""
 
     @classmethod
-    def current(cls, total_kv_heads: int) -> AttentionTP | None:
-        """From SGLang's parallel state; ``None`` on a single attention-TP rank."""
+    def of_model_runner(cls, model_runner: Any) -> AttentionTP | None:
+        """This scheduler's rank from SGLang's parallel state (``None`` on a single
+        attention-TP rank); refuses head layouts the plan cannot follow."""
         from sglang.srt.distributed.parallel_state import get_attn_tp_group
         from sglang.srt.runtime_context import get_parallel
 
+        model_config = model_runner.model_config
+        total = model_config.get_total_num_kv_heads()
+        padded_from = getattr(model_config.hf_text_config, "original_total_num_kv_heads", None)
+        if padded_from is not None and padded_from != total:
+            raise NotImplementedError(
+                f"--attention-backend hybridkv on CPU with --tp-size "
+                f"{model_runner.server_args.tp_size}: SGLang pads the model's {padded_from} kv "
+                f"heads to {total} (zero-weight heads), which the plan would count as heads; "
+                f"use a --tp-size that divides {padded_from}"
+            )
         parallel = get_parallel()
         size, rank = parallel.attn_tp_size, parallel.attn_tp_rank
         if size == 1:
             return None
-        shard = HeadShard.of_rank(rank, size, total_kv_heads)
+        shard = HeadShard.of_rank(rank, size, total)
+        held = model_runner.token_to_kv_pool.head_num
+        if shard.count != held:
+            raise NotImplementedError(
+                f"--attention-backend hybridkv: attention-TP rank {rank} holds {held} kv heads, "
+                f"not the {shard.count} of SGLang's usual split (decode context parallelism is "
+                "not supported)"
+            )
+        logger.info(
+            "hybridkv: attention-TP rank %d of %d holds kv heads [%d, %d) of %d, replicated on "
+            "%d ranks; plans are made over every head",
+            rank,
+            size,
+            shard.first,
+            shard.first + shard.count,
+            total,
+            shard.replicas,
+        )
         return cls(rank, size, shard, get_attn_tp_group().device_group)
 
     @property
