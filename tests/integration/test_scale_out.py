@@ -220,7 +220,7 @@ def test_dp2_serves_and_adds_its_schedulers_stats_up(dp2_server):
     [
         (["--tp-size", "2"], HybridKVConfig(storage="compact"), "--tp-size > 1"),
         (["--pp-size", "2"], HybridKVConfig(), "--pp-size > 1"),
-        (["--disaggregation-mode", "prefill"], HybridKVConfig(), "--disaggregation-mode"),
+        (["--disaggregation-mode", "prefill"], HybridKVConfig(), "PD disaggregation"),
     ],
 )
 def test_unsupported_scale_out_is_refused_before_loading_the_model(
