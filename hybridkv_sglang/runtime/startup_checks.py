@@ -66,3 +66,15 @@ def prefill_graph_backend(server_args: Any) -> str:
     config = getattr(server_args, "cuda_graph_config", None)
     prefill = getattr(config, "prefill", None)
     return str(getattr(prefill, "backend", "disabled"))
+
+
+def check_cpu_head_split(tp_size: int, kv_heads: int) -> None:
+    """On a CPU, SGLang pads kv heads that ``--tp-size`` does not divide with zero-weight heads
+    (on a GPU it replicates them, which the plan follows); the plan would count the padding."""
+    if tp_size > 1 and kv_heads % tp_size:
+        padded = -(-kv_heads // tp_size) * tp_size
+        raise NotImplementedError(
+            f"--attention-backend hybridkv on CPU with --tp-size {tp_size}: SGLang pads the "
+            f"model's {kv_heads} kv heads to {padded} (zero-weight heads), which the plan would "
+            f"count as heads; use a --tp-size that divides {kv_heads}"
+        )

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hybridkv_sglang.policy.sharding import HeadShard, all_shards, replica_ranks
+from hybridkv_sglang.runtime.startup_checks import check_cpu_head_split
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,7 @@ class AttentionTP:
         total = model_config.get_total_num_kv_heads()
         padded_from = getattr(model_config.hf_text_config, "original_total_num_kv_heads", None)
         if padded_from is not None and padded_from != total:
-            raise NotImplementedError(
-                f"--attention-backend hybridkv on CPU with --tp-size "
-                f"{model_runner.server_args.tp_size}: SGLang pads the model's {padded_from} kv "
-                f"heads to {total} (zero-weight heads), which the plan would count as heads; "
-                f"use a --tp-size that divides {padded_from}"
-            )
+            check_cpu_head_split(model_runner.server_args.tp_size, padded_from)
         parallel = get_parallel()
         size, rank = parallel.attn_tp_size, parallel.attn_tp_rank
         if size == 1:

@@ -127,6 +127,7 @@ def test_kv_heads_padded_for_cpu_tp_are_refused(
         pass
     assert "pads the model's 1 kv heads to 2" in str(err.value)
     assert "use a --tp-size that divides 1" in str(err.value)
+    assert "Load weight begin" not in str(err.value)  # refused at launch, no model loaded
 
 
 def test_tp2_keep_all_equals_stock_tp2(tp2_server, stock_tp2_server):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from hybridkv_sglang.runtime.backend import dense_backend_name
-from hybridkv_sglang.runtime.startup_checks import check_supported
+from hybridkv_sglang.runtime.startup_checks import check_cpu_head_split, check_supported
 
 
 def _args(**overrides):
@@ -100,3 +100,10 @@ def test_tensor_and_data_parallelism_are_accepted():
 def test_dense_backend_per_device():
     assert dense_backend_name("cpu") == "torch_native"
     assert dense_backend_name("cuda:0") == "flashinfer"
+
+
+def test_cpu_tensor_parallelism_must_divide_the_kv_heads():
+    check_cpu_head_split(tp_size=2, kv_heads=4)
+    check_cpu_head_split(tp_size=1, kv_heads=3)
+    with pytest.raises(NotImplementedError, match="pads the model's 3 kv heads to 4"):
+        check_cpu_head_split(tp_size=2, kv_heads=3)
