@@ -12,6 +12,7 @@ are validated where SGLang validates its own sampling parameters, so a bad
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -63,3 +64,29 @@ def refuse_empty_prompt(
     if getattr(obj, "input_embeds", None) is not None:
         return
     raise ValueError("the prompt is empty: send at least one token of text or an image")
+
+
+SERVER_TOTALS_KEY = "hybridkv_server_totals"
+"""Beside each scheduler's ``hybridkv`` snapshot in ``/server_info``: the whole server's totals."""
+
+
+def add_server_totals(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook of ``TokenizerManager.get_internal_state`` (a coroutine function): every
+    ``internal_states`` entry also carries the totals of all data-parallel schedulers, so a
+    reader of any one entry sees the whole server."""
+    if launch_config() is None or not inspect.isawaitable(result):
+        return result
+    return _with_server_totals(result)
+
+
+async def _with_server_totals(pending: Any) -> Any:
+    from hybridkv_sglang.report import merge_snapshots
+
+    states = await pending
+    snapshots = [s["hybridkv"] for s in states if isinstance(s, dict) and "hybridkv" in s]
+    if snapshots:
+        totals = merge_snapshots(snapshots).get("totals", {})
+        for state in states:
+            if isinstance(state, dict) and "hybridkv" in state:
+                state[SERVER_TOTALS_KEY] = totals
+    return states

@@ -16,6 +16,7 @@ from hybridkv_sglang.runtime.compaction import (
     release_compact,
 )
 from hybridkv_sglang.runtime.frontend import (
+    add_server_totals,
     check_at_launch,
     check_request_params,
     refuse_empty_prompt,
@@ -62,6 +63,11 @@ def register() -> None:
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
         refuse_empty_prompt,
         HookType.BEFORE,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
+        add_server_totals,
+        HookType.AFTER,
     )
     HookRegistry.register(
         "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",

@@ -209,8 +209,10 @@ def test_dp2_serves_and_adds_its_schedulers_stats_up(dp2_server):
         assert record["compressed"] and record["storage"] == storage and entry_bytes > 0
     assert_nothing_left_behind(dp2_server)  # on the merged snapshot of both schedulers
     totals = merged_totals(dp2_server.base_url)
-    per_scheduler = [s["hybridkv"]["totals"] for s in dp2_server.server_info()["internal_states"]]
+    internal_states = dp2_server.server_info()["internal_states"]
+    per_scheduler = [s["hybridkv"]["totals"] for s in internal_states]
     assert totals["compressed_requests"] == sum(t["compressed_requests"] for t in per_scheduler)
+    assert all(s["hybridkv_server_totals"] == totals for s in internal_states)
     assert totals["compressed_requests"] >= requests_sent
     if storage == "compact":
         assert totals["compacted_requests"] >= requests_sent
