@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,6 +37,9 @@ StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
 DynamicTopK = Literal["fixed", "budget"]
 DecodeKernel = Literal["auto", "triton", "torch"]
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class HybridKVConfigError(ValueError):
@@ -187,11 +190,7 @@ class HybridKVConfig(BaseModel):
     @classmethod
     def validated(cls, values: Any, source: str) -> HybridKVConfig:
         """``values`` as a config; an error reads ``"<source>: <field>: <what is wrong>"``."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as err:
-            problems = "; ".join(_describe(e) for e in err.errors())
-            raise HybridKVConfigError(f"{source}: {problems}") from None
+        return _validated(cls, values, source)
 
     def with_values(self, values: dict[str, Any], source: str) -> HybridKVConfig:
         """This config with ``values`` replaced, validated as a whole (see ``validated``)."""
@@ -204,11 +203,7 @@ class HybridKVConfig(BaseModel):
         if asked is None:
             return self
         source = f"custom_params.{REQUEST_PARAMS_KEY}"
-        try:
-            request = RequestSettings.model_validate(asked)
-        except ValidationError as err:
-            problems = "; ".join(_describe(e) for e in err.errors())
-            raise HybridKVConfigError(f"invalid {source}: {problems}") from None
+        request = _validated(RequestSettings, asked, f"invalid {source}")
         if request.enabled and not self.enabled:
             raise HybridKVConfigError(
                 f"{source}.enabled: this server runs with enabled=false, so no request can be "
@@ -234,6 +229,15 @@ class RequestSettings(BaseModel):
     enabled: bool | None = None
     budget: float | None = None
     budget_tokens: int | None = None
+
+
+def _validated(model: type[_Model], values: Any, source: str) -> _Model:
+    """``values`` as ``model``; a ``HybridKVConfigError`` reading ``"<source>: <problems>"``."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise HybridKVConfigError(f"{source}: {problems}") from None
 
 
 def _describe(error: Any) -> str:

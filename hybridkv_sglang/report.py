@@ -22,7 +22,12 @@ def hybridkv_snapshots(base_url: str) -> list[dict[str, Any]]:
     """Every scheduler's hybridkv snapshot (empty for a server without hybridkv)."""
     info = requests.get(f"{base_url}/server_info", timeout=60)
     info.raise_for_status()
-    return [s["hybridkv"] for s in info.json().get("internal_states", []) if "hybridkv" in s]
+    return snapshots_of(info.json().get("internal_states", []))
+
+
+def snapshots_of(internal_states: list[Any]) -> list[dict[str, Any]]:
+    """The hybridkv snapshots among ``/server_info``'s ``internal_states`` entries."""
+    return [s["hybridkv"] for s in internal_states if isinstance(s, dict) and "hybridkv" in s]
 
 
 def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:

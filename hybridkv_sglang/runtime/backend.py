@@ -20,7 +20,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.policy import build_policy
+from hybridkv_sglang.policy import CompressionPolicy, build_policy
 from hybridkv_sglang.runtime import compaction, window_prefill
 from hybridkv_sglang.runtime.activation import set_active_backend
 from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
@@ -68,8 +68,9 @@ class HybridKVAttnBackend(AttentionBackend):
         self.num_layers = num_layers
         self.folded = folded
         self.decode_meta: DecodeMetadata | None = None if folded is None else folded.meta
-        self.policy = build_policy(config.policy, **config.policy_values())
-        self._policies = {tuple(config.policy_values().items()): self.policy}
+        self._policies: dict[tuple[Any, ...], CompressionPolicy] = {}
+        """Policies by hyper-parameters: one per distinct budget requests ask for."""
+        self.policy = self._policy_for(config)
         self.tp = tp
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
@@ -289,7 +290,9 @@ class HybridKVAttnBackend(AttentionBackend):
                 [self._plan_request(r) for r in ends], self.num_layers, WINDOW_TAILS, self.tp
             )
 
-    def _plan_request(self, request: PrefillEnd) -> tuple[PrefillEnd, str | None, Any]:
+    def _plan_request(
+        self, request: PrefillEnd
+    ) -> tuple[PrefillEnd, str | None, CompressionPolicy]:
         """The request, why it stays dense (``None``: it is compressed) and the policy at its own
         budget (``custom_params``, validated when it arrived; built once per distinct budget)."""
         try:
@@ -300,10 +303,14 @@ class HybridKVAttnBackend(AttentionBackend):
         reason = dense_reason(request, config)
         if reason == "disabled" and self.config.enabled:
             reason = "disabled_by_request"
-        key = tuple(config.policy_values().items())
+        return request, reason, self._policy_for(config)
+
+    def _policy_for(self, config: HybridKVConfig) -> CompressionPolicy:
+        values = config.policy_values()
+        key = tuple(values.items())
         if key not in self._policies:
-            self._policies[key] = build_policy(config.policy, **config.policy_values())
-        return request, reason, self._policies[key]
+            self._policies[key] = build_policy(config.policy, **values)
+        return self._policies[key]
 
     def _on_prefill_end_layer(self, q: torch.Tensor, layer: Any) -> None:
         """Runs after every layer's dense attention of a forward holding last prefill chunks."""

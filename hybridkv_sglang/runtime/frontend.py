@@ -80,10 +80,10 @@ def add_server_totals(result: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 async def _with_server_totals(pending: Any) -> Any:
-    from hybridkv_sglang.report import merge_snapshots
+    from hybridkv_sglang.report import merge_snapshots, snapshots_of
 
     states = await pending
-    snapshots = [s["hybridkv"] for s in states if isinstance(s, dict) and "hybridkv" in s]
+    snapshots = snapshots_of(states)
     if snapshots:
         totals = merge_snapshots(snapshots).get("totals", {})
         for state in states:

@@ -26,7 +26,7 @@ import requests
 
 from hybridkv_sglang.cli import CPU_ENVIRONMENT
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
-from hybridkv_sglang.report import merge_snapshots
+from hybridkv_sglang.report import merged_snapshot
 
 STARTUP_TIMEOUT_S = 240.0
 PLUGIN_GROUP = "sglang.srt.plugins"
@@ -145,8 +145,7 @@ class RunningServer:
 
     def hybridkv_stats(self) -> dict[str, Any]:
         """The hybridkv snapshot of the server: every scheduler's (data parallel) added up."""
-        states = self.server_info()["internal_states"]
-        return merge_snapshots([state["hybridkv"] for state in states if "hybridkv" in state])
+        return merged_snapshot(self.base_url)
 
 
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:
