@@ -106,6 +106,7 @@ from tqdm import tqdm
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 from hybridkv_sglang.policy import POLICIES as POLICY_REGISTRY
+from hybridkv_sglang.policy.plan import OVER_BUDGET_SLACK
 from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, is_correct
 from hybridkv_sglang.testing.server import (
     NO_CUDA_GRAPHS,
@@ -352,6 +353,17 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> d
     }
 
 
+def read_fraction_gap(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Largest per-question difference of the measured read fractions of two rows (``None``
+    when either row lacks them): equal budgets must hold request by request, not on average."""
+    pairs = [
+        (x, y)
+        for x, y in zip(a.get("read_fractions") or [], b.get("read_fractions") or [], strict=False)
+        if x is not None and y is not None
+    ]
+    return round(max(abs(x - y) for x, y in pairs), 4) if pairs else None
+
+
 def paired_comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each hybridkv row (method ``hybridkv``, any variant) against every other compressed row at
     its budget, on the same questions (``correct_bits``)."""
@@ -373,6 +385,7 @@ def paired_comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "budget": ours["budget"],
                     "a_read_fraction": ours["mean_read_fraction"],
                     "b_read_fraction": other["mean_read_fraction"],
+                    "max_read_fraction_gap": read_fraction_gap(ours, other),
                     **paired_difference(bits_a, bits_b),
                 }
             )
@@ -729,9 +742,13 @@ def summarize(
 
     stats = [r.stats for r in results if r.stats is not None]
     if config.hybridkv is None or not config.hybridkv.enabled:
-        read = [1.0] * len(results)  # dense by construction
+        per_question: list[float | None] = [1.0] * len(results)  # dense by construction
     else:
-        read = [s["read_fraction"] for s in stats]
+        per_question = [None if r.stats is None else r.stats["read_fraction"] for r in results]
+    read = [f for f in per_question if f is not None]
+    over = None
+    if config.budget is not None and read:
+        over = sum(f > config.budget + OVER_BUDGET_SLACK for f in read)
     reasons = Counter(s.get("dense_reason") or "compressed" for s in stats)
     correct = sum(r.correct for r in results)
     decode_total = sum(r.decode_tokens for r in results)
@@ -752,6 +769,8 @@ def summarize(
         "decode_tokens": decode_total,
         "mean_read_fraction": round(statistics.mean(read), 4) if read else None,
         "read_fraction_range": [round(min(read), 4), round(max(read), 4)] if read else None,
+        "over_budget_requests": over,
+        "read_fractions": [None if f is None else round(f, 4) for f in per_question],
         "requests_with_stats": len(stats) if has_stats else None,
         "compression_outcomes": dict(reasons) if has_stats else None,
         "accuracy_by_kind": accuracy_by(lambda r: r.kind),

@@ -65,8 +65,12 @@ class HybridKVConfig(BaseModel):
         None, description="absolute per-head budget in tokens; overrides `budget` when set"
     )
     theta: float = Field(0.9, description="attention mass a window row's focus set must reach")
-    window: int = Field(32, description="observation window: last prompt tokens, always kept")
-    sink: int = Field(4, description="first prompt tokens, always kept")
+    window: int = Field(
+        32,
+        description="observation window: last prompt tokens, kept by every head (at most the "
+        "per-head budget of the request: floors scale down with the budget)",
+    )
+    sink: int = Field(4, description="first prompt tokens, kept within what the window leaves")
     chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
     max_dynamic_fraction: float = Field(
@@ -84,6 +88,12 @@ class HybridKVConfig(BaseModel):
         description="chunks a dynamic head retrieves per step: budget (at most top_k_chunks, "
         "capped so a dynamic head reads no more than the mean per-head budget, at least one "
         "chunk) or fixed (top_k_chunks whatever the budget, the design)",
+    )
+    dynamic_window_share: float = Field(
+        1.0,
+        description="share of the per-head budget a dynamic head's resident window may take "
+        "(at most `window`); the rest retrieves chunks. 1.0: the whole window, as static heads; "
+        "smaller shares let dynamic heads retrieve under tight budgets",
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")
@@ -159,6 +169,7 @@ class HybridKVConfig(BaseModel):
         "pool_kernel",
         "static_priority",
         "dynamic_top_k",
+        "dynamic_window_share",
     )
 
     def policy_values(self) -> dict[str, Any]:

@@ -10,11 +10,12 @@ Decisions this module pins (and tests check):
 * ``sink + window`` is every head's floor and is always kept. When ``B`` cannot pay for the floors
   of all heads, every static head gets exactly the floor, so the request then keeps
   ``L × H_kv × (sink + w)`` entries, more than ``B``. This is the only case where budgets exceed
-  ``B``.
+  ``B``, and policies never reach it: their geometry scales sink and window down to ``b_mean``.
 * When ``B`` cannot pay for the dynamic heads plus every static head's floor, the dynamic heads
   with the smallest ``|U|`` are demoted to static until it can (``demote_unaffordable``; the
-  ``all_dynamic`` ablation turns it off). A prompt with nothing between sink and window
-  (``b_dyn == sink + w``) has nothing to retrieve, so all its heads are static.
+  ``all_dynamic`` ablation turns it off). A dynamic head that costs no more than a static
+  head's floor (its resident window is smaller, ``dynamic_window_share``) is always affordable.
+  The policy makes every head static when a request has nothing to retrieve.
 * Otherwise budgets sum to exactly ``B`` (or less, when every static head is capped at ``N``).
 """
 
@@ -159,8 +160,8 @@ class TopDownAllocator:
             is_dynamic: ``[L, H_kv]`` bool from stage 1.
             prompt_len: ``N``, the cap of a static head.
             head_budget: ``b_mean`` tokens; ``B = b_mean × L × H_kv``.
-            floor: ``sink + w`` (already clamped to ``N``), kept by every head.
-            dynamic_budget: ``b_dyn``, entries a dynamic head holds, ``floor <= b_dyn``.
+            floor: ``sink + w`` (already clamped to ``N``), kept by every static head.
+            dynamic_budget: ``b_dyn``, entries a dynamic head reads per step (``>= 1``).
         """
         if focus.shape != is_dynamic.shape or focus.dim() != 2:
             raise ValueError(
@@ -169,8 +170,8 @@ class TopDownAllocator:
             )
         if not 0 <= floor <= prompt_len:
             raise ValueError(f"expected 0 <= floor <= prompt_len, got {floor}, N={prompt_len}")
-        if dynamic_budget < floor:
-            raise ValueError(f"expected dynamic_budget >= floor {floor}, got {dynamic_budget}")
+        if dynamic_budget < 1:
+            raise ValueError(f"expected dynamic_budget >= 1, got {dynamic_budget}")
         n = focus.numel()
         total = head_budget * n
         dynamic = is_dynamic.clone()
@@ -178,9 +179,10 @@ class TopDownAllocator:
         if self.demote_unaffordable:
             n_dyn = int(dynamic.sum())
             extra = dynamic_budget - floor
-            # extra == 0: nothing lies between sink and window, so retrieval has nothing to
-            # fetch and the static floor keeps the same positions.
-            affordable = max(0, (total - n * floor) // extra) if extra > 0 else 0
+            if extra > 0:
+                affordable = max(0, (total - n * floor) // extra)
+            else:  # costs no more than a static floor: affordable whenever the floors are
+                affordable = n if total >= n * floor else 0
             if n_dyn > affordable:
                 key = torch.where(dynamic, focus.to(torch.float64), -1.0).flatten()
                 keep = torch.argsort(key, descending=True, stable=True)[:affordable]

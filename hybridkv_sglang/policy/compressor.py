@@ -18,6 +18,7 @@ arXiv:2604.05887): static heads pruned with a text prior, dynamic heads served b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -75,18 +76,24 @@ class Geometry:
 
     Attributes:
         prompt_len: ``N``.
-        window: ``min(window, N)``.
-        sink: ``min(sink, N - window)``.
-        head_budget: ``b_mean`` tokens.
+        window: ``min(window, b_mean)``: the window a static head keeps, never more than a
+            head's budget.
+        sink: ``min(sink, b_mean - window)``: the floors scale down to the budget, so no request
+            reads more than it is entitled to (an observation window of ``window`` rows is
+            still scored).
+        dynamic_window: ``min(window, dynamic_window_share × b_mean)`` (at least 1): the window
+            a dynamic head keeps resident; the rest of its budget retrieves chunks.
+        head_budget: ``b_mean`` tokens (``<= N``).
         top_k_chunks: chunks a dynamic head retrieves per decode step in this request
             (:meth:`CompressionPolicy.chunks_per_step`; ``0`` = no head can be dynamic).
         dynamic_budget: ``b_dyn`` entries, read by a dynamic head retrieving ``top_k_chunks``.
-        retrievable_chunks: full chunks inside ``[sink, N - window)``.
+        retrievable_chunks: full chunks inside ``[sink, N - dynamic_window)``.
     """
 
     prompt_len: int
     window: int
     sink: int
+    dynamic_window: int
     head_budget: int
     top_k_chunks: int
     dynamic_budget: int
@@ -94,7 +101,7 @@ class Geometry:
 
     @property
     def floor(self) -> int:
-        """``sink + window``: what every head keeps."""
+        """``sink + window``: what every static head keeps."""
         return self.sink + self.window
 
 
@@ -107,8 +114,10 @@ class CompressionPolicy:
         budget: fraction of the prompt's KV entries kept per request, in ``(0, 1]``.
         budget_tokens: absolute per-head budget in tokens; overrides ``budget`` when set.
         theta: attention mass a window row's focus set must reach, in ``(0, 1]``.
-        window: observation window (last prompt tokens), always kept; clamped to ``N``.
-        sink: first prompt tokens, always kept; clamped to ``N - window``.
+        window: observation window (last prompt tokens), kept by every head up to its budget
+            (the kept window is ``min(window, b_mean)``; all ``window`` rows are observed).
+        sink: first prompt tokens, kept by every head within what the window leaves of
+            ``b_mean``.
         chunk_size: tokens per retrieval chunk of dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per decode step.
         max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
@@ -144,6 +153,7 @@ class CompressionPolicy:
     pool_kernel: int = 7
     static_priority: str = "focus"
     dynamic_top_k: str = "budget"
+    dynamic_window_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -159,6 +169,10 @@ class CompressionPolicy:
         for field in ("window", "chunk_size", "top_k_chunks", "pool_kernel"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if not 0.0 < self.dynamic_window_share <= 1.0:
+            raise ValueError(
+                f"dynamic_window_share must be in (0, 1], got {self.dynamic_window_share}"
+            )
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
         if self.pool_kernel % 2 == 0:
@@ -179,21 +193,27 @@ class CompressionPolicy:
 
     # ----------------------------------------------------------------- driver
     def geometry(self, prompt_len: int) -> Geometry:
-        """Clamped window/sink and the two per-head budgets for a prompt of ``N`` tokens."""
+        """Window and sink clamped to the head budget, and the two per-head budgets, for a
+        prompt of ``N`` tokens."""
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
-        window = min(self.window, prompt_len)
-        sink = min(self.sink, prompt_len - window)
-        first, end = retrievable_chunk_range(prompt_len, sink, window, self.chunk_size)
         head_budget = uniform_head_budget(prompt_len, self.budget, self.budget_tokens)
-        k = self.chunks_per_step(prompt_len, sink, window, head_budget)
+        window = min(self.window, head_budget)
+        sink = min(self.sink, head_budget - window)
+        share = math.floor(self.dynamic_window_share * head_budget + 1e-9)
+        dynamic_window = min(window, max(1, share))
+        first, end = retrievable_chunk_range(prompt_len, sink, dynamic_window, self.chunk_size)
+        k = self.chunks_per_step(prompt_len, sink, dynamic_window, head_budget)
         return Geometry(
             prompt_len=prompt_len,
             window=window,
             sink=sink,
+            dynamic_window=dynamic_window,
             head_budget=head_budget,
             top_k_chunks=k,
-            dynamic_budget=dynamic_head_budget(prompt_len, sink, window, self.chunk_size, k),
+            dynamic_budget=dynamic_head_budget(
+                prompt_len, sink, dynamic_window, self.chunk_size, k
+            ),
             retrievable_chunks=end - first,
         )
 
@@ -301,7 +321,7 @@ class CompressionPolicy:
             focus_sets = torch.stack([o.focus_set for o in obs])  # type: ignore[misc]
         kept = self.select(scores, is_text.to(scores.device), budgets, geo, focus_sets)
         kept[dynamic.reshape(-1)] = resident_mask(
-            n, geo.sink, geo.window, self.chunk_size, scores.device
+            n, geo.sink, geo.dynamic_window, self.chunk_size, scores.device
         )
 
         model_stats = None
@@ -344,9 +364,10 @@ class CompressionPolicy:
             chunk_size=self.chunk_size,
             top_k_chunks=geo.top_k_chunks,
             sink=geo.sink,
-            window=geo.window,
+            window=geo.dynamic_window,
             policy=self.name,
             merge_evicted=self.merges_evicted,
+            head_budget=geo.head_budget,
             model_stats=model_stats,
         )
 

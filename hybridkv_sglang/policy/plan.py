@@ -20,6 +20,10 @@ from hybridkv_sglang.policy.chunk_retrieval import (
 )
 
 
+OVER_BUDGET_SLACK = 0.005
+"""A request reading more than its budget fraction plus this is reported as over budget."""
+
+
 @dataclass(frozen=True)
 class CompressionPlan:
     """One request's compression decisions for every (layer, kv head)."""
@@ -48,14 +52,16 @@ class CompressionPlan:
     chunk_size: int
     top_k_chunks: int
     sink: int = 0
-    """Sink actually kept (clamped so that ``sink + window <= N``)."""
+    """Sink actually kept (clamped so that ``sink + window <= b_mean``)."""
     window: int = 0
-    """Observation window actually kept (clamped to ``N``)."""
+    """Window actually kept (clamped to ``b_mean``; the observation may have used more rows)."""
     policy: str = "hybridkv"
     """Name of the policy that made the plan (a key of ``POLICIES``)."""
     merge_evicted: bool = False
     """Static heads' evicted KV is to be merged into their kept KV (LOOK-M); only compact
     storage can hold merged KV."""
+    head_budget: int | None = None
+    """``b_mean``, the per-head entries the request is entitled to (``None``: not recorded)."""
     model_stats: dict[str, Any] | None = None
     """:meth:`stats` of the plan over all the model's kv heads when this plan is one
     tensor-parallel rank's share of it (``None``: this plan covers every head)."""
@@ -159,7 +165,9 @@ class CompressionPlan:
         """Plain numbers for logs and metrics.
 
         ``read_fraction`` is the fraction of the dense prompt KV read per decode step:
-        ``(static kept + n_dyn · b_dyn) / (L · H_kv · N)``.
+        ``(static kept + n_dyn · b_dyn) / (L · H_kv · N)``; ``budget_fraction`` the fraction the
+        request is entitled to (``b_mean / N``), and ``over_budget`` says it read more than that
+        plus half a point (``OVER_BUDGET_SLACK``).
         """
         counts = self.kept_counts()
         dyn = self.is_dynamic
@@ -167,6 +175,8 @@ class CompressionPlan:
         static_kept = int(counts[~dyn].sum())
         dense = self.num_rows * self.prompt_len
         read = static_kept + n_dyn * self.dynamic_read_per_step()
+        read_fraction = read / dense if dense else 0.0
+        budget_fraction = 1.0 if self.head_budget is None else self.head_budget / self.prompt_len
         return {
             "policy": self.policy,
             "prompt_len": self.prompt_len,
@@ -178,7 +188,9 @@ class CompressionPlan:
             "kept_entries_static": static_kept,
             "kept_entries_dynamic": int(counts[dyn].sum()),
             "read_entries_per_step": read,
-            "read_fraction": read / dense if dense else 0.0,
+            "read_fraction": read_fraction,
+            "budget_fraction": budget_fraction,
+            "over_budget": read_fraction > budget_fraction + OVER_BUDGET_SLACK,
             "dense_entries": dense,
             "plan_digest": self.digest(),
         }

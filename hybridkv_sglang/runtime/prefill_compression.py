@@ -68,6 +68,8 @@ class PrefillOutcome:
             kept_entries=self.plan_stats.get("kept_entries", 0),
             prompt_entries=self.plan_stats.get("dense_entries", 0),
             read_fraction=1.0 if self.layout is None else self.plan_stats["read_fraction"],
+            budget_fraction=1.0 if self.layout is None else self.plan_stats["budget_fraction"],
+            over_budget=self.layout is not None and self.plan_stats["over_budget"],
             window_rows=self.window_rows,
             extra={
                 "policy": self.plan_stats.get("policy"),

@@ -46,6 +46,8 @@ class RequestStats:
     kept_entries: int = 0
     prompt_entries: int = 0
     read_fraction: float = 1.0
+    budget_fraction: float = 1.0
+    over_budget: bool = False
     window_rows: int = 0
     decode_steps: int = 0
     storage: str = "in_place"
@@ -118,6 +120,7 @@ class HybridKVStats:
             totals["compressed_requests"] += 1
             totals["kept_entries"] += record.kept_entries
             totals["prompt_entries"] += record.prompt_entries
+            totals["over_budget_requests"] += int(record.over_budget)
         else:
             totals[f"dense_{record.dense_reason}"] += 1
         metrics = self.metrics

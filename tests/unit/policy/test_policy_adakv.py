@@ -74,11 +74,12 @@ def test_concentrated_heads_get_less_than_spread_heads() -> None:
     assert torch.all(plan.budgets[:, 0] < 60) and torch.all(plan.budgets[:, 3] > 60)
 
 
-def test_budget_below_the_floor_keeps_the_floor() -> None:
+def test_budget_below_the_floor_scales_the_floor_down() -> None:
     plan = _finalize(_scores(0), budget=0.1, sink=4, window=32)  # b_mean 20 < 36
-    assert torch.all(plan.budgets == 36)
+    assert torch.all(plan.budgets == 20)
+    assert (plan.sink, plan.window) == (0, 20)
     for h in range(HKV):
-        assert plan.kept_positions_of(1, h).tolist() == [*range(4), *range(N - 32, N)]
+        assert plan.kept_positions_of(1, h).tolist() == list(range(N - 20, N))
 
 
 @pytest.mark.parametrize(

@@ -68,14 +68,16 @@ def test_plan_keeps_sink_window_then_outliers(budget: float) -> None:
         q = torch.randn(32, 2 * heads, 16)
         obs.append(policy.observe_layer(layer, q, keys, 0.25, values))
     plan = policy.finalize(obs, torch.ones(n, dtype=torch.bool))
-    b = max(int(budget * n), 36)
-    floor = sink_window_mask(n, 4, 32, "cpu")
+    b = int(budget * n)  # the floor scales down to b: window 15, no sink at 5 %
+    window = min(32, b)
+    sink = min(4, b - window)
+    floor = sink_window_mask(n, sink, window, "cpu")
     assert not plan.has_dynamic and torch.all(plan.budgets == b)
     for layer in range(layers):
         for h in range(heads):
             kept = plan.kept_positions_of(layer, h).long()
             rest = torch.where(floor, -1.0, obs[layer].scores[h])
-            top = set(rest.topk(b - 36).indices.tolist()) if b > 36 else set()
+            top = set(rest.topk(b - sink - window).indices.tolist())
             assert set(kept.tolist()) == top | set(floor.nonzero().flatten().tolist())
             if b >= 36 + len(outliers):
                 assert set(outliers) <= set(kept.tolist())

@@ -196,17 +196,57 @@ def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) 
     b_mean = uniform_head_budget(n, budget, None)
     plan = _plan("hybridkv", n=n, budget=budget, **TUNED)
     _check_contract(plan)
+    window = min(32, b_mean)
     prefix_end, tail_start = plan.resident_bounds()
-    assert plan.sink == 0 and prefix_end == 0 and 32 <= n - tail_start < 32 + 4
+    assert plan.sink == 0 and prefix_end == 0 and window <= n - tail_start < window + 4
     assert plan.top_k_chunks == max(1, fits)
-    if b_mean < 32:  # the window alone is over budget: every head keeps exactly the window
-        assert not plan.has_dynamic and torch.all(plan.budgets == 32)
+    if b_mean < 32:  # the window scales down to b_mean: every head keeps exactly the window
+        assert not plan.has_dynamic and torch.all(plan.budgets == b_mean)
+        assert plan.stats()["read_fraction"] <= budget + 1e-9
         return
     assert int(plan.budgets.sum()) <= b_mean * L * HKV
     assert plan.stats()["read_fraction"] <= budget + 1e-9
     assert plan.dynamic_read_per_step() == n - tail_start + max(1, fits) * 4
     if fits:
         assert plan.has_dynamic and plan.dynamic_read_per_step() <= b_mean
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("budget", [0.02, 0.05, 0.1])
+@pytest.mark.parametrize("n", [150, 340, 700])
+@pytest.mark.parametrize("dynamic_window_share", [1.0, 0.25])
+def test_no_policy_reads_more_than_its_budget(
+    name: str, budget: float, n: int, dynamic_window_share: float
+) -> None:
+    """Floors (sink, window, the dynamic heads' resident set) scale down with the budget: at
+    every budget a request reads at most ``b_mean / N`` of its prompt per decode step."""
+    plan = _plan(
+        name, n=n, budget=budget, window=32, sink=4, dynamic_window_share=dynamic_window_share
+    )
+    _check_contract(plan)
+    stats = plan.stats()
+    b_mean = uniform_head_budget(n, budget, None)
+    assert stats["budget_fraction"] == b_mean / n
+    assert stats["read_entries_per_step"] <= b_mean * L * HKV
+    assert not stats["over_budget"]
+    assert plan.sink + plan.window <= b_mean
+
+
+def test_dynamic_window_share_buys_retrieval_under_a_tight_budget() -> None:
+    """At b_mean 20 the whole window leaves a dynamic head nothing to retrieve; a quarter of the
+    budget as its resident window leaves three 4-token chunks, while static heads keep the
+    window."""
+    tight = {"n": 400, "budget": 0.05, "max_dynamic_fraction": 1.0, **TUNED}
+    assert not _plan("hybridkv", **tight).has_dynamic
+    plan = _plan("hybridkv", dynamic_window_share=0.25, **tight)
+    _check_contract(plan)
+    assert plan.has_dynamic and plan.window == 5 and plan.top_k_chunks == 3
+    prefix_end, tail_start = plan.resident_bounds()
+    assert (prefix_end, 400 - tail_start) == (0, 8)
+    assert plan.dynamic_read_per_step() == 20
+    for layer, head in (~plan.is_dynamic).nonzero().tolist():
+        assert plan.kept_positions_of(layer, head).tolist() == list(range(380, 400))
+    assert plan.stats()["read_fraction"] <= 0.05 + 1e-9
 
 
 def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
@@ -266,14 +306,17 @@ def test_selected_attention_differs_when_compressed() -> None:
     assert (sel - full).norm() > 1e-3 * full.norm()
 
 
-def test_window_longer_than_prompt_is_clamped() -> None:
-    policy = build_policy("hybridkv", budget=0.5, window=32, sink=4)
+@pytest.mark.parametrize("budget,window,sink", [(1.0, 10, 0), (0.5, 5, 0), (0.1, 1, 0)])
+def test_window_and_sink_are_clamped_to_the_head_budget(
+    budget: float, window: int, sink: int
+) -> None:
+    policy = build_policy("hybridkv", budget=budget, window=32, sink=4)
     n = 10
     gen = torch.Generator().manual_seed(0)
     obs = policy.observe_layer(0, torch.randn(10, 2, 8, generator=gen), torch.randn(n, 1, 8), 1.0)
     plan = policy.finalize([obs], torch.ones(n, dtype=torch.bool))
-    assert (plan.window, plan.sink) == (10, 0)
-    assert plan.kept_positions.tolist() == list(range(10))
+    assert (plan.window, plan.sink) == (window, sink)
+    assert plan.kept_positions.tolist() == list(range(n - window, n))
 
 
 def test_layer_helpers_agree_with_rows() -> None:
