@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridkv_sglang.policy import build_policy
+from hybridkv_sglang.policy.classify import dynamic_fraction_cap
 
 ENV_VAR = "HYBRIDKV_CONFIG"
 REQUEST_PARAMS_KEY = "hybridkv"
@@ -36,6 +37,7 @@ PolicyName = Literal[
 StorageMode = Literal["in_place", "compact"]
 StaticPriority = Literal["text", "focus"]
 DynamicTopK = Literal["fixed", "budget"]
+DynamicCap = Literal["fixed", "budget"]
 DecodeKernel = Literal["auto", "triton", "torch"]
 
 
@@ -74,7 +76,9 @@ class HybridKVConfig(BaseModel):
     chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
     max_dynamic_fraction: float = Field(
-        0.5, description="cap on the fraction of (layer, kv head) pairs classified dynamic"
+        0.5,
+        description="cap on the fraction of (layer, kv head) pairs classified dynamic (at a 10% "
+        "budget when dynamic_cap is budget)",
     )
     pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
     static_priority: StaticPriority = Field(
@@ -90,10 +94,16 @@ class HybridKVConfig(BaseModel):
         "chunk) or fixed (top_k_chunks whatever the budget, the design)",
     )
     dynamic_window_share: float = Field(
-        1.0,
+        0.25,
         description="share of the per-head budget a dynamic head's resident window may take "
-        "(at most `window`); the rest retrieves chunks. 1.0: the whole window, as static heads; "
-        "smaller shares let dynamic heads retrieve under tight budgets",
+        "(at most `window`); the rest retrieves chunks. 1.0: the static heads' window, which "
+        "under tight budgets leaves dynamic heads nothing to retrieve",
+    )
+    dynamic_cap: DynamicCap = Field(
+        "budget",
+        description="budget: at most max_dynamic_fraction of the heads are dynamic at a 10% "
+        "budget, more (up to all) as the budget tightens, in inverse proportion; fixed: "
+        "max_dynamic_fraction at every budget (the design)",
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")
@@ -170,7 +180,15 @@ class HybridKVConfig(BaseModel):
         "static_priority",
         "dynamic_top_k",
         "dynamic_window_share",
+        "dynamic_cap",
     )
+
+    def most_dynamic_fraction(self) -> float:
+        """The largest share of dynamic heads a request at the server's budget can have (sizes
+        the chunk-bound pools); an absolute ``budget_tokens`` may be any fraction of a prompt."""
+        if self.budget_tokens is not None and self.dynamic_cap == "budget":
+            return 1.0 if self.max_dynamic_fraction > 0 else 0.0
+        return dynamic_fraction_cap(self.max_dynamic_fraction, self.budget, self.dynamic_cap)
 
     def policy_values(self) -> dict[str, Any]:
         """The policy's hyper-parameters as plain values (policies never see this object)."""

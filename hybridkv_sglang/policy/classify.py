@@ -13,6 +13,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+CAP_REFERENCE_BUDGET = 0.1
+"""The budget fraction at which a budget-scaled cap equals ``max_dynamic_fraction``."""
+DYNAMIC_CAPS = ("fixed", "budget")
+
+
+def dynamic_fraction_cap(max_dynamic_fraction: float, budget_fraction: float, mode: str) -> float:
+    """The share of heads that may be dynamic in a request entitled to ``budget_fraction``.
+
+    ``"fixed"``: ``max_dynamic_fraction`` at every budget (the design). ``"budget"``:
+    ``max_dynamic_fraction`` at a 10 % budget, growing in inverse proportion as the budget
+    tightens (at most every head): a static head keeps what the prefill window pointed at, and
+    the smaller its budget the more of what later decode steps need it misses, while a dynamic
+    head re-selects chunks at every step for the same read (``docs/quality-diagnosis.md``).
+    """
+    if mode not in DYNAMIC_CAPS:
+        raise ValueError(f"dynamic_cap must be one of {DYNAMIC_CAPS}, got {mode!r}")
+    if mode == "fixed" or budget_fraction <= 0:
+        return max_dynamic_fraction
+    return min(1.0, max_dynamic_fraction * CAP_REFERENCE_BUDGET / budget_fraction)
+
 
 @dataclass(frozen=True)
 class FocusClassifier:

@@ -34,7 +34,7 @@ from hybridkv_sglang.policy.chunk_retrieval import (
     resident_mask,
     retrievable_chunk_range,
 )
-from hybridkv_sglang.policy.classify import FocusClassifier
+from hybridkv_sglang.policy.classify import DYNAMIC_CAPS, FocusClassifier, dynamic_fraction_cap
 from hybridkv_sglang.policy.head_stats import HeadStatsReducer
 from hybridkv_sglang.policy.plan import CompressionPlan
 from hybridkv_sglang.policy.selection import mask_to_csr
@@ -131,6 +131,14 @@ class CompressionPolicy:
             head's read within ``b_mean``, at least one chunk) or ``"fixed"`` (DESIGN §2: every
             dynamic head retrieves ``top_k_chunks``, the static heads pay the excess); see
             :meth:`chunks_per_step`. The two agree once ``b_mean`` pays ``top_k_chunks``.
+        dynamic_window_share: share of ``b_mean`` a dynamic head's resident window may take
+            (default a quarter; at most ``window``); the rest retrieves chunks. ``1.0`` gives
+            dynamic heads the static heads' window, which under tight budgets leaves them nothing
+            to retrieve.
+        dynamic_cap: ``"budget"`` (default: the share of dynamic heads is
+            ``max_dynamic_fraction`` at a 10 % budget and grows as the budget tightens) or
+            ``"fixed"`` (``max_dynamic_fraction`` at every budget, the design); see
+            :func:`~hybridkv_sglang.policy.classify.dynamic_fraction_cap`.
     """
 
     name: ClassVar[str] = "base"
@@ -153,7 +161,8 @@ class CompressionPolicy:
     pool_kernel: int = 7
     static_priority: str = "focus"
     dynamic_top_k: str = "budget"
-    dynamic_window_share: float = 1.0
+    dynamic_window_share: float = 0.25
+    dynamic_cap: str = "budget"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -169,6 +178,8 @@ class CompressionPolicy:
         for field in ("window", "chunk_size", "top_k_chunks", "pool_kernel"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.dynamic_cap not in DYNAMIC_CAPS:
+            raise ValueError(f"dynamic_cap must be one of {DYNAMIC_CAPS}, got {self.dynamic_cap!r}")
         if not 0.0 < self.dynamic_window_share <= 1.0:
             raise ValueError(
                 f"dynamic_window_share must be in (0, 1], got {self.dynamic_window_share}"
@@ -364,7 +375,7 @@ class CompressionPolicy:
             chunk_size=self.chunk_size,
             top_k_chunks=geo.top_k_chunks,
             sink=geo.sink,
-            window=geo.dynamic_window,
+            window=geo.dynamic_window if bool(dynamic.any()) else geo.window,
             policy=self.name,
             merge_evicted=self.merges_evicted,
             head_budget=geo.head_budget,
@@ -424,7 +435,10 @@ class HybridKVPolicy(CompressionPolicy):
     name: ClassVar[str] = "hybridkv"
 
     def classify(self, focus: Tensor, geo: Geometry) -> Tensor:
-        return FocusClassifier(self.max_dynamic_fraction).classify(focus, geo.head_budget)
+        cap = dynamic_fraction_cap(
+            self.max_dynamic_fraction, geo.head_budget / geo.prompt_len, self.dynamic_cap
+        )
+        return FocusClassifier(cap).classify(focus, geo.head_budget)
 
 
 def __getattr__(attr: str) -> object:

@@ -19,7 +19,6 @@ from hybridkv_sglang.policy.chunk_retrieval import (
     retrievable_chunk_range,
 )
 
-
 OVER_BUDGET_SLACK = 0.005
 """A request reading more than its budget fraction plus this is reported as over budget."""
 
@@ -54,7 +53,8 @@ class CompressionPlan:
     sink: int = 0
     """Sink actually kept (clamped so that ``sink + window <= b_mean``)."""
     window: int = 0
-    """Window actually kept (clamped to ``b_mean``; the observation may have used more rows)."""
+    """Window the dynamic heads keep resident; in a plan without dynamic heads, the window the
+    static heads keep (each clamped to ``b_mean``; the observation may have used more rows)."""
     policy: str = "hybridkv"
     """Name of the policy that made the plan (a key of ``POLICIES``)."""
     merge_evicted: bool = False

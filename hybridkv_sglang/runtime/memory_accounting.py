@@ -25,7 +25,7 @@ def pool_sizing(config: HybridKVConfig) -> PoolSizing:
     the per-token count both come from here)."""
     return PoolSizing.of(
         config.decode_metadata_fraction,
-        config.max_dynamic_fraction,
+        config.most_dynamic_fraction(),
         config.chunk_size,
         config.storage,
         config.budget,

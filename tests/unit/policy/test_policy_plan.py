@@ -14,6 +14,9 @@ from hybridkv_sglang.policy import (
     dynamic_head_budget,
     uniform_head_budget,
 )
+from hybridkv_sglang.policy.classify import (
+    dynamic_fraction_cap,
+)
 
 L, HKV, G, D = 3, 4, 2, 16
 
@@ -141,7 +144,7 @@ def test_all_static_and_all_dynamic_types() -> None:
 
 @pytest.mark.parametrize(
     "n,budget,k",
-    [(400, 0.2, 2), (400, 0.5, 9), (400, 1.0, 22), (1200, 0.1, 4), (1200, 0.05, 0), (400, 0.1, 0)],
+    [(400, 0.2, 2), (400, 0.5, 9), (400, 1.0, 22), (1200, 0.1, 4), (1200, 0.05, 1), (400, 0.1, 0)],
 )
 def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> None:
     """Equal-budget ablation: a dynamic head reads <= b_mean, at most one chunk short of it."""
@@ -189,12 +192,14 @@ TUNED = {  # docs/quality-diagnosis.md's configuration for the tile-task model
     [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 22), (1200, 0.2, 52)],
 )
 def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) -> None:
-    """No sink, 4-token chunks: the resident set is the window rounded out to a chunk border
-    (nothing before it); a dynamic head retrieves the ``fits`` chunks within b_mean (at least
-    one, then the static heads pay for it), and the request reads at most B whenever B pays
-    every head's window."""
+    """No sink, 4-token chunks, dynamic heads with the static heads' window: the resident set is
+    the window rounded out to a chunk border (nothing before it); a dynamic head retrieves the
+    ``fits`` chunks within b_mean (at least one, then the static heads pay for it), and the
+    request reads at most B."""
     b_mean = uniform_head_budget(n, budget, None)
-    plan = _plan("hybridkv", n=n, budget=budget, **TUNED)
+    plan = _plan(
+        "hybridkv", n=n, budget=budget, dynamic_window_share=1.0, dynamic_cap="fixed", **TUNED
+    )
     _check_contract(plan)
     window = min(32, b_mean)
     prefix_end, tail_start = plan.resident_bounds()
@@ -234,10 +239,10 @@ def test_no_policy_reads_more_than_its_budget(
 
 def test_dynamic_window_share_buys_retrieval_under_a_tight_budget() -> None:
     """At b_mean 20 the whole window leaves a dynamic head nothing to retrieve; a quarter of the
-    budget as its resident window leaves three 4-token chunks, while static heads keep the
-    window."""
+    budget as its resident window (the default) leaves three 4-token chunks, while static heads
+    keep the window."""
     tight = {"n": 400, "budget": 0.05, "max_dynamic_fraction": 1.0, **TUNED}
-    assert not _plan("hybridkv", **tight).has_dynamic
+    assert not _plan("hybridkv", dynamic_window_share=1.0, **tight).has_dynamic
     plan = _plan("hybridkv", dynamic_window_share=0.25, **tight)
     _check_contract(plan)
     assert plan.has_dynamic and plan.window == 5 and plan.top_k_chunks == 3
@@ -409,3 +414,19 @@ def test_policy_package_does_not_import_sglang() -> None:
 
     code = "import sys, hybridkv_sglang.policy; assert 'sglang' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("budget,cap", [(0.2, 0.25), (0.1, 0.5), (0.05, 1.0), (0.02, 1.0)])
+def test_budget_scaled_cap_lets_more_heads_retrieve_as_the_budget_tightens(
+    budget: float, cap: float
+) -> None:
+    """dynamic_cap='budget' (the default): max_dynamic_fraction 0.5 at 10 %, in inverse
+    proportion to the budget elsewhere (at most every head); 'fixed' keeps 0.5."""
+    assert dynamic_fraction_cap(0.5, budget, "budget") == pytest.approx(cap)
+    assert dynamic_fraction_cap(0.5, budget, "fixed") == 0.5
+    plan = _plan("hybridkv", n=1200, budget=budget, **TUNED)
+    assert int(plan.is_dynamic.sum()) <= int(cap * L * HKV + 1e-9)
+    fixed = _plan("hybridkv", n=1200, budget=budget, dynamic_cap="fixed", **TUNED)
+    assert int(fixed.is_dynamic.sum()) <= L * HKV // 2
+    if budget < 0.1:
+        assert int(plan.is_dynamic.sum()) > int(fixed.is_dynamic.sum())
