@@ -794,17 +794,18 @@ def summarize(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"{'config':<18} {'budget':>6} {'accuracy':>8} {'95% interval':>14} {'read frac':>9} "
-        f"{'decode tok':>10} {'questions':>9}",
-        "-" * 80,
+        f"{'over':>4} {'decode tok':>10} {'questions':>9}",
+        "-" * 85,
     ]
     for row in rows:
         budget = "-" if row["budget"] is None else f"{row['budget']:.0%}"
         read = "-" if row["mean_read_fraction"] is None else f"{row['mean_read_fraction']:.3f}"
         low, high = row["ci95"]
         token = row.get("decode_token_accuracy")
+        over = row.get("over_budget_requests")
         lines.append(
             f"{row['config']:<18} {budget:>6} {row['accuracy']:>8.1%} "
-            f"{f'{low:.1%}-{high:.1%}':>14} {read:>9} "
+            f"{f'{low:.1%}-{high:.1%}':>14} {read:>9} {'-' if over is None else over:>4} "
             f"{'-' if token is None else f'{token:.1%}':>10} {row['questions']:>9}"
         )
     return "\n".join(lines)
@@ -813,15 +814,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"{'a':<18} {'b':<18} {'a - b':>7} {'95% interval':>16} {'a only':>6} {'b only':>6} "
-        f"{'McNemar p':>9}",
-        "-" * 86,
+        f"{'McNemar p':>9} {'read gap':>8}",
+        "-" * 95,
     ]
     for c in comparisons:
         low, high = c["ci95"]
+        gap = c.get("max_read_fraction_gap")
         lines.append(
             f"{c['a']:<18} {c['b']:<18} {c['difference']:>+7.1%} "
             f"{f'{low:+.1%} {high:+.1%}':>16} {c['a_only']:>6} {c['b_only']:>6} "
-            f"{c['p_mcnemar']:>9.3g}"
+            f"{c['p_mcnemar']:>9.3g} {'-' if gap is None else f'{gap:.3f}':>8}"
         )
     return "\n".join(lines)
 

@@ -45,7 +45,7 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -593,6 +593,57 @@ def where_the_model_looks(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def failure_analysis(records: list[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """Per config: where its wrong answers are, and what their value step read.
+
+    For the failing questions (and, beside them, the passing ones): count by kind and K; at the
+    value step, the share of the asked tile's 4 tokens read (*coverage*) and of the full cache's
+    attention mass on them kept (*target recall*), on static and on dynamic heads apart; the
+    recall of the whole prompt's mass; and what the top-down split gave dynamic heads (how many,
+    entries read per step, chunks retrieved per step).
+    """
+    out: dict[str, Any] = {}
+    for label in labels:
+        got = [(r, r["configs"][label]) for r in records if label in r["configs"]]
+        got = [(r, c) for r, c in got if c["steps"]]
+        if not got:
+            continue
+        entry: dict[str, Any] = {}
+        for outcome, want in (("failing", False), ("passing", True)):
+            part = [(r, c) for r, c in got if bool(c["correct"]) is want]
+            if not part:
+                entry[outcome] = {"questions": 0}
+                continue
+            dyn = torch.tensor([c["dynamic"] for _, c in part], dtype=torch.bool)  # [Q, L, H]
+            value = [c["steps"][0] for _, c in part]
+            cov = torch.tensor([s["target_coverage"] for s in value])
+            t_rec = torch.tensor([s["target_recall"] for s in value])
+            budgets = torch.tensor([c["budgets"] for _, c in part]).double()
+
+            def on(x: Tensor, mask: Tensor) -> float | None:
+                return float(x[mask].mean()) if bool(mask.any()) else None
+
+            entry[outcome] = {
+                "questions": len(part),
+                "by_kind": dict(Counter(r["kind"] for r, _ in part)),
+                "by_k": {str(k): n for k, n in sorted(Counter(r["k"] for r, _ in part).items())},
+                "value_step_recall": float(torch.tensor([s["recall"] for s in value]).mean()),
+                "target_coverage_static": on(cov, ~dyn),
+                "target_coverage_dynamic": on(cov, dyn),
+                "target_recall_static": on(t_rec, ~dyn),
+                "target_recall_dynamic": on(t_rec, dyn),
+                "target_coverage_by_head": cov.mean(0).tolist(),
+                "dynamic_heads_mean": float(dyn.sum((1, 2)).double().mean()),
+                "dynamic_read_per_step_mean": on(budgets, dyn),
+                "static_read_per_step_mean": on(budgets, ~dyn),
+                "top_k_chunks_mean": _mean(
+                    [c["top_k_chunks"] for _, c in part if any(any(row) for row in c["dynamic"])]
+                ),
+            }
+        out[label] = entry
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Plot
 
@@ -711,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_accuracy": _mean([int(r["full_correct"]) for r in records]),
         "classification": classification_summary(records, args.budgets),
         "full_attention": where_the_model_looks(records),
+        "failures": failure_analysis(records, labels),
         "rows": rows,
         "per_question": [
             {
