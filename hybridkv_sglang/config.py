@@ -77,8 +77,8 @@ class HybridKVConfig(BaseModel):
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
     max_dynamic_fraction: float = Field(
         0.5,
-        description="cap on the fraction of (layer, kv head) pairs classified dynamic (at a 10% "
-        "budget when dynamic_cap is budget)",
+        description="cap on the fraction of (layer, kv head) pairs classified dynamic (at budget "
+        "0.1 when dynamic_cap is budget)",
     )
     pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
     static_priority: StaticPriority = Field(
@@ -101,8 +101,8 @@ class HybridKVConfig(BaseModel):
     )
     dynamic_cap: DynamicCap = Field(
         "budget",
-        description="budget: at most max_dynamic_fraction of the heads are dynamic at a 10% "
-        "budget, more (up to all) as the budget tightens, in inverse proportion; fixed: "
+        description="budget: at most max_dynamic_fraction of the heads are dynamic at budget "
+        "0.1, more (up to all) as the budget tightens, in inverse proportion; fixed: "
         "max_dynamic_fraction at every budget (the design)",
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")

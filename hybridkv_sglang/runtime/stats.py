@@ -120,7 +120,8 @@ class HybridKVStats:
             totals["compressed_requests"] += 1
             totals["kept_entries"] += record.kept_entries
             totals["prompt_entries"] += record.prompt_entries
-            totals["over_budget_requests"] += int(record.over_budget)
+            if record.over_budget:
+                totals["over_budget_requests"] += 1
         else:
             totals[f"dense_{record.dense_reason}"] += 1
         metrics = self.metrics

@@ -21,15 +21,21 @@ def _kvc(backend: str) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(
-    ("config", "bounds_factor"),
-    [(HybridKVConfig(), 1.0), (HybridKVConfig(storage="compact", budget=0.2), 5.0)],
+    ("config", "bound_fraction"),
+    [
+        (HybridKVConfig(), 0.5),  # at most half the heads dynamic at 10 %
+        (HybridKVConfig(budget=0.05), 1.0),  # the budget-scaled cap: every head at 5 %
+        (HybridKVConfig(budget=0.05, dynamic_cap="fixed"), 0.5),
+        # compact requests hold up to 1 / budget prompts per pool entry; a quarter dynamic at 20 %
+        (HybridKVConfig(storage="compact", budget=0.2), 0.25 * 5.0),
+    ],
 )
-def test_pools_add_their_bytes_per_kv_token(monkeypatch, config, bounds_factor):
+def test_pools_add_their_bytes_per_kv_token(monkeypatch, config, bound_fraction):
     monkeypatch.setenv(ENV_VAR, config.to_env())
     kv_bytes = 4 * 28 * (128 + 128) * 2  # Qwen2.5-VL-7B: 4 kv heads, 28 layers, bf16
     with get_parallel().override(attn_tp_size=1):
         got = add_decode_metadata_bytes(kv_bytes, None, _kvc("hybridkv"), 28)
         stock = add_decode_metadata_bytes(kv_bytes, None, _kvc("flashinfer"), 28)
-    bound = (2 * 128 * 2 + 8) * 0.5 / 16 * bounds_factor
+    bound = (2 * 128 * 2 + 8) * bound_fraction / 16
     assert got - kv_bytes == pytest.approx(4 * 28 * (4 + bound), abs=1)
     assert stock == kv_bytes

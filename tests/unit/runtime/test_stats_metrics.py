@@ -160,3 +160,17 @@ def test_kv_entry_bytes_of_sglang_pool(dtype, head_dim, v_head_dim):
     assert per_entry == (head_dim + (v_head_dim or head_dim)) * dtype.itemsize
     slots = pool.get_key_buffer(0).shape[0]  # the pool's padding slot included
     assert per_entry * slots * heads * layers == sum(pool.get_kv_size_bytes())
+
+
+def test_a_request_over_its_budget_is_counted_as_such(stats):
+    """A plan reading more than its budget fraction plus half a point is counted; others are
+    not (the key appears only once one is over)."""
+    within, over = _record("within"), _record("over")
+    within.budget_fraction, over.budget_fraction = 0.1, 0.05
+    over.over_budget = True
+    for record in (within, over):
+        stats.record_prefill_end(record)
+        stats.record_release(record.rid, decode_steps=3, prefill_only=False)
+    seen = stats.snapshot()
+    assert seen["totals"]["over_budget_requests"] == 1
+    assert seen["requests"]["over"]["over_budget"] and not seen["requests"]["within"]["over_budget"]
