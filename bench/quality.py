@@ -1002,7 +1002,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="results JSON of an earlier run on the same questions: this run's rows join (or "
         "replace, by name) its rows and the file is rewritten (use with --full none)",
     )
+    parser.add_argument(
+        "--join",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="run nothing: add the rows of these results or .partial.json files (written after "
+        "each row of a run, so a run stopped early keeps what it finished) to --add-to",
+    )
     args = parser.parse_args(argv)
+    if args.join and not args.add_to:
+        parser.error("--join needs --add-to: the results file the rows join")
     args.server_args = args.server_args.split()
     return args
 
@@ -1028,7 +1039,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         raise SystemExit("no cases to evaluate")
 
-    if args.url:
+    dataset = {"source": source, **dataset_summary(cases)}
+    joined = [row for path in args.join for row in saved_rows(path, dataset)]
+    if args.join:
+        configs: list[EvalConfig] = []  # nothing to run: the rows come from --join
+    elif args.url:
         label = args.label.split("@")[0]
         configs = [EvalConfig(args.label, label, label, args.label_budget, None)]
     else:
@@ -1068,6 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return row, results
 
+    out = args.add_to.with_suffix("") if args.add_to else args.out
+    partial = out.with_name(out.name + ".partial.json")
     done: dict[int, tuple[dict[str, Any], list[TurnResult]]] = {}
     with (
         ServerPipeline(args, ahead=ahead, parallel=parallel) as pipeline,
@@ -1078,7 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
         for future in concurrent.futures.as_completed(futures):
             done[futures[future]] = future.result()
             bar.update()
-    rows = [done[i][0] for i in range(len(configs))]
+            save_partial(partial, [row for row, _ in done.values()], dataset)
+    rows = joined + [done[i][0] for i in range(len(configs))]
     reference = next((done[i][1] for i, c in enumerate(configs) if c.method == "full"), None)
     for i, config in enumerate(configs):
         row, results = done[i]
@@ -1089,9 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.perf_counter() - total_started
     if args.add_to:
-        rows, total = rows_added_to(
-            args.add_to, rows, total, {"source": source, **dataset_summary(cases)}
-        )
+        rows, total = rows_added_to(args.add_to, rows, total, dataset)
     comparisons = paired_comparisons(rows)
     table = format_table(rows)
     comparison_table = format_comparisons(comparisons)
@@ -1108,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
         },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "dataset": {"source": source, **dataset_summary(cases)},
+        "dataset": dataset,
         "model": str(args.model),
         "total_seconds": round(total, 1),
         "rows": rows,
@@ -1116,14 +1132,32 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "comparison_table": comparison_table,
     }
-    out = args.add_to.with_suffix("") if args.add_to else args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     title = f"{Path(str(args.model)).name}: {source}"
     plot(rows, out.with_suffix(".png"), title)
+    partial.unlink(missing_ok=True)
     print(f"wrote {json_path} and {out.with_suffix('.png')}")
     return 0
+
+
+def save_partial(path: Path, rows: list[dict[str, Any]], dataset: dict[str, Any]) -> None:
+    """The rows finished so far, after each one: a run stopped early (a long CPU run, a session
+    that ends) keeps them, and ``--join`` adds them to a results file later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"dataset": dataset, "rows": rows}, indent=2) + "\n")
+
+
+def saved_rows(path: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a results or ``.partial.json`` file made on these questions."""
+    saved = json.loads(path.read_text())
+    if saved["dataset"] != json.loads(json.dumps(dataset)):  # as saved: tuples become lists
+        raise SystemExit(
+            f"{path}: its questions differ from this run's ({saved['dataset']['source']} vs "
+            f"{dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
+        )
+    return saved["rows"]
 
 
 def rows_added_to(
@@ -1134,13 +1168,8 @@ def rows_added_to(
     Paired comparisons need the same questions, so the earlier run's dataset must be this one.
     """
     saved = json.loads(path.read_text())
-    if saved["dataset"] != json.loads(json.dumps(dataset)):  # as saved: tuples become lists
-        raise SystemExit(
-            f"--add-to {path}: its questions differ from this run's ({saved['dataset']['source']} "
-            f"vs {dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
-        )
     names = {r["config"] for r in rows}
-    kept = [r for r in saved["rows"] if r["config"] not in names]
+    kept = [r for r in saved_rows(path, dataset) if r["config"] not in names]
     return kept + rows, saved["total_seconds"] + seconds
 
 

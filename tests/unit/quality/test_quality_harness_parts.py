@@ -319,3 +319,24 @@ def test_fine_tune_defaults(train_script):
     # Lists are evaluated only when trained: a from-scratch model is not scored on them.
     assert "list_name" in train_script.eval_kinds(tuned)
     assert train_script.eval_kinds(scratch) == train_script.qt.LEARNED_KINDS
+
+
+def test_partial_rows_of_a_stopped_run_join_a_results_file(quality_bench, tmp_path):
+    """Each finished row is saved at once; --join adds them to --add-to without running."""
+    dataset = {"source": "tile task, seed 1", "questions": 3}
+    partial = tmp_path / "run.partial.json"
+    quality_bench.save_partial(partial, [{"config": "snapkv@0.05"}], dataset)
+    assert quality_bench.saved_rows(partial, dataset) == [{"config": "snapkv@0.05"}]
+    with pytest.raises(SystemExit, match="questions differ"):
+        quality_bench.saved_rows(partial, {**dataset, "questions": 4})
+    with pytest.raises(SystemExit):
+        quality_bench.parse_args(["--join", str(partial)])  # needs --add-to
+    args = quality_bench.parse_args(["--join", str(partial), "--add-to", "q.json"])
+    assert args.join == [partial]
+
+
+def test_read_fraction_gap_is_per_question(quality_bench):
+    a = {"read_fractions": [0.05, 0.049, None, 0.047]}
+    b = {"read_fractions": [0.049, 0.049, 0.05, 0.05]}
+    assert quality_bench.read_fraction_gap(a, b) == pytest.approx(0.003)
+    assert quality_bench.read_fraction_gap(a, {}) is None
