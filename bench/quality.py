@@ -1123,7 +1123,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "device": args.device,
         },
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {
+            k: [str(x) for x in v] if k == "join" else str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+        },
         "dataset": dataset,
         "model": str(args.model),
         "total_seconds": round(total, 1),
