@@ -1086,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.add_to.with_suffix("") if args.add_to else args.out
     partial = out.with_name(out.name + ".partial.json")
     done: dict[int, tuple[dict[str, Any], list[TurnResult]]] = {}
+    failed: dict[str, str] = {}
     with (
         ServerPipeline(args, ahead=ahead, parallel=parallel) as pipeline,
         concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool,
@@ -1093,9 +1094,22 @@ def main(argv: list[str] | None = None) -> int:
     ):
         futures = {pool.submit(evaluate, i, pipeline): i for i in range(len(configs))}
         for future in concurrent.futures.as_completed(futures):
-            done[futures[future]] = future.result()
+            i = futures[future]
             bar.update()
+            try:
+                done[i] = future.result()
+            except (
+                Exception
+            ) as err:  # a server that died (out of memory, say): the other rows go on
+                failed[configs[i].name] = repr(err)
+                tqdm.write(f"{configs[i].name}: failed, row left out: {err!r}")
+                continue
             save_partial(partial, [row for row, _ in done.values()], dataset)
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} row(s) failed: {failed}; the finished rows are in {partial} "
+            "(--join them, run the failed ones again)"
+        )
     rows = joined + [done[i][0] for i in range(len(configs))]
     reference = next((done[i][1] for i, c in enumerate(configs) if c.method == "full"), None)
     for i, config in enumerate(configs):
