@@ -1098,9 +1098,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
             try:
                 done[i] = future.result()
-            except (
-                Exception
-            ) as err:  # a server that died (out of memory, say): the other rows go on
+            except Exception as err:
+                # a server that died (out of memory, say): the other rows go on
                 failed[configs[i].name] = repr(err)
                 tqdm.write(f"{configs[i].name}: failed, row left out: {err!r}")
                 continue

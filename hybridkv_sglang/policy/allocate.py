@@ -7,8 +7,8 @@ size: a head that looked at more keys needs more of them kept.
 
 Decisions this module pins (and tests check):
 
-* ``sink + window`` is every head's floor and is always kept. When ``B`` cannot pay for the floors
-  of all heads, every static head gets exactly the floor, so the request then keeps
+* ``sink + window`` is every static head's floor and is always kept. When ``B`` cannot pay for
+  the floors of all heads, every static head gets exactly the floor, so the request then keeps
   ``L × H_kv × (sink + w)`` entries, more than ``B``. This is the only case where budgets exceed
   ``B``, and policies never reach it: their geometry scales sink and window down to ``b_mean``.
 * When ``B`` cannot pay for the dynamic heads plus every static head's floor, the dynamic heads

@@ -18,7 +18,6 @@ arXiv:2604.05887): static heads pruned with a text prior, dynamic heads served b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -211,8 +210,9 @@ class CompressionPolicy:
         head_budget = uniform_head_budget(prompt_len, self.budget, self.budget_tokens)
         window = min(self.window, head_budget)
         sink = min(self.sink, head_budget - window)
-        share = math.floor(self.dynamic_window_share * head_budget + 1e-9)
-        dynamic_window = min(window, max(1, share))
+        dynamic_window = min(
+            window, uniform_head_budget(head_budget, self.dynamic_window_share, None)
+        )
         first, end = retrievable_chunk_range(prompt_len, sink, dynamic_window, self.chunk_size)
         k = self.chunks_per_step(prompt_len, sink, dynamic_window, head_budget)
         return Geometry(
