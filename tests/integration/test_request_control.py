@@ -40,6 +40,10 @@ def test_a_request_sets_its_own_budget(compressing_server):
     assert tighter["extra"]["budget"] == 0.05 and looser["extra"]["budget"] == 0.3
     assert all(r["compressed"] for r in (server_default, tighter, looser))
     assert tighter["kept_entries"] < server_default["kept_entries"] < looser["kept_entries"]
+    # Floors scale with the budget: each request reads at most what it is entitled to.
+    for record, budget in ((tighter, 0.05), (server_default, COMPRESSING.budget), (looser, 0.3)):
+        assert 0 < record["budget_fraction"] <= budget and not record["over_budget"]
+        assert record["read_fraction"] <= record["budget_fraction"] + 1e-9
 
 
 def test_a_request_turns_compression_off(compressing_server):
