@@ -74,7 +74,8 @@ def start_together(
     configs: dict[str, HybridKVConfig | None], logs: Path
 ) -> Iterator[dict[str, RunningServer]]:
     """One CPU server per configuration, started concurrently (start-up is mostly waiting on
-    imports and the model load, so two overlap well on two cores); all stopped on exit."""
+    imports and the model load, so two overlap well on two cores), yielded in ``configs``'s order
+    whichever came up first; all stopped on exit."""
     managers = {
         name: launch_server(
             MODEL, hybridkv=config, log_path=logs / f"{name.split('@')[0]}.log", **SERVER_KWARGS
@@ -98,7 +99,7 @@ def start_together(
             bar.close()
         if errors:
             raise errors[0]
-        yield servers
+        yield {name: servers[name] for name in configs}  # in the order asked, not the order up
 
 
 def ask(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, tag: str) -> Reply:
