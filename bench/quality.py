@@ -1040,7 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no cases to evaluate")
 
     dataset = {"source": source, **dataset_summary(cases)}
-    joined = [row for path in args.join for row in saved_rows(path, dataset)]
+    saved = [saved_run(path, dataset) for path in args.join]
+    joined = [row for rows, _ in saved for row in rows]
+    joined_seconds = sum(seconds for _, seconds in saved)
     if args.join:
         configs: list[EvalConfig] = []  # nothing to run: the rows come from --join
     elif args.url:
@@ -1103,7 +1105,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed[configs[i].name] = repr(err)
                 tqdm.write(f"{configs[i].name}: failed, row left out: {err!r}")
                 continue
-            save_partial(partial, [row for row, _ in done.values()], dataset)
+            save_partial(
+                partial,
+                [row for row, _ in done.values()],
+                dataset,
+                time.perf_counter() - total_started,
+            )
     if failed:
         raise SystemExit(
             f"{len(failed)} row(s) failed: {failed}; the finished rows are in {partial} "
@@ -1118,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
                 results, reference
             )
 
-    total = time.perf_counter() - total_started
+    total = time.perf_counter() - total_started + joined_seconds
     if args.add_to:
         rows, total = rows_added_to(args.add_to, rows, total, dataset)
     comparisons = paired_comparisons(rows)
@@ -1158,22 +1165,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_partial(path: Path, rows: list[dict[str, Any]], dataset: dict[str, Any]) -> None:
-    """The rows finished so far, after each one: a run stopped early (a long CPU run, a session
-    that ends) keeps them, and ``--join`` adds them to a results file later."""
+def save_partial(
+    path: Path, rows: list[dict[str, Any]], dataset: dict[str, Any], seconds: float
+) -> None:
+    """The rows finished so far, after each one, with the run's time so far: a run stopped early
+    (a long CPU run, a session that ends) keeps them, and ``--join`` adds them to a results file
+    later."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dataset": dataset, "rows": rows}, indent=2) + "\n")
+    saved = {"dataset": dataset, "total_seconds": round(seconds, 1), "rows": rows}
+    path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
-def saved_rows(path: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of a results or ``.partial.json`` file made on these questions."""
+def saved_run(path: Path, dataset: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The rows of a results or ``.partial.json`` file made on these questions, and the time
+    they took (0 for a partial file saved before runs recorded it), so a joined file's total
+    counts every run it holds."""
     saved = json.loads(path.read_text())
     if saved["dataset"] != json.loads(json.dumps(dataset)):  # as saved: tuples become lists
         raise SystemExit(
             f"{path}: its questions differ from this run's ({saved['dataset']['source']} vs "
             f"{dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
         )
-    return saved["rows"]
+    return saved["rows"], saved.get("total_seconds", 0.0)
 
 
 def rows_added_to(
@@ -1183,10 +1196,10 @@ def rows_added_to(
 
     Paired comparisons need the same questions, so the earlier run's dataset must be this one.
     """
-    saved = json.loads(path.read_text())
     names = {r["config"] for r in rows}
-    kept = [r for r in saved_rows(path, dataset) if r["config"] not in names]
-    return kept + rows, saved["total_seconds"] + seconds
+    earlier, earlier_seconds = saved_run(path, dataset)
+    kept = [r for r in earlier if r["config"] not in names]
+    return kept + rows, earlier_seconds + seconds
 
 
 if __name__ == "__main__":

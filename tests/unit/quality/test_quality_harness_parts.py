@@ -325,10 +325,10 @@ def test_partial_rows_of_a_stopped_run_join_a_results_file(quality_bench, tmp_pa
     """Each finished row is saved at once; --join adds them to --add-to without running."""
     dataset = {"source": "tile task, seed 1", "questions": 3}
     partial = tmp_path / "run.partial.json"
-    quality_bench.save_partial(partial, [{"config": "snapkv@0.05"}], dataset)
-    assert quality_bench.saved_rows(partial, dataset) == [{"config": "snapkv@0.05"}]
+    quality_bench.save_partial(partial, [{"config": "snapkv@0.05"}], dataset, 42.04)
+    assert quality_bench.saved_run(partial, dataset) == ([{"config": "snapkv@0.05"}], 42.0)
     with pytest.raises(SystemExit, match="questions differ"):
-        quality_bench.saved_rows(partial, {**dataset, "questions": 4})
+        quality_bench.saved_run(partial, {**dataset, "questions": 4})
     with pytest.raises(SystemExit):
         quality_bench.parse_args(["--join", str(partial)])  # needs --add-to
     args = quality_bench.parse_args(["--join", str(partial), "--add-to", "q.json"])
