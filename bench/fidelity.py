@@ -194,14 +194,14 @@ def attended_masks(
     mask = kept.unsqueeze(1).expand(num_kv, steps, n).clone()
     dyn = plan.is_dynamic[layer].nonzero().flatten()
     if dyn.numel():
-        assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
+        index = plan.chunk_index
+        assert index is not None
         q = req.q_decode[layer][:, dyn].transpose(0, 1)  # [R, T, G, D]
         r, t, g, d = q.shape
-        kmin = plan.chunk_kmin[layer, dyn].repeat_interleave(t, dim=0)
-        kmax = plan.chunk_kmax[layer, dyn].repeat_interleave(t, dim=0)
+        rows_index = index[layer, dyn.repeat_interleave(t)]
         retriever = ChunkRetriever(plan.chunk_size, plan.top_k_chunks)
         attended = retriever.attended_mask(
-            q.reshape(r * t, g, d), kmin, kmax, n, plan.sink, plan.window
+            q.reshape(r * t, g, d), rows_index, n, plan.sink, plan.window
         )
         mask[dyn] = attended.view(r, t, n)
     return mask

@@ -272,12 +272,12 @@ def plan_read_mask(plan: CompressionPlan) -> Callable[[int, Tensor, int], Tensor
         mask[:, :n] = kept[layer]
         dyn = plan.is_dynamic[layer].nonzero().flatten()
         if dyn.numel():
-            assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
+            index = plan.chunk_index
+            assert index is not None
             num = torch.full((dyn.numel(),), layout.num_chunks, dtype=torch.int32)
             _, top = select_chunks(
                 q[dyn].float(),
-                plan.chunk_kmin[layer, dyn].float(),
-                plan.chunk_kmax[layer, dyn].float(),
+                index[layer, dyn],
                 layout.first_chunk,
                 num,
                 plan.top_k_chunks,

@@ -138,8 +138,9 @@ def percent(fraction: float) -> str:
 
 
 def compression(record: dict[str, Any] | None) -> tuple[float, float] | None:
-    """(kept, read): the shares of a compressed request's prompt KV entries hybridkv kept
-    resident and a decode step reads; ``None`` if it was served dense (or left no record)."""
+    """(kept, read): the share of a compressed request's prompt KV entries hybridkv kept
+    resident, and the share of its prompt KV bytes a decode step reads (chunk index included);
+    ``None`` if it was served dense (or left no record)."""
     if record is None or not record["compressed"]:
         return None
     return record["kept_entries"] / record["prompt_entries"], record["read_fraction"]

@@ -39,6 +39,7 @@ StaticPriority = Literal["text", "focus"]
 DynamicTopK = Literal["fixed", "budget"]
 DynamicCap = Literal["fixed", "budget"]
 DecodeKernel = Literal["auto", "triton", "torch"]
+BoundPrecision = Literal["kv", "uint8"]
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -61,7 +62,10 @@ class HybridKVConfig(BaseModel):
         "storage compact)",
     )
     budget: float = Field(
-        0.1, description="fraction of the prompt's KV entries kept per request, in (0, 1]"
+        0.1,
+        description="fraction of the prompt's dense KV bytes a request reads per decode step "
+        "(kept entries and retrieval metadata), in (0, 1]; in compact storage also about what "
+        "it holds on the device",
     )
     budget_tokens: int | None = Field(
         None, description="absolute per-head budget in tokens; overrides `budget` when set"
@@ -75,6 +79,20 @@ class HybridKVConfig(BaseModel):
     sink: int = Field(4, description="first prompt tokens, kept within what the window leaves")
     chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
+    bound_channels: int | None = Field(
+        None,
+        ge=1,
+        description="key channels a dynamic head's chunk bounds cover (the r with the largest "
+        "query-weighted key range in the observation window; None: all D). The bounds cost "
+        "2 x r values per chunk of chunk_size tokens, read every step and held on the device: "
+        "r / (D x chunk_size) of the head's KV at kv precision",
+    )
+    bound_precision: BoundPrecision = Field(
+        "kv",
+        description="chunk bounds in the KV dtype (kv) or as 8-bit codes rounded outward per "
+        "(head, channel) (uint8: 1 byte a value, still a bound; plus 12 bytes of channel id, "
+        "offset and scale per bounded channel and head)",
+    )
     max_dynamic_fraction: float = Field(
         0.5,
         description="cap on the fraction of (layer, kv head) pairs classified dynamic (at budget "
@@ -175,6 +193,8 @@ class HybridKVConfig(BaseModel):
         "sink",
         "chunk_size",
         "top_k_chunks",
+        "bound_channels",
+        "bound_precision",
         "max_dynamic_fraction",
         "pool_kernel",
         "static_priority",

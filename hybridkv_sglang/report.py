@@ -60,7 +60,8 @@ def merged_snapshot(base_url: str) -> dict[str, Any]:
 
 def merged_totals(base_url: str) -> dict[str, int]:
     """The server's running totals (requests, compressed requests, kept and prompt entries,
-    decode steps...), summed over every scheduler."""
+    prompt bytes and bytes read per decode step, decode steps...), summed over every
+    scheduler."""
     return merged_snapshot(base_url).get("totals", {})
 
 
@@ -74,21 +75,31 @@ def request_record(base_url: str, rid: str) -> tuple[dict[str, Any], int]:
 
 
 def describe(record: dict[str, Any], kv_entry_bytes: int) -> str:
-    """One line: served dense and why, or what was kept, read and saved."""
+    """One line: served dense and why, or what was kept, read (in bytes) and held."""
     if not record["compressed"]:
         return f"served dense ({record['dense_reason']}), {record['prompt_tokens']} prompt tokens"
     kept, total = record["kept_entries"], record["prompt_entries"]
     kept_mib, total_mib = kept * kv_entry_bytes / MIB, total * kv_entry_bytes / MIB
+    device_mib = record["device_fraction"] * record["prompt_bytes"] / MIB
+    index_mib = record["index_bytes"] / MIB
     if record["storage"] == "compact":
-        saving = f"{total_mib - kept_mib:.2f} MiB of KV freed"
+        saving = (
+            f"holds {record['device_fraction']:.1%} of it on the device ({device_mib:.2f} MiB, "
+            f"{total_mib - device_mib:.2f} MiB freed), {record['host_fraction']:.1%} on the "
+            "host tier"
+        )
     else:
-        saving = "in place: the dense prefix stays resident, decode reads only the kept part"
+        saving = (
+            f"in place: the dense prefix stays resident with a {index_mib:.3f} MiB chunk index, "
+            "decode reads only the kept part"
+        )
     budget = record["extra"].get("budget")
     at_budget = "" if budget is None else f" at a budget of {budget:.1%}"
     return (
         f"compressed {record['prompt_tokens']} prompt tokens ({record['visual_tokens']} visual)"
         f"{at_budget}: "
         f"{record['static_heads']} static / {record['dynamic_heads']} dynamic heads, "
-        f"kept {kept / total:.1%} of the prompt KV ({kept_mib:.2f} of {total_mib:.2f} MiB), "
-        f"read {record['read_fraction']:.1%} per decode step; {saving}"
+        f"kept {kept / total:.1%} of the prompt KV entries ({kept_mib:.2f} of {total_mib:.2f} "
+        f"MiB), read {record['read_fraction']:.1%} of its bytes per decode step "
+        f"({record['index_fraction']:.1%} chunk index); {saving}"
     )

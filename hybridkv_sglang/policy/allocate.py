@@ -1,9 +1,11 @@
 """Stage 2: top-down budget allocation over one request's (layer, kv head) pairs.
 
-The request's total ``B`` is fixed by the user's ratio (``budget × N × L × H_kv`` entries) or
-absolute per-head token budget. It is split first between the two head types (each dynamic head
-costs a fixed ``b_dyn = sink + w + k·C``), then among static heads in proportion to their focus
-size: a head that looked at more keys needs more of them kept.
+The request's total ``B`` is fixed by the user's ratio (``budget × N × L × H_kv`` entries: the
+byte budget in KV entry-equivalents) or absolute per-head token budget. It is split first between
+the two head types (each dynamic head costs ``b_dyn = sink + w + k·C`` entries read per step plus
+its chunk index, priced in entries by :mod:`~hybridkv_sglang.policy.byte_cost`), then among
+static heads in proportion to their focus size: a head that looked at more keys needs more of
+them kept.
 
 Decisions this module pins (and tests check):
 
@@ -11,12 +13,13 @@ Decisions this module pins (and tests check):
   the floors of all heads, every static head gets exactly the floor, so the request then keeps
   ``L × H_kv × (sink + w)`` entries, more than ``B``. This is the only case where budgets exceed
   ``B``, and policies never reach it: their geometry scales sink and window down to ``b_mean``.
-* When ``B`` cannot pay for the dynamic heads plus every static head's floor, the dynamic heads
-  with the smallest ``|U|`` are demoted to static until it can (``demote_unaffordable``; the
-  ``all_dynamic`` ablation turns it off). A dynamic head that costs no more than a static
-  head's floor (its resident window is smaller, ``dynamic_window_share``) is always affordable.
-  The policy makes every head static when a request has nothing to retrieve.
-* Otherwise budgets sum to exactly ``B`` (or less, when every static head is capped at ``N``).
+* When ``B`` cannot pay for the dynamic heads (entries and index) plus every static head's
+  floor, the dynamic heads with the smallest ``|U|`` are demoted to static until it can
+  (``demote_unaffordable``; the ``all_dynamic`` ablation turns it off and sizes its heads to pay
+  for themselves instead). A dynamic head that costs no more than a static head's floor is
+  always affordable. The policy makes every head static when a request has nothing to retrieve.
+* Otherwise static budgets plus every dynamic head's cost sum to exactly ``B`` (or less, when
+  every static head is capped at ``N``).
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ class BudgetAllocation:
 
     Attributes:
         is_dynamic: ``[L, H_kv]`` bool, the classification after demoting unaffordable heads.
-        budgets: ``[L, H_kv]`` int64, entries each head keeps on device (dynamic: ``b_dyn``).
-        total: ``B``, the request's entry budget.
+        budgets: ``[L, H_kv]`` int64, entries each head reads per step (dynamic: ``b_dyn``,
+            its chunk index not included).
+        total: ``B``, the request's budget in entry-equivalents.
     """
 
     is_dynamic: Tensor
@@ -152,6 +156,7 @@ class TopDownAllocator:
         head_budget: int,
         floor: int,
         dynamic_budget: int,
+        dynamic_cost: int | None = None,
     ) -> BudgetAllocation:
         """Budgets for one request's heads.
 
@@ -162,6 +167,8 @@ class TopDownAllocator:
             head_budget: ``b_mean`` tokens; ``B = b_mean × L × H_kv``.
             floor: ``sink + w`` (already clamped to ``N``), kept by every static head.
             dynamic_budget: ``b_dyn``, entries a dynamic head reads per step (``>= 1``).
+            dynamic_cost: what a dynamic head costs in entry-equivalents, ``b_dyn`` plus its
+                chunk index (default ``b_dyn``: a free index).
         """
         if focus.shape != is_dynamic.shape or focus.dim() != 2:
             raise ValueError(
@@ -172,13 +179,16 @@ class TopDownAllocator:
             raise ValueError(f"expected 0 <= floor <= prompt_len, got {floor}, N={prompt_len}")
         if dynamic_budget < 1:
             raise ValueError(f"expected dynamic_budget >= 1, got {dynamic_budget}")
+        cost = dynamic_budget if dynamic_cost is None else dynamic_cost
+        if cost < dynamic_budget:
+            raise ValueError(f"expected dynamic_cost >= dynamic_budget, got {cost}")
         n = focus.numel()
         total = head_budget * n
         dynamic = is_dynamic.clone()
 
         if self.demote_unaffordable:
             n_dyn = int(dynamic.sum())
-            extra = dynamic_budget - floor
+            extra = cost - floor
             if extra > 0:
                 affordable = max(0, (total - n * floor) // extra)
             else:  # costs no more than a static floor: affordable whenever the floors are
@@ -195,7 +205,7 @@ class TopDownAllocator:
         static = ~dynamic
         budgets[static] = water_fill(
             focus[static].to(torch.float64).clamp(min=1.0),
-            total - n_dyn * dynamic_budget,
+            total - n_dyn * cost,
             floor,
             prompt_len,
         )

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hybridkv_sglang.policy.chunk_index import ChunkIndex
+
 
 def chunk_bounds(keys: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Element-wise min and max of the keys of each chunk.
@@ -118,8 +120,7 @@ def budget_top_k(prompt_len: int, sink: int, window: int, chunk_size: int, head_
 
 def select_chunks(
     q: Tensor,
-    kmin: Tensor,
-    kmax: Tensor,
+    index: ChunkIndex,
     first_chunk: int,
     num_chunks: Tensor,
     k: int,
@@ -130,7 +131,8 @@ def select_chunks(
 
     Args:
         q: ``[R, G, D]`` float, the decode query heads of each row's GQA group.
-        kmin, kmax: ``[R, n_chunks, D]`` float, the row's chunk bounds (chunk 0 = position 0).
+        index: the rows' chunk index, bounds ``[R, n_chunks, r]`` (chunk 0 = position 0); the
+            score reads the query at the bounded channels and the bounds as key values.
         first_chunk: first retrievable chunk (``retrievable_chunk_range(...)[0]``, the same for
             every row since sink and chunk size are per-deployment).
         num_chunks: ``[R]`` int32, retrievable chunks of each row counted from ``first_chunk``.
@@ -144,7 +146,9 @@ def select_chunks(
     from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
 
     fn = chunk_topk if use_kernel else chunk_topk_ref
-    scores, top = fn(q, kmin[:, first_chunk:], kmax[:, first_chunk:], num_chunks, k)
+    lo, hi = index.dequantized()
+    q_sel = index.query_channels(q).float()
+    scores, top = fn(q_sel, lo[:, first_chunk:], hi[:, first_chunk:], num_chunks, k)
     return scores, torch.where(top >= 0, top + first_chunk, top)
 
 
@@ -190,8 +194,7 @@ class ChunkRetriever:
     def attended_mask(
         self,
         q: Tensor,
-        kmin: Tensor,
-        kmax: Tensor,
+        index: ChunkIndex,
         prompt_len: int,
         sink: int,
         window: int,
@@ -201,7 +204,7 @@ class ChunkRetriever:
         """Prompt positions a dynamic row attends at one decode step (the decode tail aside).
 
         Args:
-            q: ``[R, G, D]`` float; kmin, kmax: ``[R, n_chunks, D]`` of one request.
+            q: ``[R, G, D]`` float; index: the rows' chunk index (bounds ``[R, n_chunks, r]``).
 
         Returns:
             ``[R, N]`` bool: the resident prefix and tail ∪ the top-k retrievable chunks.
@@ -210,7 +213,7 @@ class ChunkRetriever:
         prefix_end, tail_start = resident_bounds(prompt_len, sink, window, self.chunk_size)
         rows = q.shape[0]
         num = torch.full((rows,), end - first, dtype=torch.int32, device=q.device)
-        _, top = select_chunks(q, kmin, kmax, first, num, self.top_k_chunks, use_kernel=use_kernel)
+        _, top = select_chunks(q, index, first, num, self.top_k_chunks, use_kernel=use_kernel)
         mask = retrieved_mask(top, prompt_len, self.chunk_size, prefix_end, tail_start)
         resident = resident_mask(prompt_len, sink, window, self.chunk_size, q.device)
         return mask | resident.unsqueeze(0)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.policy.allocate import BudgetAllocation, TopDownAllocator, uniform_head_budget
+from hybridkv_sglang.policy.byte_cost import ByteCosts
+from hybridkv_sglang.policy.chunk_index import BOUND_PRECISIONS, ChunkIndex, chunk_index
 from hybridkv_sglang.policy.chunk_retrieval import (
     budget_top_k,
     chunk_bounds,
@@ -42,6 +44,7 @@ from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelect
 from hybridkv_sglang.policy.window_attention import window_attention
 
 DYNAMIC_TOP_K = ("fixed", "budget")
+_INDEX_PARTS = ("kmin", "kmax", "channels", "offset", "scale")
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,9 @@ class LayerObservation:
         prompt_len: ``N``.
         focus_size: ``[H_kv]`` int64, ``|U|`` per kv head.
         scores: ``[H_kv, N]`` float32, pooled window-attention scores.
-        chunk_kmin: ``[H_kv, ceil(N / C), D]`` key dtype, or ``None`` when the policy never
-            makes dynamic heads.
-        chunk_kmax: same, chunk maxima.
+        costs: bytes of the layer's KV entries and of a dynamic head's chunk index.
+        chunk_index: the heads' chunk index over ``ceil(N / C)`` chunks, or ``None`` when the
+            policy never makes dynamic heads.
         focus_set: ``[H_kv, N]`` bool members of ``U``, kept only for
             ``static_priority="focus"``, else ``None``.
     """
@@ -64,8 +67,8 @@ class LayerObservation:
     prompt_len: int
     focus_size: Tensor
     scores: Tensor
-    chunk_kmin: Tensor | None = None
-    chunk_kmax: Tensor | None = None
+    costs: ByteCosts
+    chunk_index: ChunkIndex | None = None
     focus_set: Tensor | None = None
 
 
@@ -87,6 +90,8 @@ class Geometry:
             (:meth:`CompressionPolicy.chunks_per_step`; ``0`` = no head can be dynamic).
         dynamic_budget: ``b_dyn`` entries, read by a dynamic head retrieving ``top_k_chunks``.
         retrievable_chunks: full chunks inside ``[sink, N - dynamic_window)``.
+        index_entries: a dynamic head's chunk index in entry-equivalents
+            (:meth:`ByteCosts.index_entries`), charged on top of ``dynamic_budget``.
     """
 
     prompt_len: int
@@ -97,11 +102,18 @@ class Geometry:
     top_k_chunks: int
     dynamic_budget: int
     retrievable_chunks: int
+    index_entries: int
 
     @property
     def floor(self) -> int:
         """``sink + window``: what every static head keeps."""
         return self.sink + self.window
+
+    @property
+    def dynamic_cost(self) -> int:
+        """What a dynamic head costs the request in entry-equivalents: the entries it reads
+        per step and its chunk index."""
+        return self.dynamic_budget + self.index_entries
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,8 @@ class CompressionPolicy:
     ``dynamic_top_k``, see ``docs/architecture.md``). Subclasses set the hooks.
 
     Attributes:
-        budget: fraction of the prompt's KV entries kept per request, in ``(0, 1]``.
+        budget: fraction of the prompt's dense KV bytes a request reads per decode step, chunk
+            indexes included (:mod:`~hybridkv_sglang.policy.byte_cost`), in ``(0, 1]``.
         budget_tokens: absolute per-head budget in tokens; overrides ``budget`` when set.
         theta: attention mass a window row's focus set must reach, in ``(0, 1]``.
         window: observation window (last prompt tokens), kept by every head up to its budget
@@ -119,6 +132,10 @@ class CompressionPolicy:
             ``b_mean``.
         chunk_size: tokens per retrieval chunk of dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per decode step.
+        bound_channels: key channels a dynamic head's chunk bounds cover (``None``: all ``D``);
+            see :mod:`~hybridkv_sglang.policy.chunk_index`.
+        bound_precision: ``"kv"`` (bounds in the key dtype) or ``"uint8"`` (8-bit codes
+            rounded outward).
         max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
         pool_kernel: odd max-pool width smoothing the static-head scores.
         static_priority: ``"focus"`` (default: sink/window, the head's focus set, text,
@@ -156,6 +173,8 @@ class CompressionPolicy:
     sink: int = 4
     chunk_size: int = 16
     top_k_chunks: int = 8
+    bound_channels: int | None = None
+    bound_precision: str = "kv"
     max_dynamic_fraction: float = 0.5
     pool_kernel: int = 7
     static_priority: str = "focus"
@@ -183,6 +202,12 @@ class CompressionPolicy:
             raise ValueError(
                 f"dynamic_window_share must be in (0, 1], got {self.dynamic_window_share}"
             )
+        if self.bound_channels is not None and self.bound_channels < 1:
+            raise ValueError(f"bound_channels must be >= 1 when set, got {self.bound_channels}")
+        if self.bound_precision not in BOUND_PRECISIONS:
+            raise ValueError(
+                f"bound_precision must be one of {BOUND_PRECISIONS}, got {self.bound_precision!r}"
+            )
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
         if self.pool_kernel % 2 == 0:
@@ -202,9 +227,13 @@ class CompressionPolicy:
         return self.static_priority
 
     # ----------------------------------------------------------------- driver
-    def geometry(self, prompt_len: int) -> Geometry:
+    def costs(self, head_dim: int, kv_dtype: torch.dtype) -> ByteCosts:
+        """The byte costs of this policy's plans over a KV cache of ``kv_dtype``."""
+        return ByteCosts.of(head_dim, kv_dtype, self.bound_channels, self.bound_precision)
+
+    def geometry(self, prompt_len: int, costs: ByteCosts) -> Geometry:
         """Window and sink clamped to the head budget, and the two per-head budgets, for a
-        prompt of ``N`` tokens."""
+        prompt of ``N`` tokens (a dynamic head's chunk index priced by ``costs``)."""
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         head_budget = uniform_head_budget(prompt_len, self.budget, self.budget_tokens)
@@ -214,7 +243,8 @@ class CompressionPolicy:
             window, uniform_head_budget(head_budget, self.dynamic_window_share, None)
         )
         first, end = retrievable_chunk_range(prompt_len, sink, dynamic_window, self.chunk_size)
-        k = self.chunks_per_step(prompt_len, sink, dynamic_window, head_budget)
+        index_entries = costs.index_entries(end - first)
+        k = self.chunks_per_step(prompt_len, sink, dynamic_window, head_budget - index_entries)
         return Geometry(
             prompt_len=prompt_len,
             window=window,
@@ -226,15 +256,18 @@ class CompressionPolicy:
                 prompt_len, sink, dynamic_window, self.chunk_size, k
             ),
             retrievable_chunks=end - first,
+            index_entries=index_entries,
         )
 
     def chunks_per_step(self, prompt_len: int, sink: int, window: int, head_budget: int) -> int:
         """Chunks each dynamic head of one request retrieves per decode step.
 
-        ``"fixed"``: ``top_k_chunks`` whatever the budget, so ``b_dyn`` may exceed ``b_mean`` and
-        the static heads pay the difference. ``"budget"``: the same, capped at the most chunks
-        that keep ``b_dyn <= b_mean`` (:func:`budget_top_k`), but at least one; stage 2 still
-        demotes the dynamic heads the request cannot pay for.
+        ``head_budget`` is what a dynamic head may read in entries once its chunk index is paid
+        (``b_mean`` less :attr:`Geometry.index_entries`). ``"fixed"``: ``top_k_chunks`` whatever
+        the budget, so a dynamic head may cost more than ``b_mean`` and the static heads pay the
+        difference. ``"budget"``: the same, capped at the most chunks that fit ``head_budget``
+        (:func:`budget_top_k`), but at least one; stage 2 still demotes the dynamic heads the
+        request cannot pay for.
         """
         if self.dynamic_top_k == "fixed":
             return self.top_k_chunks
@@ -270,16 +303,19 @@ class CompressionPolicy:
         rows = min(q_window.shape[0], self.window, keys.shape[0])
         attn = window_attention(q_window[-rows:], keys, sm_scale)
         stats = HeadStatsReducer(self.theta, self.pool_kernel).reduce(attn)
-        kmin = kmax = None
+        index = None
         if self.needs_chunk_bounds:
             kmin, kmax = chunk_bounds(keys, self.chunk_size)
+            index = chunk_index(
+                kmin, kmax, q_window[-rows:], self.bound_channels, self.bound_precision
+            )
         return LayerObservation(
             layer_id=layer_id,
             prompt_len=int(keys.shape[0]),
             focus_size=stats.focus_size,
             scores=stats.scores,
-            chunk_kmin=kmin,
-            chunk_kmax=kmax,
+            costs=self.costs(int(keys.shape[2]), keys.dtype),
+            chunk_index=index,
             focus_set=stats.focus_set if self.selection_priority == "focus" else None,
         )
 
@@ -321,7 +357,7 @@ class CompressionPolicy:
             raise ValueError(
                 f"expected observations over all {shard.total} kv heads, got {num_heads}"
             )
-        geo = self.geometry(n)
+        geo = self.geometry(n, obs[0].costs)
         is_dynamic = self.classify(focus, geo)
         alloc = self.allocate(focus, is_dynamic, geo, scores)
         dynamic = alloc.is_dynamic.to(scores.device)
@@ -337,28 +373,30 @@ class CompressionPolicy:
 
         model_stats = None
         if shard is not None and not shard.is_whole:
-            model_stats = self._plan(geo, dynamic, budgets, focus, kept).stats()
+            model_stats = self._plan(geo, obs[0].costs, dynamic, budgets, focus, kept).stats()
             heads = shard.heads
             dynamic, budgets, focus = dynamic[:, heads], budgets[:, heads], focus[:, heads]
             kept = kept.view(num_layers, num_heads, n)[:, heads].reshape(-1, n)
 
-        kmin = kmax = None
+        index = None
         if bool(dynamic.any()):
-            if any(o.chunk_kmin is None or o.chunk_kmax is None for o in obs):
+            indexes = [o.chunk_index for o in obs]
+            if any(i is None for i in indexes):
                 raise ValueError(f"policy {self.name!r} made dynamic heads without chunk bounds")
-            kmin = torch.stack([o.chunk_kmin for o in obs])  # type: ignore[misc]
-            kmax = torch.stack([o.chunk_kmax for o in obs])  # type: ignore[misc]
-        return self._plan(geo, dynamic, budgets, focus, kept, kmin, kmax, model_stats)
+            index = ChunkIndex(
+                *(torch.stack([getattr(i, part) for i in indexes]) for part in _INDEX_PARTS)
+            )
+        return self._plan(geo, obs[0].costs, dynamic, budgets, focus, kept, index, model_stats)
 
     def _plan(
         self,
         geo: Geometry,
+        costs: ByteCosts,
         dynamic: Tensor,
         budgets: Tensor,
         focus: Tensor,
         kept: Tensor,
-        kmin: Tensor | None = None,
-        kmax: Tensor | None = None,
+        index: ChunkIndex | None = None,
         model_stats: dict[str, Any] | None = None,
     ) -> CompressionPlan:
         """The plan of the heads of ``dynamic [L, H]`` from their ``[L*H, N]`` kept mask."""
@@ -370,8 +408,12 @@ class CompressionPolicy:
             focus_size=focus,
             kept_indptr=indptr,
             kept_positions=positions,
-            chunk_kmin=kmin,
-            chunk_kmax=kmax,
+            chunk_kmin=None if index is None else index.kmin,
+            chunk_kmax=None if index is None else index.kmax,
+            bound_channels=None if index is None else index.channels,
+            bound_offset=None if index is None else index.offset,
+            bound_scale=None if index is None else index.scale,
+            costs=costs,
             chunk_size=self.chunk_size,
             top_k_chunks=geo.top_k_chunks,
             sink=geo.sink,
@@ -408,6 +450,7 @@ class CompressionPolicy:
             head_budget=geo.head_budget,
             floor=geo.floor,
             dynamic_budget=geo.dynamic_budget,
+            dynamic_cost=geo.dynamic_cost,
         )
 
     def select(

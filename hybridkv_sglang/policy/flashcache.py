@@ -104,6 +104,7 @@ class FlashCachePolicy(SinkWindowTopPolicy):
             prompt_len=int(keys.shape[0]),
             focus_size=torch.zeros(keys.shape[1], dtype=torch.int64, device=keys.device),
             scores=scores,
+            costs=self.costs(int(keys.shape[2]), keys.dtype),
         )
 
     def allocate(

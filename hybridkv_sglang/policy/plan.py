@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hybridkv_sglang.policy.byte_cost import POSITION_BYTES, ByteCosts
+from hybridkv_sglang.policy.chunk_index import ChunkIndex
 from hybridkv_sglang.policy.chunk_retrieval import (
     dynamic_head_budget,
     resident_bounds,
@@ -20,7 +22,8 @@ from hybridkv_sglang.policy.chunk_retrieval import (
 )
 
 OVER_BUDGET_SLACK = 0.005
-"""A request reading more than its budget fraction plus this is reported as over budget."""
+"""A request reading more than its budget fraction (in bytes) plus this is reported as over
+budget."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,9 @@ class CompressionPlan:
     dynamic head: its resident positions ``[0, prefix_end) ∪ [tail_start, N)``, the sink and
     window rounded out to chunk borders (the retrieved chunks vary per step)."""
     chunk_kmin: Tensor | None
-    """``[L, H_kv, n_chunks, D]`` key dtype, chunk minima (only dynamic rows are meaningful to
-    read); ``None`` when no head is dynamic."""
+    """``[L, H_kv, n_chunks, r]`` chunk minima over the bounded channels, key-dtype values or
+    uint8 codes (:mod:`~hybridkv_sglang.policy.chunk_index`; only dynamic rows are meaningful
+    to read); ``None`` when no head is dynamic."""
     chunk_kmax: Tensor | None
     """Same as ``chunk_kmin``, chunk maxima."""
     chunk_size: int
@@ -62,6 +66,15 @@ class CompressionPlan:
     storage can hold merged KV."""
     head_budget: int | None = None
     """``b_mean``, the per-head entries the request is entitled to (``None``: not recorded)."""
+    bound_channels: Tensor | None = None
+    """``[L, H_kv, r]`` int32, the key channel of each bound column (``None`` with no bounds)."""
+    bound_offset: Tensor | None = None
+    """``[L, H_kv, r]`` float32: a bound column's value is ``offset + scale * stored``."""
+    bound_scale: Tensor | None = None
+    """``[L, H_kv, r]`` float32, see ``bound_offset``."""
+    costs: ByteCosts | None = None
+    """Bytes of a KV entry and of a dynamic head's chunk index (``None``: stats in entries
+    only, as if KV entries were all a step reads)."""
     model_stats: dict[str, Any] | None = None
     """:meth:`stats` of the plan over all the model's kv heads when this plan is one
     tensor-parallel rank's share of it (``None``: this plan covers every head)."""
@@ -73,7 +86,7 @@ class CompressionPlan:
         assert self.budgets.shape == self.is_dynamic.shape == self.focus_size.shape
         assert self.kept_indptr.shape == (rows + 1,)
         assert self.kept_positions.dim() == 1
-        assert (self.chunk_kmin is None) == (self.chunk_kmax is None)
+        assert (self.chunk_kmin is None) == (self.chunk_kmax is None) == (self.bound_scale is None)
         assert self.sink >= 0 and self.window >= 0 and self.sink + self.window <= self.prompt_len
 
     # ----------------------------------------------------------------- shape
@@ -128,6 +141,21 @@ class CompressionPlan:
         r = self.row(layer, head)
         return self.kept_positions[int(self.kept_indptr[r]) : int(self.kept_indptr[r + 1])]
 
+    @property
+    def chunk_index(self) -> ChunkIndex | None:
+        """The dynamic heads' chunk index, ``[L, H_kv, ...]`` (``None`` with no bounds)."""
+        if self.chunk_kmin is None:
+            return None
+        assert self.chunk_kmax is not None and self.bound_channels is not None
+        assert self.bound_offset is not None and self.bound_scale is not None
+        return ChunkIndex(
+            self.chunk_kmin,
+            self.chunk_kmax,
+            self.bound_channels,
+            self.bound_offset,
+            self.bound_scale,
+        )
+
     def resident_bounds(self) -> tuple[int, int]:
         """``(prefix_end, tail_start)`` of the dynamic heads' resident positions."""
         return resident_bounds(self.prompt_len, self.sink, self.window, self.chunk_size)
@@ -162,12 +190,19 @@ class CompressionPlan:
         return self.stats() if self.model_stats is None else self.model_stats
 
     def stats(self) -> dict[str, Any]:
-        """Plain numbers for logs and metrics.
+        """Plain numbers for logs and metrics; fractions are of the dense prompt KV bytes.
 
-        ``read_fraction`` is the fraction of the dense prompt KV read per decode step:
-        ``(static kept + n_dyn · b_dyn) / (L · H_kv · N)``; ``budget_fraction`` the fraction the
-        request is entitled to (``b_mean / N``), and ``over_budget`` says it read more than that
-        plus half a point (``OVER_BUDGET_SLACK``).
+        ``read_fraction``: bytes read per decode step (the KV of every listed entry, static kept
+        and ``n_dyn · b_dyn``, plus every dynamic head's chunk index, ``index_fraction`` of
+        them); ``budget_fraction`` the fraction the request is entitled to (``b_mean / N``), and
+        ``over_budget`` says it read more than that plus half a point
+        (``OVER_BUDGET_SLACK``). ``device_fraction_in_place`` / ``device_fraction_compact``:
+        what the request holds on the device in each storage mode (in place: the dense prefix
+        and the index; compact: the entries a step reads and the index), ``host_fraction_compact``
+        the dynamic heads' prompt KV on the host tier. ``positions_fraction``: the 4-byte kept
+        positions the tables are built from (reported, not charged; see
+        :mod:`~hybridkv_sglang.policy.byte_cost`). The same figures in entries keep their own
+        names (``read_entries_per_step``, ``read_entries_fraction``).
         """
         counts = self.kept_counts()
         dyn = self.is_dynamic
@@ -175,8 +210,15 @@ class CompressionPlan:
         static_kept = int(counts[~dyn].sum())
         dense = self.num_rows * self.prompt_len
         read = static_kept + n_dyn * self.dynamic_read_per_step()
-        read_fraction = read / dense if dense else 0.0
+        entry_bytes = 1 if self.costs is None else self.costs.entry_bytes
+        first, end = self.retrievable_chunks
+        index_bytes = 0 if self.costs is None else n_dyn * self.costs.index_bytes(end - first)
+        dense_bytes = dense * entry_bytes
+        read_bytes = read * entry_bytes + index_bytes
+        positions_bytes = POSITION_BYTES * self.kept_entries() if self.costs is not None else 0
+        read_fraction = read_bytes / dense_bytes if dense else 0.0
         budget_fraction = 1.0 if self.head_budget is None else self.head_budget / self.prompt_len
+        host_bytes = n_dyn * self.prompt_len * entry_bytes if self.costs is not None else 0
         return {
             "policy": self.policy,
             "prompt_len": self.prompt_len,
@@ -188,9 +230,19 @@ class CompressionPlan:
             "kept_entries_static": static_kept,
             "kept_entries_dynamic": int(counts[dyn].sum()),
             "read_entries_per_step": read,
+            "read_entries_fraction": read / dense if dense else 0.0,
+            "dense_entries": dense,
+            "entry_bytes": entry_bytes,
+            "dense_bytes": dense_bytes,
+            "read_bytes_per_step": read_bytes,
+            "index_bytes": index_bytes,
             "read_fraction": read_fraction,
+            "index_fraction": index_bytes / dense_bytes if dense else 0.0,
+            "positions_fraction": positions_bytes / dense_bytes if dense else 0.0,
+            "device_fraction_in_place": (dense_bytes + index_bytes) / dense_bytes if dense else 0.0,
+            "device_fraction_compact": read_fraction,
+            "host_fraction_compact": host_bytes / dense_bytes if dense else 0.0,
             "budget_fraction": budget_fraction,
             "over_budget": read_fraction > budget_fraction + OVER_BUDGET_SLACK,
-            "dense_entries": dense,
             "plan_digest": self.digest(),
         }

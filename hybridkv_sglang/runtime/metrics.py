@@ -62,9 +62,16 @@ class HybridKVMetrics:
             "with storage=compact, left in the pool unread with storage=in_place.",
             ("storage",),
         )
+        self.index_bytes = counter(
+            "index_bytes",
+            "Chunk-index bytes (bounds, retrieval scratch, channel parameters) compressed "
+            "requests held on the device and read every decode step, by storage.",
+            ("storage",),
+        )
         self.read_fraction = Histogram(
             "sglang:hybridkv_read_fraction",
-            "Fraction of the dense prompt KV a compressed request reads per decode step.",
+            "Fraction of the dense prompt KV bytes a compressed request reads per decode step "
+            "(KV entries and chunk index).",
             names,
             buckets=READ_FRACTION_BUCKETS,
             registry=registry,
@@ -97,11 +104,15 @@ class HybridKVMetrics:
         if series is not None:
             series.inc(n)
 
-    def compressed(self, storage: str, kept_bytes: int, saved_bytes: int, read: float) -> None:
-        """A released compressed request: its kept and dropped prompt KV, its read fraction."""
+    def compressed(
+        self, storage: str, kept_bytes: int, saved_bytes: int, index_bytes: int, read: float
+    ) -> None:
+        """A released compressed request: its kept and dropped prompt KV, its chunk index, its
+        read fraction in bytes."""
         self.compressed_requests.inc()
         self.kept_kv_bytes.labels(**self.labels, storage=storage).inc(kept_bytes)
         self.saved_kv_bytes.labels(**self.labels, storage=storage).inc(saved_bytes)
+        self.index_bytes.labels(**self.labels, storage=storage).inc(index_bytes)
         self.read_fraction.observe(read)
 
     def dense(self, reason: str) -> None:

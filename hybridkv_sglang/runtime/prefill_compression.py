@@ -67,7 +67,13 @@ class PrefillOutcome:
             dynamic_heads=self.plan_stats.get("dynamic_heads", 0),
             kept_entries=self.plan_stats.get("kept_entries", 0),
             prompt_entries=self.plan_stats.get("dense_entries", 0),
+            prompt_bytes=self.plan_stats.get("dense_bytes", 0),
+            read_bytes_per_step=self.plan_stats.get("read_bytes_per_step", 0),
+            index_bytes=self.plan_stats.get("index_bytes", 0),
             read_fraction=1.0 if self.layout is None else self.plan_stats["read_fraction"],
+            read_entries_fraction=self.plan_stats.get("read_entries_fraction", 1.0),
+            index_fraction=self.plan_stats.get("index_fraction", 0.0),
+            device_fraction=self.plan_stats.get("device_fraction_in_place", 1.0),
             budget_fraction=1.0 if self.layout is None else self.plan_stats["budget_fraction"],
             over_budget=self.layout is not None and self.plan_stats["over_budget"],
             window_rows=self.window_rows,
@@ -75,6 +81,8 @@ class PrefillOutcome:
                 "policy": self.plan_stats.get("policy"),
                 "budget": self.policy.budget,
                 "plan_digest": self.plan_stats.get("plan_digest"),
+                "device_fraction_compact": self.plan_stats.get("device_fraction_compact"),
+                "host_fraction_compact": self.plan_stats.get("host_fraction_compact"),
             }
             if self.plan_stats
             else {},
@@ -89,7 +97,8 @@ class PrefillOutcome:
         return (
             f"{head}, compressed by {s['policy']}: {s['static_heads']} static / "
             f"{s['dynamic_heads']} dynamic heads, {s['kept_entries']} of {s['dense_entries']} "
-            f"entries resident, {s['read_fraction']:.1%} of the prompt KV read per step"
+            f"entries resident, {s['read_fraction']:.1%} of the prompt KV bytes read per step "
+            f"({s['index_fraction']:.1%} chunk index)"
         )
 
 

@@ -45,7 +45,22 @@ class RequestStats:
     dynamic_heads: int = 0
     kept_entries: int = 0
     prompt_entries: int = 0
+    prompt_bytes: int = 0
+    """Dense prompt KV bytes (K and V of every prompt token, layer and kv head)."""
+    read_bytes_per_step: int = 0
+    """Prompt bytes one decode step reads: listed KV entries and the chunk index."""
+    index_bytes: int = 0
+    """The dynamic heads' chunk index (bounds, scratch, channel parameters), on the device."""
     read_fraction: float = 1.0
+    """``read_bytes_per_step / prompt_bytes``: what the budget promises."""
+    read_entries_fraction: float = 1.0
+    """The same in KV entries, the chunk index not counted."""
+    index_fraction: float = 0.0
+    device_fraction: float = 1.0
+    """Prompt bytes the request holds on the device in its storage mode (in place: the dense
+    prefix and the index; compact: its compact entries and the index)."""
+    host_fraction: float = 0.0
+    """Prompt bytes on the host tier (compact storage, dynamic heads)."""
     budget_fraction: float = 1.0
     over_budget: bool = False
     window_rows: int = 0
@@ -120,6 +135,9 @@ class HybridKVStats:
             totals["compressed_requests"] += 1
             totals["kept_entries"] += record.kept_entries
             totals["prompt_entries"] += record.prompt_entries
+            totals["read_bytes_per_step"] += record.read_bytes_per_step
+            totals["prompt_bytes"] += record.prompt_bytes
+            totals["index_bytes"] += record.index_bytes
             if record.over_budget:
                 totals["over_budget_requests"] += 1
         else:
@@ -130,7 +148,9 @@ class HybridKVStats:
         if record.compressed:
             kept = record.kept_entries * self.kv_entry_bytes
             saved = (record.prompt_entries - record.kept_entries) * self.kv_entry_bytes
-            metrics.compressed(record.storage, kept, saved, record.read_fraction)
+            metrics.compressed(
+                record.storage, kept, saved, record.index_bytes, record.read_fraction
+            )
         else:
             metrics.dense(str(record.dense_reason))
             if record.dense_reason in FAILURE_REASONS:
@@ -150,6 +170,9 @@ class HybridKVStats:
                 self._totals["host_tier_full"] += 1
             if record is not None:
                 record.storage = "compact"
+                record.device_fraction = record.extra.get("device_fraction_compact", 1.0)
+                if done.dynamic_tier == "host":
+                    record.host_fraction = record.extra.get("host_fraction_compact", 0.0)
                 record.compact_slots = done.slots
                 record.host_chunks = done.host_chunks
                 record.dynamic_tier = done.dynamic_tier

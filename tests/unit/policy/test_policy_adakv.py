@@ -29,7 +29,8 @@ def _finalize(scores: torch.Tensor, **kw: object):
     policy = AdaKVPolicy(**kw)  # type: ignore[arg-type]
     n = scores.shape[-1]
     focus = torch.full((scores.shape[1],), n, dtype=torch.int64)
-    obs = [LayerObservation(layer, n, focus, scores[layer]) for layer in range(scores.shape[0])]
+    costs = policy.costs(64, torch.float32)
+    obs = [LayerObservation(layer, n, focus, s, costs) for layer, s in enumerate(scores)]
     return policy.finalize(obs, torch.ones(n, dtype=torch.bool))
 
 

@@ -20,6 +20,7 @@ from hybridkv_sglang.policy import (
     retrieved_mask,
     select_chunks,
 )
+from hybridkv_sglang.policy.chunk_index import chunk_index
 
 
 @pytest.mark.parametrize(
@@ -112,42 +113,57 @@ def _planted_chunk_keys(
     return keys, direction
 
 
-def test_select_chunks_finds_planted_chunks_and_offsets_ids() -> None:
+@pytest.mark.parametrize("precision", ["kv", "uint8"])
+def test_select_chunks_finds_planted_chunks_and_offsets_ids(precision: str) -> None:
     n, dim, chunk = 160, 16, 16
     keys, direction = _planted_chunk_keys(n, dim, [3, 7], chunk)
     kmin, kmax = chunk_bounds(keys, chunk)
+    index = chunk_index(kmin, kmax, None, None, precision)
     q = (4.0 * direction).view(1, 1, dim).expand(1, 2, dim).clone()
     q[0, 1] = -q[0, 1]  # the other query head of the group looks elsewhere
     # sink = 16 -> retrieval starts at chunk 1; window = 32 -> 8 retrievable chunks (1..8)
     first, end = retrievable_chunk_range(n, 16, 32, chunk)
     assert (first, end) == (1, 8)
-    scores, top = select_chunks(
-        q, kmin, kmax, first, torch.tensor([end - first], dtype=torch.int32), 2
-    )
+    scores, top = select_chunks(q, index, first, torch.tensor([end - first], dtype=torch.int32), 2)
     assert scores.shape == (1, kmin.shape[1] - first)
     assert sorted(top[0].tolist()) == [3, 7]
-    # Every key's logit is below its chunk's score (the Quest bound), for both query heads.
+    # Every key's logit is below its chunk's score (the Quest bound, also in 8-bit codes
+    # rounded outward), for both query heads.
     for c in range(first, end):
         block = keys[c * chunk : (c + 1) * chunk, 0]
         logits = (q[0] @ block.T).amax()
         assert logits <= scores[0, c - first] + 1e-5
 
 
+def test_select_chunks_over_a_few_channels_still_finds_planted_chunks() -> None:
+    n, dim, chunk = 160, 32, 16
+    keys, direction = _planted_chunk_keys(n, dim, [3, 7], chunk)
+    kmin, kmax = chunk_bounds(keys, chunk)
+    q = (4.0 * direction).view(1, 1, dim)
+    index = chunk_index(kmin, kmax, q.expand(4, 1, dim), 8, "uint8")
+    assert index.kmin.shape == (1, kmin.shape[1], 8) and index.kmin.dtype == torch.uint8
+    widest = (direction.abs() * direction.abs()).topk(8).indices.sort().values
+    assert index.channels[0].tolist() == widest.tolist()  # spread there is |2·direction|
+    first, end = retrievable_chunk_range(n, 16, 32, chunk)
+    _, top = select_chunks(q, index, first, torch.tensor([end - first], dtype=torch.int32), 2)
+    assert sorted(top[0].tolist()) == [3, 7]
+
+
 def test_select_chunks_pads_with_minus_one() -> None:
     keys, direction = _planted_chunk_keys(64, 8, [1], 16)
-    kmin, kmax = chunk_bounds(keys, 16)
+    index = chunk_index(*chunk_bounds(keys, 16), None, None, "kv")
     q = direction.view(1, 1, 8)
-    _, top = select_chunks(q, kmin, kmax, 0, torch.tensor([2], dtype=torch.int32), 4)
+    _, top = select_chunks(q, index, 0, torch.tensor([2], dtype=torch.int32), 4)
     assert top[0, 0] == 1 and top[0, 2:].tolist() == [-1, -1]
 
 
 def test_attended_mask_is_sink_window_and_retrieved_chunks() -> None:
     n, dim, chunk = 160, 16, 16
     keys, direction = _planted_chunk_keys(n, dim, [5], chunk)
-    kmin, kmax = chunk_bounds(keys, chunk)
+    index = chunk_index(*chunk_bounds(keys, chunk), None, None, "kv")
     q = (4.0 * direction).view(1, 1, dim)
     mask = ChunkRetriever(chunk_size=chunk, top_k_chunks=1).attended_mask(
-        q, kmin, kmax, n, sink=4, window=32
+        q, index, n, sink=4, window=32
     )
     # resident: [0, 16) (sink rounded up) and [128, 160) (window); chunk 5 retrieved
     assert mask[0].nonzero().flatten().tolist() == [*range(16), *range(80, 96), *range(128, 160)]

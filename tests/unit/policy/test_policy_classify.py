@@ -71,24 +71,36 @@ def test_planted_heads_static_keeps_focus_dynamic_shifts() -> None:
     n, w = 512, 8
     q, k, anchors = _planted_two_heads(n, w)
     # b_mean = 50: head 0 (|U| = 3) fits, head 1 (|U| = 56) does not; B = 100 pays for one
-    # dynamic head (b_dyn = 16 resident prefix + 2 * 16 chunks + 16 resident tail = 64) and 36
-    # static entries: sink + window + the anchors' max-pooled neighbourhoods (3 x 7 positions).
+    # dynamic head (b_dyn = 16 resident prefix + 2 * 16 chunks + 16 resident tail = 64, and its
+    # chunk index: 30 chunks x (2 x 8 one-byte bounds + 12 bytes scratch) + 8 x 12 bytes of
+    # channel parameters = 936 bytes, 2 entries of 512) and 34 static entries: sink + window +
+    # the anchors' max-pooled neighbourhoods (3 x 7 positions) and the best scores after them.
     policy = build_policy(
-        "hybridkv", budget_tokens=50, window=w, sink=2, top_k_chunks=2, dynamic_top_k="fixed"
+        "hybridkv",
+        budget_tokens=50,
+        window=w,
+        sink=2,
+        top_k_chunks=2,
+        dynamic_top_k="fixed",
+        bound_channels=8,
+        bound_precision="uint8",
     )
     obs = policy.observe_layer(0, q, k, sm_scale=1.0)
     assert obs.focus_size.tolist() == [3, 56]
 
     plan = policy.finalize([obs], torch.zeros(n, dtype=torch.bool))
     assert plan.is_dynamic.tolist() == [[False, True]]
-    assert plan.budgets.tolist() == [[36, 64]]
+    assert plan.budgets.tolist() == [[34, 64]]
     kept = set(plan.kept_positions_of(0, 0).tolist())
     assert set(anchors) <= kept
     assert {0, 1, *range(n - w, n)} <= kept
     # The dynamic head keeps only sink + window (rounded out to chunk borders) resident; its
     # shifting targets are retrieved at decode.
     assert plan.kept_positions_of(0, 1).tolist() == [*range(16), *range(n - 16, n)]
-    assert plan.chunk_kmin is not None and plan.chunk_kmin.shape == (1, 2, n // 16, 64)
+    assert plan.chunk_kmin is not None and plan.chunk_kmin.shape == (1, 2, n // 16, 8)
+    stats = plan.stats()
+    assert stats["read_bytes_per_step"] == (34 + 64) * 512 + 936
+    assert stats["read_fraction"] <= 50 / n
 
 
 def test_planted_dynamic_head_demoted_when_budget_cannot_pay_for_it() -> None:

@@ -12,6 +12,7 @@ from hybridkv_sglang.policy import (
     LayerObservation,
     build_policy,
     dynamic_head_budget,
+    retrievable_chunk_range,
     uniform_head_budget,
 )
 from hybridkv_sglang.policy.classify import (
@@ -19,6 +20,8 @@ from hybridkv_sglang.policy.classify import (
 )
 
 L, HKV, G, D = 3, 4, 2, 16
+CHEAP = {"bound_channels": 4, "bound_precision": "uint8"}
+"""A chunk index of 20 bytes a chunk (four 8-bit channels and the scratch) and 48 a head."""
 
 
 def _request(
@@ -124,7 +127,7 @@ def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
             o = policy.observe_layer(layer, qs[layer], ks[layer], D**-0.5)
             scores = o.scores.clone()
             scores[:, 100:140] = 0.0
-            obs.append(LayerObservation(layer, n, o.focus_size, scores))
+            obs.append(LayerObservation(layer, n, o.focus_size, scores, o.costs))
         plan = policy.finalize(obs, is_text)
         for layer in range(L):
             for h in range(HKV):
@@ -133,33 +136,46 @@ def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
                 assert kept_text == (min(b - 36, 40) if name == "hybridkv" else 0)
 
 
+def _index_entries(n: int, window: int, chunk: int, sink: int = 4, **index: object) -> int:
+    """What stage 2 charges a dynamic head for its chunk index at these shapes."""
+    first, end = retrievable_chunk_range(n, sink, window, chunk)
+    policy = build_policy("hybridkv", **index)  # type: ignore[arg-type]
+    return policy.costs(D, torch.float32).index_entries(end - first)
+
+
 def test_all_static_and_all_dynamic_types() -> None:
     static = _plan("all_static", budget=0.1)
     assert not static.has_dynamic and static.chunk_kmin is None
-    dynamic = _plan("all_dynamic", budget=0.2)  # b_mean 80: (80 - 48) // 16 = 2 chunks
-    assert dynamic.is_dynamic.all() and dynamic.top_k_chunks == 2
-    assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 2))
+    # b_mean 80; the full index (22 chunks of 140 bytes, entries of 128) costs 26 entries:
+    # (80 - 48 - 26) // 16 = 0 chunks, so no head can be dynamic
+    assert _index_entries(400, 32, 16) == 26
+    assert not _plan("all_dynamic", budget=0.2).has_dynamic
+    # the cheap index costs 4 entries: (80 - 48 - 4) // 16 = 1 chunk
+    dynamic = _plan("all_dynamic", budget=0.2, **CHEAP)
+    assert dynamic.is_dynamic.all() and dynamic.top_k_chunks == 1
+    assert torch.all(dynamic.budgets == dynamic_head_budget(400, 4, 32, 16, 1))
     assert dynamic.kept_entries() == L * HKV * (16 + 400 - 368)  # [0, 16) and [368, 400)
 
 
 @pytest.mark.parametrize(
     "n,budget,k",
-    [(400, 0.2, 2), (400, 0.5, 9), (400, 1.0, 22), (1200, 0.1, 4), (1200, 0.05, 1), (400, 0.1, 0)],
+    [(400, 0.2, 1), (400, 0.5, 9), (400, 1.0, 21), (1200, 0.1, 3), (1200, 0.05, 1), (400, 0.1, 0)],
 )
 def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> None:
-    """Equal-budget ablation: a dynamic head reads <= b_mean, at most one chunk short of it."""
-    plan = _plan("all_dynamic", n=n, budget=budget, top_k_chunks=8)
+    """Equal-budget ablation: a dynamic head's entries and chunk index cost <= b_mean, at most
+    one chunk short of it."""
+    plan = _plan("all_dynamic", n=n, budget=budget, top_k_chunks=8, **CHEAP)
     b_mean = uniform_head_budget(n, budget, None)
     _check_contract(plan)
+    assert plan.stats()["read_fraction"] <= budget + 1e-9
     if k == 0:  # not one chunk fits: pruned like all_static, at most B (or every head's floor)
         assert not plan.has_dynamic
         assert int(plan.budgets.sum()) <= max(b_mean, 36) * L * HKV
         return
     assert plan.is_dynamic.all() and plan.top_k_chunks == k  # top_k_chunks=8 is ignored
-    read = plan.dynamic_read_per_step()
     first, end = plan.retrievable_chunks
-    assert read <= b_mean and (read > b_mean - 16 or k == end - first)
-    assert plan.stats()["read_fraction"] <= budget + 1e-9
+    cost = plan.dynamic_read_per_step() + _index_entries(n, plan.window, 16, **CHEAP)
+    assert cost <= b_mean and (cost > b_mean - 16 or k == end - first)
 
 
 @pytest.mark.parametrize("n,budget", [(400, 0.1), (400, 0.2), (1200, 0.1), (1200, 0.2)])
@@ -172,7 +188,10 @@ def test_hybridkv_budget_top_k_caps_dynamic_reads(n: int, budget: float) -> None
     _check_contract(capped)
     assert fixed.top_k_chunks == 8
     assert 1 <= capped.top_k_chunks <= 8
-    assert capped.dynamic_read_per_step() <= max(b_mean, dynamic_head_budget(n, 4, 32, 16, 1))
+    index = _index_entries(n, 32, 16)
+    assert capped.dynamic_read_per_step() + index <= max(
+        b_mean, dynamic_head_budget(n, 4, 32, 16, 1) + index
+    )
     assert int(capped.budgets.sum()) <= b_mean * L * HKV
     # Cheaper dynamic heads leave the static heads at least as much.
     assert capped.is_dynamic.sum() >= fixed.is_dynamic.sum()
@@ -189,16 +208,22 @@ TUNED = {  # docs/quality-diagnosis.md's configuration for the tile-task model
 
 @pytest.mark.parametrize(
     "n,budget,fits",
-    [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 22), (1200, 0.2, 52)],
+    [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 10), (1200, 0.2, 40)],
 )
 def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) -> None:
     """No sink, 4-token chunks, dynamic heads with the static heads' window: the resident set is
     the window rounded out to a chunk border (nothing before it); a dynamic head retrieves the
-    ``fits`` chunks within b_mean (at least one, then the static heads pay for it), and the
-    request reads at most B."""
+    ``fits`` chunks that its chunk index leaves of b_mean (at least one, then the static heads
+    pay for it), and the request reads at most B in bytes."""
     b_mean = uniform_head_budget(n, budget, None)
     plan = _plan(
-        "hybridkv", n=n, budget=budget, dynamic_window_share=1.0, dynamic_cap="fixed", **TUNED
+        "hybridkv",
+        n=n,
+        budget=budget,
+        dynamic_window_share=1.0,
+        dynamic_cap="fixed",
+        **TUNED,
+        **CHEAP,
     )
     _check_contract(plan)
     window = min(32, b_mean)
@@ -213,45 +238,56 @@ def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) 
     assert plan.stats()["read_fraction"] <= budget + 1e-9
     assert plan.dynamic_read_per_step() == n - tail_start + max(1, fits) * 4
     if fits:
-        assert plan.has_dynamic and plan.dynamic_read_per_step() <= b_mean
+        index = _index_entries(n, window, 4, sink=0, **CHEAP)
+        assert plan.has_dynamic and plan.dynamic_read_per_step() + index <= b_mean
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("budget", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("n", [150, 340, 700])
 @pytest.mark.parametrize("dynamic_window_share", [1.0, 0.25])
+@pytest.mark.parametrize("index", [{}, CHEAP], ids=["full-index", "cheap-index"])
 def test_no_policy_reads_more_than_its_budget(
-    name: str, budget: float, n: int, dynamic_window_share: float
+    name: str, budget: float, n: int, dynamic_window_share: float, index: dict
 ) -> None:
-    """Floors (sink, window, the dynamic heads' resident set) scale down with the budget: at
-    every budget a request reads at most ``b_mean / N`` of its prompt per decode step."""
+    """Floors (sink, window, the dynamic heads' resident set) scale down with the budget and
+    dynamic heads pay for their chunk index: at every budget a request reads at most
+    ``b_mean / N`` of its prompt's KV bytes per decode step."""
     plan = _plan(
-        name, n=n, budget=budget, window=32, sink=4, dynamic_window_share=dynamic_window_share
+        name,
+        n=n,
+        budget=budget,
+        window=32,
+        sink=4,
+        dynamic_window_share=dynamic_window_share,
+        **index,
     )
     _check_contract(plan)
     stats = plan.stats()
     b_mean = uniform_head_budget(n, budget, None)
     assert stats["budget_fraction"] == b_mean / n
-    assert stats["read_entries_per_step"] <= b_mean * L * HKV
-    assert not stats["over_budget"]
+    assert stats["read_bytes_per_step"] <= b_mean * L * HKV * stats["entry_bytes"]
+    assert stats["read_fraction"] <= b_mean / n + 1e-12 and not stats["over_budget"]
     assert plan.sink + plan.window <= b_mean
 
 
 def test_dynamic_window_share_buys_retrieval_under_a_tight_budget() -> None:
-    """At b_mean 20 the whole window leaves a dynamic head nothing to retrieve; a quarter of the
-    budget as its resident window (the default) leaves three 4-token chunks, while static heads
-    keep the window."""
-    tight = {"n": 400, "budget": 0.05, "max_dynamic_fraction": 1.0, **TUNED}
-    assert not _plan("hybridkv", dynamic_window_share=1.0, **tight).has_dynamic
+    """At b_mean 40 the whole window and the chunk index leave a dynamic head less than a chunk
+    (the static heads pay for the one it reads); a quarter of the budget as its resident window
+    (the default) leaves, after its 16-token-chunk index (5 entries), one chunk within b_mean,
+    while static heads keep the window."""
+    tight = {"n": 400, "budget": 0.1, "max_dynamic_fraction": 1.0, "sink": 0, **CHEAP}
+    whole = _plan("hybridkv", dynamic_window_share=1.0, **tight)
+    assert whole.dynamic_read_per_step() + _index_entries(400, 32, 16, sink=0, **CHEAP) > 40
     plan = _plan("hybridkv", dynamic_window_share=0.25, **tight)
     _check_contract(plan)
-    assert plan.has_dynamic and plan.window == 5 and plan.top_k_chunks == 3
+    assert plan.has_dynamic and plan.window == 10 and plan.top_k_chunks == 1
     prefix_end, tail_start = plan.resident_bounds()
-    assert (prefix_end, 400 - tail_start) == (0, 8)
-    assert plan.dynamic_read_per_step() == 20
+    assert (prefix_end, 400 - tail_start) == (0, 16)
+    assert plan.dynamic_read_per_step() + _index_entries(400, 10, 16, sink=0, **CHEAP) <= 40
     for layer, head in (~plan.is_dynamic).nonzero().tolist():
-        assert plan.kept_positions_of(layer, head).tolist() == list(range(380, 400))
-    assert plan.stats()["read_fraction"] <= 0.05 + 1e-9
+        assert plan.kept_positions_of(layer, head).tolist() == list(range(368, 400))
+    assert plan.stats()["read_fraction"] <= 0.1 + 1e-9
 
 
 def test_focus_priority_keeps_visual_focus_of_static_heads() -> None:
@@ -336,13 +372,21 @@ def test_layer_helpers_agree_with_rows() -> None:
 
 
 def test_stats_read_fraction() -> None:
-    plan = _plan("hybridkv", budget=0.2, dynamic_top_k="fixed")
+    plan = _plan("hybridkv", budget=0.2, dynamic_top_k="fixed", **CHEAP)
     s = plan.stats()
     n_dyn = int(plan.is_dynamic.sum())
+    assert n_dyn > 0
     static_kept = int(plan.kept_counts()[~plan.is_dynamic].sum())
-    expected = (static_kept + n_dyn * dynamic_head_budget(400, 4, 32, 16, 8)) / (L * HKV * 400)
+    entries = static_kept + n_dyn * dynamic_head_budget(400, 4, 32, 16, 8)
+    index = n_dyn * (22 * (2 * 4 + 12) + 4 * 12)  # 22 chunks, 4 uint8 channels, scratch, params
+    dense = L * HKV * 400 * 2 * D * 4
     assert s["dynamic_heads"] == n_dyn and s["static_heads"] == L * HKV - n_dyn
-    assert s["read_fraction"] == pytest.approx(expected)
+    assert s["read_entries_fraction"] == pytest.approx(entries / (L * HKV * 400))
+    assert s["read_fraction"] == pytest.approx((entries * 2 * D * 4 + index) / dense)
+    assert s["index_fraction"] == pytest.approx(index / dense)
+    assert s["device_fraction_compact"] == s["read_fraction"]
+    assert s["device_fraction_in_place"] == pytest.approx(1 + index / dense)
+    assert s["host_fraction_compact"] == pytest.approx(n_dyn / (L * HKV))
     assert 0 < s["read_fraction"] <= 0.2 + 1e-9
 
 
@@ -424,9 +468,12 @@ def test_budget_scaled_cap_lets_more_heads_retrieve_as_the_budget_tightens(
     proportion to the budget elsewhere (at most every head); 'fixed' keeps 0.5."""
     assert dynamic_fraction_cap(0.5, budget, "budget") == pytest.approx(cap)
     assert dynamic_fraction_cap(0.5, budget, "fixed") == 0.5
-    plan = _plan("hybridkv", n=1200, budget=budget, **TUNED)
+    cheap = {**TUNED, "chunk_size": 16, **CHEAP}
+    plan = _plan("hybridkv", n=1200, budget=budget, **cheap)
     assert int(plan.is_dynamic.sum()) <= int(cap * L * HKV + 1e-9)
-    fixed = _plan("hybridkv", n=1200, budget=budget, dynamic_cap="fixed", **TUNED)
+    fixed = _plan("hybridkv", n=1200, budget=budget, dynamic_cap="fixed", **cheap)
     assert int(fixed.is_dynamic.sum()) <= L * HKV // 2
-    if budget < 0.1:
+    if budget == 0.05:
         assert int(plan.is_dynamic.sum()) > int(fixed.is_dynamic.sum())
+    if budget == 0.02:  # b_mean 24 cannot pay a 12-entry index and a 16-token chunk
+        assert not plan.has_dynamic and not fixed.has_dynamic

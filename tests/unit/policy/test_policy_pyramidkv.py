@@ -65,8 +65,9 @@ def test_plan_keeps_sink_window_then_top_scores_per_head(budget: float) -> None:
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(layers, heads, n, generator=gen)
     focus = torch.full((heads,), n, dtype=torch.int64)
-    obs = [LayerObservation(layer, n, focus, scores[layer]) for layer in range(layers)]
     policy = PyramidKVPolicy(budget=budget, sink=4, window=32)
+    costs = policy.costs(64, torch.float32)
+    obs = [LayerObservation(layer, n, focus, scores[layer], costs) for layer in range(layers)]
     plan = policy.finalize(obs, torch.ones(n, dtype=torch.bool))
     b_mean = uniform_head_budget(n, budget, None)
     assert not plan.has_dynamic

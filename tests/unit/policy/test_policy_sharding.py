@@ -74,11 +74,7 @@ def _rank_view(obs, shard: HeadShard):
     heads' chunk bounds."""
     sl = shard.heads
     return [
-        dataclasses.replace(
-            o,
-            chunk_kmin=None if o.chunk_kmin is None else o.chunk_kmin[sl],
-            chunk_kmax=None if o.chunk_kmax is None else o.chunk_kmax[sl],
-        )
+        dataclasses.replace(o, chunk_index=None if o.chunk_index is None else o.chunk_index[sl])
         for o in obs
     ]
 

@@ -28,6 +28,9 @@ def _record(rid: str, compressed: bool = True, reason: str | None = None) -> Req
         dense_reason=reason,
         kept_entries=120 if compressed else 0,
         prompt_entries=1200 if compressed else 0,
+        prompt_bytes=1200 * ENTRY_BYTES if compressed else 0,
+        read_bytes_per_step=120 * ENTRY_BYTES if compressed else 0,
+        index_bytes=300 if compressed else 0,
         read_fraction=0.1 if compressed else 1.0,
     )
 
@@ -63,6 +66,9 @@ def test_a_request_is_visible_at_prefill_end_and_counted_once_at_release(stats, 
         "compressed_requests": 1,
         "kept_entries": 120,
         "prompt_entries": 1200,
+        "read_bytes_per_step": 120 * ENTRY_BYTES,
+        "prompt_bytes": 1200 * ENTRY_BYTES,
+        "index_bytes": 300,
     }
     assert _sample(registry, "sglang:hybridkv_compressed_requests_total") == 1
 
@@ -114,6 +120,10 @@ def test_prometheus_series_agree_with_the_totals(stats, registry):
     assert kept == {"in_place": 2 * 120 * ENTRY_BYTES, "compact": 120 * ENTRY_BYTES}
     assert sum(kept.values()) == totals["kept_entries"] * ENTRY_BYTES
     assert sum(saved.values()) == (totals["prompt_entries"] - totals["kept_entries"]) * ENTRY_BYTES
+    index = {s: _sample(registry, "sglang:hybridkv_index_bytes_total", storage=s) for s in STORE}
+    assert index == {"in_place": 600, "compact": 300} and totals["index_bytes"] == 900
+    assert totals["read_bytes_per_step"] == 3 * 120 * ENTRY_BYTES
+    assert totals["prompt_bytes"] == 3 * 1200 * ENTRY_BYTES
     assert _sample(registry, "sglang:hybridkv_read_fraction_count") == 3
     assert _sample(registry, "sglang:hybridkv_read_fraction_sum") == pytest.approx(0.3)
     assert _sample(registry, "sglang:hybridkv_read_fraction_bucket", le="0.1") == 3
