@@ -383,8 +383,8 @@ def paired_comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "a": ours["config"],
                     "b": other["config"],
                     "budget": ours["budget"],
-                    "a_read_fraction": ours["mean_read_fraction"],
-                    "b_read_fraction": other["mean_read_fraction"],
+                    "a_read_bytes_fraction": ours["mean_read_bytes_fraction"],
+                    "b_read_bytes_fraction": other["mean_read_bytes_fraction"],
                     "max_read_fraction_gap": read_fraction_gap(ours, other),
                     **paired_difference(bits_a, bits_b),
                 }
@@ -731,6 +731,54 @@ def first_token_agreement(
     return (round(agree / compared, 4) if compared else None), compared
 
 
+BYTE_FIGURES = {
+    "read_fraction": 1.0,
+    "index_fraction": 0.0,
+    "device_fraction_compact": 1.0,
+    "read_entries_fraction": 1.0,
+}
+"""Per-request figures each row averages (fractions of the dense prompt KV, bytes unless named
+entries), with their value for a request served dense."""
+
+
+def _per_question(
+    config: EvalConfig, results: Sequence[TurnResult], has_stats: bool, key: str
+) -> list[float | None]:
+    """One figure of every question's request: from the server's records when it keeps them
+    (a dense record reads everything), the dense value for a stock or disabled server, ``None``
+    where unknown. ``device_fraction_compact`` is what the plan would hold on the device in
+    compact storage, whichever storage served it."""
+    dense = BYTE_FIGURES[key]
+    if not has_stats:
+        served_dense = config.hybridkv is None or not config.hybridkv.enabled
+        return [dense if served_dense else None for _ in results]
+    out: list[float | None] = []
+    for r in results:
+        if r.stats is None:
+            out.append(None)
+        elif not r.stats["compressed"]:
+            out.append(dense)
+        elif key in r.stats:
+            out.append(r.stats[key])
+        else:
+            out.append(r.stats["extra"].get(key))
+    return out
+
+
+BYTE_ROW_KEYS = (
+    "mean_read_bytes_fraction",
+    "max_read_bytes_fraction",
+    "mean_metadata_bytes_fraction",
+    "mean_device_bytes_fraction",
+    "mean_read_entries_fraction",
+)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 4) if known else None
+
+
 def summarize(
     config: EvalConfig, results: Sequence[TurnResult], seconds: float, has_stats: bool
 ) -> dict[str, Any]:
@@ -741,11 +789,8 @@ def summarize(
         return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
 
     stats = [r.stats for r in results if r.stats is not None]
-    if config.hybridkv is None or not config.hybridkv.enabled:
-        per_question: list[float | None] = [1.0] * len(results)  # dense by construction
-    else:
-        per_question = [None if r.stats is None else r.stats["read_fraction"] for r in results]
-    read = [f for f in per_question if f is not None]
+    per_question = {key: _per_question(config, results, has_stats, key) for key in BYTE_FIGURES}
+    read = [f for f in per_question["read_fraction"] if f is not None]
     over = None
     if config.budget is not None and read:
         over = sum(f > config.budget + OVER_BUDGET_SLACK for f in read)
@@ -767,10 +812,15 @@ def summarize(
         "questions": len(results),
         "decode_token_accuracy": round(decode_ok / decode_total, 4) if decode_total else None,
         "decode_tokens": decode_total,
-        "mean_read_fraction": round(statistics.mean(read), 4) if read else None,
-        "read_fraction_range": [round(min(read), 4), round(max(read), 4)] if read else None,
+        "mean_read_bytes_fraction": _mean(per_question["read_fraction"]),
+        "max_read_bytes_fraction": round(max(read), 4) if read else None,
+        "mean_metadata_bytes_fraction": _mean(per_question["index_fraction"]),
+        "mean_device_bytes_fraction": _mean(per_question["device_fraction_compact"]),
+        "mean_read_entries_fraction": _mean(per_question["read_entries_fraction"]),
         "over_budget_requests": over,
-        "read_fractions": [None if f is None else round(f, 4) for f in per_question],
+        "read_fractions": [
+            None if f is None else round(f, 4) for f in per_question["read_fraction"]
+        ],
         "requests_with_stats": len(stats) if has_stats else None,
         "compression_outcomes": dict(reasons) if has_stats else None,
         "accuracy_by_kind": accuracy_by(lambda r: r.kind),
@@ -793,19 +843,27 @@ def summarize(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        f"{'config':<18} {'budget':>6} {'accuracy':>8} {'95% interval':>14} {'read frac':>9} "
-        f"{'over':>4} {'decode tok':>10} {'questions':>9}",
-        "-" * 85,
+        f"{'config':<18} {'budget':>6} {'accuracy':>8} {'95% interval':>14} {'read B':>6} "
+        f"{'max B':>6} {'index':>6} {'over':>4} {'decode tok':>10} {'questions':>9}",
+        "-" * 99,
     ]
     for row in rows:
         budget = "-" if row["budget"] is None else f"{row['budget']:.0%}"
-        read = "-" if row["mean_read_fraction"] is None else f"{row['mean_read_fraction']:.3f}"
+        read, most, index = (
+            "-" if row.get(key) is None else f"{row[key]:.3f}"
+            for key in (
+                "mean_read_bytes_fraction",
+                "max_read_bytes_fraction",
+                "mean_metadata_bytes_fraction",
+            )
+        )
         low, high = row["ci95"]
         token = row.get("decode_token_accuracy")
         over = row.get("over_budget_requests")
         lines.append(
             f"{row['config']:<18} {budget:>6} {row['accuracy']:>8.1%} "
-            f"{f'{low:.1%}-{high:.1%}':>14} {read:>9} {'-' if over is None else over:>4} "
+            f"{f'{low:.1%}-{high:.1%}':>14} {read:>6} {most:>6} {index:>6} "
+            f"{'-' if over is None else over:>4} "
             f"{'-' if token is None else f'{token:.1%}':>10} {row['questions']:>9}"
         )
     return "\n".join(lines)
@@ -829,8 +887,9 @@ def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy (95 % interval bars) against the budget and against the measured read fraction,
-    one line per policy; the full cache as a dashed line and band."""
+    """Accuracy (95 % interval bars) against the budget and against the measured bytes read per
+    decode step (a fraction of the dense prompt KV bytes, chunk indexes included), one line per
+    policy; the full cache as a dashed line and band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -841,8 +900,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     full = [r for r in rows if r["policy"] == "full"]
     policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != "full"]
     for ax, x_key, x_label in (
-        (axes[0], "budget", "budget (fraction of prompt KV kept)"),
-        (axes[1], "mean_read_fraction", "measured fraction of prompt KV read per decode step"),
+        (axes[0], "budget", "budget (fraction of the prompt KV bytes)"),
+        (
+            axes[1],
+            "mean_read_bytes_fraction",
+            "measured prompt KV bytes read per decode step (index included)",
+        ),
     ):
         for n, policy in enumerate(policies):
             points = sorted(
@@ -1073,14 +1136,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             row["hybridkv"] = None
             if not has_stats:
-                row["mean_read_fraction"] = row["read_fraction_range"] = None
+                for key in BYTE_ROW_KEYS:
+                    row[key] = None
         else:
             row["server_wait_seconds"] = round(waited, 1)
-        read = row["mean_read_fraction"]
+        read = row["mean_read_bytes_fraction"]
         low, high = row["ci95"]
         tqdm.write(
             f"{config.name}: accuracy {row['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
-            f"({row['correct']}/{row['questions']}), read fraction "
+            f"({row['correct']}/{row['questions']}), bytes read per step "
             f"{'-' if read is None else f'{read:.3f}'}, {seconds:.0f} s"
         )
         return row, results

@@ -55,18 +55,21 @@ def test_harness_end_to_end_on_cpu(tmp_path):
     for row in rows.values():
         assert row["questions"] == result["dataset"]["questions"] >= 8
         assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
-        assert isinstance(row["mean_read_fraction"], float)
+        assert isinstance(row["mean_read_bytes_fraction"], float)
         assert row["requests_with_stats"] == row["questions"]
         # Every scored answer has a token after the first (decoded over the compressed cache).
         assert row["decode_tokens"] >= row["questions"]
         assert isinstance(row["decode_token_accuracy"], float)
     full, compressed = rows["full"], rows["hybridkv@0.2"]
     assert full["accuracy"] >= 0.8, full["wrong_examples"]
-    assert full["mean_read_fraction"] == 1.0
+    assert full["mean_read_bytes_fraction"] == 1.0
     assert full["compression_outcomes"] == {"disabled": full["questions"]}
     # Every prompt of the set (~340+ tokens) is compressed at min_prompt_tokens 128.
     assert compressed["compression_outcomes"] == {"compressed": compressed["questions"]}
-    assert 0.1 < compressed["mean_read_fraction"] < 0.3
+    assert 0.1 < compressed["mean_read_bytes_fraction"] < 0.3
+    assert compressed["max_read_bytes_fraction"] <= 0.2 + 0.005
+    assert 0 <= compressed["mean_metadata_bytes_fraction"] < compressed["mean_read_bytes_fraction"]
+    assert compressed["mean_device_bytes_fraction"] == compressed["mean_read_bytes_fraction"]
     # The first reply token comes from the dense prefill forward: the full cache's, every turn.
     assert compressed["first_token_agreement"] == 1.0
     assert compressed["first_tokens_compared"] >= result["dataset"]["cases"]

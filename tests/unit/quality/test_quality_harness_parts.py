@@ -123,7 +123,7 @@ def test_mcnemar_and_paired_difference(quality_bench):
 def test_paired_comparisons_pair_each_hybridkv_row_at_its_budget(quality_bench):
     def row(config, method, budget, bits):
         return {"config": config, "method": method, "budget": budget, "correct_bits": bits,
-                "mean_read_fraction": budget}  # fmt: skip
+                "mean_read_bytes_fraction": budget}  # fmt: skip
 
     rows = [
         row("full", "full", 1.0, "1111"),
@@ -243,13 +243,13 @@ def test_default_set_covers_every_kind_and_k(quality_bench):
 def test_table_and_plot(quality_bench, tmp_path):
     rows = [
         {"config": "full", "policy": "full", "budget": 1.0, "accuracy": 1.0,
-         "ci95": [0.72, 1.0], "mean_read_fraction": 1.0, "questions": 10,
+         "ci95": [0.72, 1.0], "mean_read_bytes_fraction": 1.0, "questions": 10,
          "decode_token_accuracy": 1.0},
         {"config": "hybridkv@0.1", "policy": "hybridkv", "budget": 0.1, "accuracy": 0.9,
-         "ci95": [0.6, 0.98], "mean_read_fraction": 0.11, "questions": 10,
+         "ci95": [0.6, 0.98], "mean_read_bytes_fraction": 0.11, "questions": 10,
          "decode_token_accuracy": 0.85},
         {"config": "hybridkv@0.2", "policy": "hybridkv", "budget": 0.2, "accuracy": 0.95,
-         "ci95": [0.7, 0.99], "mean_read_fraction": None, "questions": 10,
+         "ci95": [0.7, 0.99], "mean_read_bytes_fraction": None, "questions": 10,
          "decode_token_accuracy": None},
     ]  # fmt: skip
     table = quality_bench.format_table(rows)
@@ -340,3 +340,37 @@ def test_read_fraction_gap_is_per_question(quality_bench):
     b = {"read_fractions": [0.049, 0.049, 0.05, 0.05]}
     assert quality_bench.read_fraction_gap(a, b) == pytest.approx(0.003)
     assert quality_bench.read_fraction_gap(a, {}) is None
+
+
+def test_rows_report_bytes_from_the_server_records_in_every_mode(quality_bench):
+    """A ``--url`` row (no config of its own) reads its figures from the server's records: a
+    compact server's compressed requests are not reported as reading everything."""
+
+    def result(i, stats):
+        return quality_bench.TurnResult(
+            "c", "describe", 16, i, f"r{i}", "red navy", ("red",), ("red navy",), True, 1, 1, 300,
+            stats,
+        )  # fmt: skip
+
+    record = {
+        "compressed": True,
+        "read_fraction": 0.097,
+        "index_fraction": 0.012,
+        "read_entries_fraction": 0.085,
+        "extra": {"device_fraction_compact": 0.097},
+    }
+    dense = {"compressed": False, "read_fraction": 1.0, "extra": {}}
+    results = [result(0, record), result(1, record), result(2, dense), result(3, None)]
+    url_row = quality_bench.EvalConfig("served", "served", "served", 0.1, None)
+    row = quality_bench.summarize(url_row, results, 1.0, has_stats=True)
+    assert row["read_fractions"] == [0.097, 0.097, 1.0, None]
+    assert row["mean_read_bytes_fraction"] == pytest.approx((0.097 * 2 + 1) / 3, abs=1e-4)
+    assert row["max_read_bytes_fraction"] == 1.0
+    assert row["mean_metadata_bytes_fraction"] == pytest.approx(0.008, abs=1e-4)
+    assert row["mean_device_bytes_fraction"] == pytest.approx((0.097 * 2 + 1) / 3, abs=1e-4)
+    assert row["mean_read_entries_fraction"] == pytest.approx((0.085 * 2 + 1) / 3, abs=1e-4)
+    assert row["over_budget_requests"] == 1  # the dense one
+    stock = quality_bench.summarize(
+        quality_bench.EvalConfig("full", "full", "full", 1.0, None), results, 1.0, has_stats=False
+    )
+    assert stock["read_fractions"] == [1.0] * 4 and stock["mean_metadata_bytes_fraction"] == 0.0
