@@ -5,9 +5,10 @@ its dense prompt KV bytes per decode step. What a decode step reads of the promp
 
 * the K and V of every entry its tables list (``2·D`` values of the KV dtype each), and
 * each dynamic head's chunk index (:mod:`hybridkv_sglang.policy.chunk_index`): ``2·r`` bound
-  values per retrievable chunk at their stored precision, the retrieval's per-chunk scratch
-  (score, candidate id, top id: ``SCRATCH_BYTES_PER_CHUNK``), and per bounded channel its id,
-  offset and scale (``PARAM_BYTES_PER_CHANNEL``).
+  values per retrievable chunk at their stored precision, per bounded channel its id, offset and
+  scale (``PARAM_BYTES_PER_CHANNEL``), and the retrieval's scratch: a candidate (score and id)
+  for each of its ``k`` chunks per block of ``CANDIDATE_BLOCK`` chunks, and the ``k`` ids it
+  selects (:meth:`ByteCosts.scratch_bytes`).
 
 Both are held on the device for the request's life as well (in ``compact`` storage that is all
 the request holds of its prompt, with the dynamic heads' prompt KV on the host tier). The planner
@@ -24,9 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-SCRATCH_BYTES_PER_CHUNK = 12
-"""Retrieval scratch per chunk of a dynamic head: score (float32), candidate id and top id
-(int32 each)."""
+CANDIDATE_BLOCK = 32
+"""Chunks per block of the retrieval's first pass, which keeps each block's best ``k`` as
+candidates (the kernel's blocks are at least this large)."""
+CANDIDATE_BYTES = 8
+"""A candidate: its score (float32) and chunk id (int32)."""
+SELECTED_BYTES = 4
+"""A selected chunk's id (int32)."""
 PARAM_BYTES_PER_CHANNEL = 12
 """Per bounded channel of a dynamic head: its id (int32), offset and scale (float32)."""
 POSITION_BYTES = 4
@@ -79,19 +84,29 @@ class ByteCosts:
 
     @property
     def chunk_bytes(self) -> int:
-        """Index bytes per retrievable chunk: its bounds and the retrieval's scratch."""
-        return 2 * self.bound_channels * self.bound_bytes + SCRATCH_BYTES_PER_CHUNK
+        """Bound bytes per retrievable chunk (its minima and maxima)."""
+        return 2 * self.bound_channels * self.bound_bytes
 
     @property
     def head_bytes(self) -> int:
         """Index bytes per dynamic head whatever its prompt: its channels' ids and affine maps."""
         return PARAM_BYTES_PER_CHANNEL * self.bound_channels
 
-    def index_bytes(self, chunks: int) -> int:
-        """The chunk index of one dynamic head with ``chunks`` retrievable chunks."""
-        return chunks * self.chunk_bytes + self.head_bytes if chunks > 0 else 0
+    @staticmethod
+    def scratch_bytes(chunks: int, selected: int) -> int:
+        """Retrieval scratch of a dynamic head selecting ``selected`` of ``chunks`` chunks."""
+        selected = min(selected, chunks)
+        blocks = -(-chunks // CANDIDATE_BLOCK)
+        return CANDIDATE_BYTES * blocks * min(selected, CANDIDATE_BLOCK) + SELECTED_BYTES * selected
 
-    def index_entries(self, chunks: int) -> int:
+    def index_bytes(self, chunks: int, selected: int) -> int:
+        """The chunk index of one dynamic head with ``chunks`` retrievable chunks that selects
+        ``selected`` of them per step."""
+        if chunks <= 0:
+            return 0
+        return chunks * self.chunk_bytes + self.head_bytes + self.scratch_bytes(chunks, selected)
+
+    def index_entries(self, chunks: int, selected: int) -> int:
         """:meth:`index_bytes` in KV entries, rounded up: what stage 2 charges a dynamic head
         on top of the entries it reads."""
-        return math.ceil(self.index_bytes(chunks) / self.entry_bytes)
+        return math.ceil(self.index_bytes(chunks, selected) / self.entry_bytes)

@@ -243,8 +243,19 @@ class CompressionPolicy:
             window, uniform_head_budget(head_budget, self.dynamic_window_share, None)
         )
         first, end = retrievable_chunk_range(prompt_len, sink, dynamic_window, self.chunk_size)
-        index_entries = costs.index_entries(end - first)
-        k = self.chunks_per_step(prompt_len, sink, dynamic_window, head_budget - index_entries)
+        # The index's scratch grows with k: fit k to what the index leaves when it selects one
+        # chunk, then to what it leaves when it selects that many (never more, so it still fits).
+        chunks = end - first
+        k = self.chunks_per_step(
+            prompt_len, sink, dynamic_window, head_budget - costs.index_entries(chunks, 1)
+        )
+        k = min(
+            k,
+            self.chunks_per_step(
+                prompt_len, sink, dynamic_window, head_budget - costs.index_entries(chunks, k)
+            ),
+        )
+        index_entries = costs.index_entries(chunks, k)
         return Geometry(
             prompt_len=prompt_len,
             window=window,

@@ -212,7 +212,11 @@ class CompressionPlan:
         read = static_kept + n_dyn * self.dynamic_read_per_step()
         entry_bytes = 1 if self.costs is None else self.costs.entry_bytes
         first, end = self.retrievable_chunks
-        index_bytes = 0 if self.costs is None else n_dyn * self.costs.index_bytes(end - first)
+        index_bytes = (
+            0
+            if self.costs is None
+            else n_dyn * self.costs.index_bytes(end - first, self.top_k_chunks)
+        )
         dense_bytes = dense * entry_bytes
         read_bytes = read * entry_bytes + index_bytes
         positions_bytes = POSITION_BYTES * self.kept_entries() if self.costs is not None else 0

@@ -73,11 +73,15 @@ def test_byte_costs() -> None:
     # Qwen2.5-VL-7B shapes: bf16, D 128; 16 uint8 channels
     costs = ByteCosts.of(128, torch.bfloat16, 16, "uint8")
     assert costs.entry_bytes == 512
-    assert costs.chunk_bytes == 2 * 16 + 12 and costs.head_bytes == 16 * 12
-    assert costs.index_bytes(0) == 0
-    assert costs.index_bytes(100) == 100 * 44 + 192
-    assert costs.index_entries(100) == 9  # 4592 bytes, rounded up to entries of 512
+    assert costs.chunk_bytes == 2 * 16 and costs.head_bytes == 16 * 12
+    assert costs.index_bytes(0, 4) == 0
+    # 100 chunks: bounds, parameters, a candidate per selected chunk in each of 4 blocks of 32
+    # (score and id) and the 4 selected ids
+    assert costs.scratch_bytes(100, 4) == 8 * 4 * 4 + 4 * 4
+    assert costs.index_bytes(100, 4) == 100 * 32 + 192 + 144
+    assert costs.index_entries(100, 4) == 7  # 3536 bytes, rounded up to entries of 512
+    assert costs.scratch_bytes(3, 8) == 8 * 3 + 4 * 3  # no more selected than there are chunks
     plain = ByteCosts.of(128, torch.bfloat16, None, "kv")
-    assert plain.chunk_bytes == 2 * 128 * 2 + 12  # the full Quest bound: 1/C of the KV and more
+    assert plain.chunk_bytes == 2 * 128 * 2  # the full Quest bound: 1/C of the KV
     with pytest.raises(ValueError, match="bound_channels"):
         ByteCosts(head_dim=8, kv_bytes=2, bound_channels=9, bound_bytes=1)

@@ -72,9 +72,10 @@ def test_planted_heads_static_keeps_focus_dynamic_shifts() -> None:
     q, k, anchors = _planted_two_heads(n, w)
     # b_mean = 50: head 0 (|U| = 3) fits, head 1 (|U| = 56) does not; B = 100 pays for one
     # dynamic head (b_dyn = 16 resident prefix + 2 * 16 chunks + 16 resident tail = 64, and its
-    # chunk index: 30 chunks x (2 x 8 one-byte bounds + 12 bytes scratch) + 8 x 12 bytes of
-    # channel parameters = 936 bytes, 2 entries of 512) and 34 static entries: sink + window +
-    # the anchors' max-pooled neighbourhoods (3 x 7 positions) and the best scores after them.
+    # chunk index: 30 chunks x 2 x 8 one-byte bounds + 8 x 12 bytes of channel parameters + 24
+    # bytes of retrieval scratch = 600 bytes, 2 entries of 512) and 34 static entries: sink +
+    # window + the anchors' max-pooled neighbourhoods (3 x 7 positions) and the best scores after
+    # them.
     policy = build_policy(
         "hybridkv",
         budget_tokens=50,
@@ -99,7 +100,7 @@ def test_planted_heads_static_keeps_focus_dynamic_shifts() -> None:
     assert plan.kept_positions_of(0, 1).tolist() == [*range(16), *range(n - 16, n)]
     assert plan.chunk_kmin is not None and plan.chunk_kmin.shape == (1, 2, n // 16, 8)
     stats = plan.stats()
-    assert stats["read_bytes_per_step"] == (34 + 64) * 512 + 936
+    assert stats["read_bytes_per_step"] == (34 + 64) * 512 + 600
     assert stats["read_fraction"] <= 50 / n
 
 

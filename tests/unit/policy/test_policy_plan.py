@@ -136,19 +136,21 @@ def test_snapkv_has_no_text_prior_hybridkv_has() -> None:
                 assert kept_text == (min(b - 36, 40) if name == "hybridkv" else 0)
 
 
-def _index_entries(n: int, window: int, chunk: int, sink: int = 4, **index: object) -> int:
+def _index_entries(
+    n: int, window: int, chunk: int, sink: int = 4, selected: int = 1, **index: object
+) -> int:
     """What stage 2 charges a dynamic head for its chunk index at these shapes."""
     first, end = retrievable_chunk_range(n, sink, window, chunk)
     policy = build_policy("hybridkv", **index)  # type: ignore[arg-type]
-    return policy.costs(D, torch.float32).index_entries(end - first)
+    return policy.costs(D, torch.float32).index_entries(end - first, selected)
 
 
 def test_all_static_and_all_dynamic_types() -> None:
     static = _plan("all_static", budget=0.1)
     assert not static.has_dynamic and static.chunk_kmin is None
-    # b_mean 80; the full index (22 chunks of 140 bytes, entries of 128) costs 26 entries:
-    # (80 - 48 - 26) // 16 = 0 chunks, so no head can be dynamic
-    assert _index_entries(400, 32, 16) == 26
+    # b_mean 80; the full index (22 chunks of 128 bytes, entries of 128) costs 24 entries:
+    # (80 - 48 - 24) // 16 = 0 chunks, so no head can be dynamic
+    assert _index_entries(400, 32, 16) == 24
     assert not _plan("all_dynamic", budget=0.2).has_dynamic
     # the cheap index costs 4 entries: (80 - 48 - 4) // 16 = 1 chunk
     dynamic = _plan("all_dynamic", budget=0.2, **CHEAP)
@@ -159,7 +161,7 @@ def test_all_static_and_all_dynamic_types() -> None:
 
 @pytest.mark.parametrize(
     "n,budget,k",
-    [(400, 0.2, 1), (400, 0.5, 9), (400, 1.0, 21), (1200, 0.1, 3), (1200, 0.05, 1), (400, 0.1, 0)],
+    [(400, 0.2, 1), (400, 0.5, 9), (400, 1.0, 21), (1200, 0.1, 4), (1200, 0.05, 1), (400, 0.1, 0)],
 )
 def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> None:
     """Equal-budget ablation: a dynamic head's entries and chunk index cost <= b_mean, at most
@@ -174,7 +176,7 @@ def test_all_dynamic_reads_within_the_budget(n: int, budget: float, k: int) -> N
         return
     assert plan.is_dynamic.all() and plan.top_k_chunks == k  # top_k_chunks=8 is ignored
     first, end = plan.retrievable_chunks
-    cost = plan.dynamic_read_per_step() + _index_entries(n, plan.window, 16, **CHEAP)
+    cost = plan.dynamic_read_per_step() + _index_entries(n, plan.window, 16, selected=k, **CHEAP)
     assert cost <= b_mean and (cost > b_mean - 16 or k == end - first)
 
 
@@ -208,7 +210,7 @@ TUNED = {  # docs/quality-diagnosis.md's configuration for the tile-task model
 
 @pytest.mark.parametrize(
     "n,budget,fits",
-    [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 10), (1200, 0.2, 40)],
+    [(335, 0.1, 0), (359, 0.1, 0), (400, 0.05, 0), (1200, 0.1, 14), (1200, 0.2, 41)],
 )
 def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) -> None:
     """No sink, 4-token chunks, dynamic heads with the static heads' window: the resident set is
@@ -238,7 +240,7 @@ def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) 
     assert plan.stats()["read_fraction"] <= budget + 1e-9
     assert plan.dynamic_read_per_step() == n - tail_start + max(1, fits) * 4
     if fits:
-        index = _index_entries(n, window, 4, sink=0, **CHEAP)
+        index = _index_entries(n, window, 4, sink=0, selected=fits, **CHEAP)
         assert plan.has_dynamic and plan.dynamic_read_per_step() + index <= b_mean
 
 
@@ -378,7 +380,8 @@ def test_stats_read_fraction() -> None:
     assert n_dyn > 0
     static_kept = int(plan.kept_counts()[~plan.is_dynamic].sum())
     entries = static_kept + n_dyn * dynamic_head_budget(400, 4, 32, 16, 8)
-    index = n_dyn * (22 * (2 * 4 + 12) + 4 * 12)  # 22 chunks, 4 uint8 channels, scratch, params
+    # 22 chunks of 4 uint8 channels, their parameters, 8 candidates in one block and 8 selected
+    index = n_dyn * (22 * 2 * 4 + 4 * 12 + 8 * 8 + 8 * 4)
     dense = L * HKV * 400 * 2 * D * 4
     assert s["dynamic_heads"] == n_dyn and s["static_heads"] == L * HKV - n_dyn
     assert s["read_entries_fraction"] == pytest.approx(entries / (L * HKV * 400))
