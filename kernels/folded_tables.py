@@ -3,8 +3,13 @@
 A decode step's table of layer ``l`` has one row per (request, kv head), request-major. What a
 row reads is described once per request, when its compression finishes, by one record of
 ``ROW_FIELDS`` int32 values per (request slot, layer, kv head) (``row_meta``), plus values in
-two arenas: ``fixed_values`` (positions in the request's ``req_to_token`` row, or folded entry
-ids when ``DIRECT``) and the dynamic rows' chunk key bounds. A row lists, in order::
+arenas: ``fixed_values`` (positions in the request's ``req_to_token`` row, or folded entry ids
+when ``DIRECT``), the dynamic rows' chunk key bounds (``[J, r]``, one row per chunk from
+``BOUNDS_START``) and their bound parameters (row ``PARAM_ROW`` of ``bound_channels [P, r]`` and
+``bound_affine [P, 2, r]``: bound column ``i`` covers key channel ``channels[i]`` and its value is
+``offset[i] + scale[i] * stored[i]``, so 8-bit codes over a few channels and plain bounds over
+all ``D`` channels in the KV dtype, ``channels = arange(D)``, ``offset = 0``, ``scale = 1``, take
+the same path). A row lists, in order::
 
     fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
     its NUM_SEL retrieved chunks of C values each          # dynamic rows only
@@ -58,6 +63,7 @@ ROW_FIELDS = (
     "BOUNDS_START",
     "CHUNK_BASE",
     "DIRECT",
+    "PARAM_ROW",
 )
 (
     FIXED_START,
@@ -71,6 +77,7 @@ ROW_FIELDS = (
     BOUNDS_START,
     CHUNK_BASE,
     DIRECT,
+    PARAM_ROW,
 ) = range(len(ROW_FIELDS))
 NF = len(ROW_FIELDS)
 
@@ -283,6 +290,8 @@ def _chunk_candidates_kernel(
     q_ptr,
     kmin_ptr,
     kmax_ptr,
+    channels_ptr,
+    affine_ptr,
     cand_score_ptr,
     cand_id_ptr,
     req_pool_ptr,
@@ -291,15 +300,18 @@ def _chunk_candidates_kernel(
     layer,
     num_layers,
     G,
-    D,
+    R,
     stride_qr,
     stride_qg,
     stride_bound,
+    stride_channels,
+    stride_affine,
+    stride_affine_part,
     H: tl.constexpr,
     NF_: tl.constexpr,
     K: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -313,25 +325,34 @@ def _chunk_candidates_kernel(
     n = tl.load(meta_ptr + base + 6, mask=slot >= 0, other=0)
     if (nsel > 0) & (blk * BLOCK_C < n):
         bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
+        param = tl.load(meta_ptr + base + 11).to(tl.int64)
         offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < n
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        where = (bstart + offs_c)[:, None] * stride_bound + offs_d[None, :]
-        mask = mask_c[:, None] & mask_d[None, :]
-        lo = tl.load(kmin_ptr + where, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(kmax_ptr + where, mask=mask, other=0.0).to(tl.float32)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        channel = tl.load(channels_ptr + param * stride_channels + offs_r, mask=mask_r, other=0)
+        affine = affine_ptr + param * stride_affine + offs_r
+        offset = tl.load(affine, mask=mask_r, other=0.0)
+        scale = tl.load(affine + stride_affine_part, mask=mask_r, other=0.0)
+        where = (bstart + offs_c)[:, None] * stride_bound + offs_r[None, :]
+        mask = mask_c[:, None] & mask_r[None, :]
+        lo = tl.load(kmin_ptr + where, mask=mask, other=0).to(tl.float32)
+        hi = tl.load(kmax_ptr + where, mask=mask, other=0).to(tl.float32)
         offs_g = tl.arange(0, BLOCK_G)
         mask_g = offs_g < G
         q = tl.load(
-            q_ptr + r.to(tl.int64) * stride_qr + offs_g[:, None] * stride_qg + offs_d[None, :],
-            mask=mask_g[:, None] & mask_d[None, :],
+            q_ptr + r.to(tl.int64) * stride_qr + offs_g[:, None] * stride_qg + channel[None, :],
+            mask=mask_g[:, None] & mask_r[None, :],
             other=0.0,
         ).to(tl.float32)
-        # sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (hi >= lo): two small matmuls; 16-bit
-        # values are exact in tf32, so tensor cores give fp32 products of the stored values
-        per_head = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision=PRECISION)
-        per_head += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision=PRECISION)
+        # sum_i max(q_i lo_i, q_i hi_i) with lo, hi = off + s * stored (s >= 0, stored hi >= lo)
+        # = (q+ s) . hi + (q- s) . lo + q . off: two small matmuls over the stored values (codes
+        # and 16-bit values are exact in tf32; q s is rounded to tf32 only when s != 1, far
+        # below the codes' own step), then the offsets' dot per query head
+        qs = q * scale[None, :]
+        per_head = tl.dot(tl.maximum(qs, 0.0), tl.trans(hi), input_precision=PRECISION)
+        per_head += tl.dot(tl.minimum(qs, 0.0), tl.trans(lo), input_precision=PRECISION)
+        per_head += tl.sum(q * offset[None, :], axis=1)[:, None]
         scores = tl.max(tl.where(mask_g[:, None], per_head, float("-inf")), axis=0)
         scores = tl.where(mask_c, scores, float("-inf"))
         ranked = tl.sort(_rank_keys(scores, offs_c), dim=0, descending=True)
@@ -392,13 +413,44 @@ def _chunk_select_kernel(
                 tl.store(cand_score_ptr + bstart + best_at, float("-inf"))
 
 
-def _check_retrieval_args(q: Tensor, kmin: Tensor, kmax: Tensor, row_meta: Tensor) -> None:
+_BOUND_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_retrieval_args(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    bound_channels: Tensor,
+    bound_affine: Tensor,
+    row_meta: Tensor,
+) -> None:
     if q.dim() != 3:
         raise ValueError(f"q: expected [rows, G, D], got shape {tuple(q.shape)}")
-    if kmin.dim() != 2 or kmin.shape[1] != q.shape[2] or kmax.shape != kmin.shape:
+    if (
+        kmin.dim() != 2
+        or not 1 <= kmin.shape[1] <= q.shape[2]
+        or kmax.shape != kmin.shape
+        or kmin.dtype not in _BOUND_DTYPES
+        or kmax.dtype != kmin.dtype
+    ):
         raise ValueError(
-            f"kmin/kmax: expected [chunks, {q.shape[2]}], got {tuple(kmin.shape)} and "
-            f"{tuple(kmax.shape)}"
+            f"kmin/kmax: expected [chunks, r <= {q.shape[2]}] of one of {_BOUND_DTYPES}, got "
+            f"{kmin.dtype} {tuple(kmin.shape)} and {kmax.dtype} {tuple(kmax.shape)}"
+        )
+    width = kmin.shape[1]
+    if bound_channels.dim() != 2 or bound_channels.shape[1] != width:
+        raise ValueError(
+            f"bound_channels: expected [params, {width}], got {tuple(bound_channels.shape)}"
+        )
+    if bound_channels.dtype != torch.int32 or bound_affine.dtype != torch.float32:
+        raise ValueError(
+            f"bound_channels, bound_affine: expected int32 and float32, got "
+            f"{bound_channels.dtype} and {bound_affine.dtype}"
+        )
+    if bound_affine.shape != (bound_channels.shape[0], 2, width):
+        raise ValueError(
+            f"bound_affine: expected [{bound_channels.shape[0]}, 2, {width}], got "
+            f"{tuple(bound_affine.shape)}"
         )
     if q.shape[0] % row_meta.shape[2]:
         raise ValueError(f"q: expected a multiple of {row_meta.shape[2]} rows, got {q.shape[0]}")
@@ -408,6 +460,8 @@ def chunk_retrieval(
     q: Tensor,
     kmin: Tensor,
     kmax: Tensor,
+    bound_channels: Tensor,
+    bound_affine: Tensor,
     chunk_scores: Tensor,
     chunk_ids: Tensor,
     chunk_top: Tensor,
@@ -422,11 +476,19 @@ def chunk_retrieval(
     """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[BOUNDS_START:]``.
 
     Two launches: per (row, block of chunks) the block's best ``max_selected`` candidates, then
-    per row the best of the candidates. Rows that are not dynamic exit at once.
+    per row the best of the candidates. Rows that are not dynamic exit at once. Chunk ``c`` of a
+    row scores ``max_g sum_i max(q[g, ch_i] lo_i, q[g, ch_i] hi_i)`` with
+    ``lo = offset + scale * kmin[c]``, ``hi = offset + scale * kmax[c]`` (float32) over its
+    parameter row.
 
     Args:
         q: ``[B * H_kv, G, D]`` this layer's queries (rows request-major); last dim contiguous.
-        kmin, kmax: ``[J, D]`` the bounds arena (row ``BOUNDS_START + c`` is chunk ``c``).
+        kmin, kmax: ``[J, r]`` the bounds arena (row ``BOUNDS_START + c`` is chunk ``c``): uint8
+            codes or float16 / bfloat16 / float32 values, ``kmax >= kmin``.
+        bound_channels: ``[P, r]`` int32, the key channel of each bound column (row
+            ``PARAM_ROW``); contiguous rows.
+        bound_affine: ``[P, 2, r]`` float32, offsets (``[:, 0]``) and scales (``[:, 1]``,
+            ``>= 0``) of each bound column; contiguous rows.
         chunk_scores: ``[J]`` float32, chunk_ids: ``[J]`` int32: candidate scratch.
         chunk_top: ``[J]`` int32, written: relative chunk ids by descending score (ties: the
             lower id), ``NUM_SEL`` per dynamic row.
@@ -434,30 +496,36 @@ def chunk_retrieval(
         max_chunks: at least every row's ``NUM_CHUNKS`` (sizes the grid).
         max_selected: at least every row's ``NUM_SEL``.
     """
-    _check_retrieval_args(q, kmin, kmax, row_meta)
-    require_triton_device("chunk_retrieval", q, kmin, chunk_top, row_meta)
-    rows, groups, dim = q.shape
+    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
+    require_triton_device("chunk_retrieval", q, kmin, bound_affine, chunk_top, row_meta)
+    rows, groups, _ = q.shape
     if rows == 0 or max_selected == 0:
         return
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_c = max(16, min(128, 16384 // block_d), triton.next_power_of_2(max_selected))
+    width = kmin.shape[1]
+    block_r = max(16, triton.next_power_of_2(width))
+    block_c = max(16, min(128, 16384 // block_r), triton.next_power_of_2(max_selected))
     meta_args = (req_pool_indices, slot_of_row, row_meta, layer, row_meta.shape[1])
     consts = {"H": row_meta.shape[2], "NF_": NF, "K": max_selected, "BLOCK_C": block_c}
     _chunk_candidates_kernel[(rows, triton.cdiv(max(max_chunks, 1), block_c))](
         q,
         kmin,
         kmax,
+        bound_channels,
+        bound_affine,
         chunk_scores,
         chunk_ids,
         *meta_args,
         groups,
-        dim,
+        width,
         q.stride(0),
         q.stride(1),
         kmin.stride(0),
-        BLOCK_D=block_d,
+        bound_channels.stride(0),
+        bound_affine.stride(0),
+        bound_affine.stride(1),
+        BLOCK_R=block_r,
         BLOCK_G=max(16, triton.next_power_of_2(groups)),
-        PRECISION="tf32" if kmin.dtype in (torch.float16, torch.bfloat16) else "ieee",
+        PRECISION="ieee" if kmin.dtype == torch.float32 else "tf32",
         **consts,
     )
     candidates = triton.cdiv(max(max_chunks, 1), block_c) * max_selected
@@ -475,6 +543,8 @@ def chunk_retrieval_ref(
     q: Tensor,
     kmin: Tensor,
     kmax: Tensor,
+    bound_channels: Tensor,
+    bound_affine: Tensor,
     chunk_scores: Tensor,
     chunk_ids: Tensor,
     chunk_top: Tensor,
@@ -486,16 +556,21 @@ def chunk_retrieval_ref(
     max_chunks: int,
     max_selected: int,
 ) -> None:
-    """Torch twin of :func:`chunk_retrieval` (reads row counts on the host: CPU path)."""
-    _check_retrieval_args(q, kmin, kmax, row_meta)
+    """Torch twin of :func:`chunk_retrieval`, the definition (reads row counts on the host: CPU
+    path): bounds dequantised to float32, then the Quest bound over the bounded channels."""
+    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
     _, _, slot, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, q.shape[0])
     dynamic = torch.nonzero((slot >= 0) & (meta[:, NUM_SEL] > 0)).reshape(-1).tolist()
     qf = q.float()
     for r in dynamic:
-        n, nsel, start = (int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START))
-        lo = kmin[start : start + n].float()
-        hi = kmax[start : start + n].float()
-        scores = (qf[r].clamp(min=0) @ hi.T + qf[r].clamp(max=0) @ lo.T).amax(dim=0)
+        n, nsel, start, param = (
+            int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START, PARAM_ROW)
+        )
+        offset, scale = bound_affine[param]
+        lo = offset + scale * kmin[start : start + n].float()
+        hi = offset + scale * kmax[start : start + n].float()
+        qr = qf[r][:, bound_channels[param].to(torch.int64)]
+        scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(dim=0)
         order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
         chunk_top[start : start + nsel] = order.to(chunk_top.dtype)
 

@@ -171,6 +171,8 @@ class FoldedDecode:
             q_rows,
             meta.kmin,
             meta.kmax,
+            meta.bound_channels,
+            meta.bound_affine,
             meta.chunk_scores,
             meta.chunk_ids,
             meta.chunk_top,

@@ -443,13 +443,14 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
     meta = DecodeMetadata(
         layers,
         heads,
-        key.shape[-1],
+        sizing.bound_width(key.shape[-1]),
         max_requests=model_runner.req_to_token_pool.size + 2,  # + a compaction's rewrite
         pool_rows=req_to_token.shape[0],
         fixed_capacity=sizing.fixed_values(entries_per_layer * layers)
         + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
         bound_capacity=sizing.bound_chunks(entries_per_layer * layers),
-        bound_dtype=key.dtype,
+        param_capacity=sizing.param_rows(entries_per_layer * layers),
+        bound_dtype=sizing.bound_dtype(key.dtype),
         device=key.device,
     )
     shape = FoldedShape(

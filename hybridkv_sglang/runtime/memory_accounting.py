@@ -2,8 +2,10 @@
 
 SGLang sizes its KV pool as (available memory) / (bytes per token). An AFTER hook on the
 configurator's per-token cost adds what the metadata pools take per token of that pool
-(:meth:`~hybridkv_sglang.storage.decode_metadata.PoolSizing.bytes_per_entry` per layer and kv
-head), so the pools allocated afterwards at the pool's size leave the memory budget exact.
+(:meth:`~hybridkv_sglang.storage.decode_metadata.PoolSizing.bytes_per_token`: fixed values,
+chunk bounds, retrieval scratch and bound parameters), so the pools allocated afterwards at the
+pool's size leave the memory budget exact; the start-up log states the reserve beside the KV
+pool's own bytes per token.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def pool_sizing(config: HybridKVConfig) -> PoolSizing:
         config.storage,
         config.budget,
         config.budget_tokens,
+        bound_channels=config.bound_channels,
+        uint8_bounds=config.bound_precision == "uint8",
+        min_prompt_tokens=config.min_prompt_tokens,
     )
 
 
@@ -51,9 +56,17 @@ def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_laye
     from sglang.srt.runtime_context import get_parallel
 
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
-    per_entry = pool_sizing(config).bytes_per_entry(
-        kvc.model_config.head_dim, torch._utils._element_size(kvc.kv_cache_dtype)
+    extra = pool_sizing(config).bytes_per_token(
+        num_layers,
+        heads,
+        kvc.model_config.head_dim,
+        torch._utils._element_size(kvc.kv_cache_dtype),
     )
-    extra = int(per_entry * heads * num_layers + 0.999)
-    logger.info("hybridkv: %d of %d bytes per KV token are decode metadata", extra, result + extra)
+    logger.info(
+        "hybridkv: decode metadata reserves %d bytes per KV token beside the KV pool's %d "
+        "(%.1f %%)",
+        extra,
+        result,
+        100 * extra / result,
+    )
     return result + extra

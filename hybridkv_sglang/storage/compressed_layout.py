@@ -1,7 +1,8 @@
 """A compressed request's ``in_place`` layout: its plan as positions in its own row.
 
 Per layer: the kept positions of its static heads (fixed for the rest of the request) and, for
-its dynamic heads, the key bounds of the retrievable chunks (scored against each step's query).
+its dynamic heads, the key bounds of the retrievable chunks over their bounded channels, with
+each channel's id and affine map (scored against each step's query).
 ``compact`` storage lays the same plan out over compact entries
 (:mod:`hybridkv_sglang.storage.compact_layout`).
 """
@@ -25,9 +26,13 @@ class LayerLayout:
         static_heads: ``[n_s]`` int64 CPU, kv heads that read a fixed kept set.
         static_kept: CSR over those heads, positions in the request's row.
         dynamic_heads: ``[n_d]`` int64 CPU, kv heads served by chunk retrieval.
-        chunk_kmin: ``[n_d, n_chunks, D]`` bounds of the retrievable chunks (chunk ``j`` here is
-            chunk ``first_chunk + j`` of the prompt).
+        chunk_kmin: ``[n_d, n_chunks, r]`` bounds of the retrievable chunks (chunk ``j`` here is
+            chunk ``first_chunk + j`` of the prompt), uint8 codes or key-dtype values.
         chunk_kmax: same, maxima.
+        bound_channels: ``[n_d, r]`` int32, the key channel of each bound column.
+        bound_offset, bound_scale: ``[n_d, r]`` float32, a bound column's value is
+            ``offset + scale * stored``.
+        All five are ``None`` when the layer has no dynamic head.
     """
 
     static_heads: Tensor
@@ -35,6 +40,9 @@ class LayerLayout:
     dynamic_heads: Tensor
     chunk_kmin: Tensor | None
     chunk_kmax: Tensor | None
+    bound_channels: Tensor | None
+    bound_offset: Tensor | None
+    bound_scale: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -66,15 +74,24 @@ class CompressedLayout:
             rows = [plan.kept_positions_of(layer, int(h)) for h in static_heads]
             static_kept = PositionsCSR.from_lists(rows, device)
             read += static_kept.nnz
-            kmin = kmax = None
+            kmin = kmax = channels = offset = scale = None
             if dynamic_heads.numel():
                 assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
+                assert plan.bound_channels is not None and plan.bound_offset is not None
+                assert plan.bound_scale is not None
                 heads = dynamic_heads.to(plan.chunk_kmin.device)
                 kmin = plan.chunk_kmin[layer, heads, first:end].to(device)
                 kmax = plan.chunk_kmax[layer, heads, first:end].to(device)
+                channels = plan.bound_channels[layer, heads].to(device)
+                offset = plan.bound_offset[layer, heads].to(device)
+                scale = plan.bound_scale[layer, heads].to(device)
                 per_row = dyn_rows.row_length(plan.prompt_len, plan.top_k_chunks)
                 read += int(dynamic_heads.numel()) * per_row
-            layers.append(LayerLayout(static_heads, static_kept, dynamic_heads, kmin, kmax))
+            layers.append(
+                LayerLayout(
+                    static_heads, static_kept, dynamic_heads, kmin, kmax, channels, offset, scale
+                )
+            )
         return cls(
             prompt_len=plan.prompt_len,
             num_kv_heads=plan.num_kv_heads,

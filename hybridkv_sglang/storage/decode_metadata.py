@@ -3,8 +3,11 @@
 When a request's compression finishes (and again when compact storage moves its KV), what its
 decode rows read is written into pools allocated at start-up: one record of
 :data:`~hybridkv_sglang.kernels.folded_tables.ROW_FIELDS` per (slot, layer, kv head), the
-request's fixed values (kept positions, or compact entry ids) in an int32 arena, and its dynamic
-heads' chunk key bounds in a bounds arena. ``slot_of_row`` maps SGLang's ``req_to_token`` rows to
+request's fixed values (kept positions, or compact entry ids) in an int32 arena, its dynamic
+heads' chunk key bounds (``r`` columns per chunk, uint8 codes or KV-dtype values) in a bounds
+arena, and one row per dynamic head of bound parameters (each column's key channel, offset and
+scale) in two parameter arenas. :class:`PoolSizing` sizes the arenas per entry of SGLang's KV
+pool, and counts them in its bytes per token. ``slot_of_row`` maps SGLang's ``req_to_token`` rows to
 slots, so a decode step finds its requests' metadata from ``req_pool_indices`` alone, on the
 device, inside a CUDA graph (:mod:`hybridkv_sglang.kernels.folded_tables`).
 
@@ -16,6 +19,7 @@ the forward stream, after every forward already queued has read it (pitfalls 5 a
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -32,6 +36,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     NF,
     NUM_CHUNKS,
     NUM_SEL,
+    PARAM_ROW,
     POST_LEN,
     POST_START,
     PRE_LEN,
@@ -41,6 +46,12 @@ from hybridkv_sglang.storage.compact_layout import CompactLayout, dynamic_row_lo
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.host_tier import ChunkStager
 
+SCRATCH_BYTES_PER_CHUNK = 12
+"""Retrieval scratch reserved per bound chunk: ``chunk_scores`` (float32), ``chunk_ids`` and
+``chunk_top`` (int32)."""
+PARAM_BYTES_PER_CHANNEL = 12
+"""A parameter row per bound column: ``bound_channels`` (int32), offset and scale (float32)."""
+
 
 @dataclass(frozen=True)
 class RequestRows:
@@ -48,12 +59,17 @@ class RequestRows:
 
     meta: Tensor
     """``[L, H_kv, NF]`` int32 CPU; ``FIXED_START``/``POST_START``/``CHUNK_BASE`` index
-    :attr:`fixed_values`, ``BOUNDS_START`` indexes :attr:`kmin`."""
+    :attr:`fixed_values`, ``BOUNDS_START`` indexes :attr:`kmin`, ``PARAM_ROW``
+    :attr:`bound_channels` and :attr:`bound_affine`."""
     fixed_values: Tensor
     """``[F]`` int32 device."""
     kmin: Tensor
-    """``[J, D]`` device, the dynamic rows' chunk key minima, row after row."""
+    """``[J, r]`` device, the dynamic rows' chunk key minima (codes or values), row after row."""
     kmax: Tensor
+    bound_channels: Tensor
+    """``[P, r]`` int32 device, one row per dynamic row: the key channel of each column."""
+    bound_affine: Tensor
+    """``[P, 2, r]`` float32 device: each column's offset (``[:, 0]``) and scale (``[:, 1]``)."""
     prompt_len: int
     chunk_size: int
 
@@ -75,6 +91,8 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
     values: list[Tensor] = []
     kmins: list[Tensor] = []
     kmaxs: list[Tensor] = []
+    channels: list[Tensor] = []
+    affines: list[Tensor] = []
     used = bounds = 0
     n_sel = dyn.num_selected(plan.top_k_chunks)
     for layer, lay in enumerate(plan.layers):
@@ -89,11 +107,15 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
             used += hi - lo
         for j, h in enumerate(lay.dynamic_heads.tolist()):
             assert lay.chunk_kmin is not None and lay.chunk_kmax is not None
+            assert lay.bound_channels is not None and lay.bound_offset is not None
+            assert lay.bound_scale is not None
             row = meta[layer, h]
             row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = n_sel, dyn.num_chunks, dyn.first_chunk
-            row[BOUNDS_START] = bounds
+            row[BOUNDS_START], row[PARAM_ROW] = bounds, len(channels)
             kmins.append(lay.chunk_kmin[j])
             kmaxs.append(lay.chunk_kmax[j])
+            channels.append(lay.bound_channels[j])
+            affines.append(torch.stack([lay.bound_offset[j], lay.bound_scale[j]]))
             bounds += dyn.num_chunks
             row[FIXED_START], row[PRE_LEN] = used, dyn.prefix_end
             if compact is None:
@@ -115,10 +137,23 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
         if values
         else torch.empty(0, dtype=torch.int32, device=device)
     )
-    dim = kmins[0].shape[-1] if kmins else 0
-    kmin = torch.cat(kmins) if kmins else torch.empty(0, dim, device=device)
-    kmax = torch.cat(kmaxs) if kmaxs else torch.empty(0, dim, device=device)
-    return RequestRows(meta, fixed, kmin, kmax, plan.prompt_len, dyn.chunk_size)
+    if not kmins:
+        kmin = torch.empty(0, 0, device=device)
+        no_params = torch.empty(0, 0, dtype=torch.int32, device=device)
+        no_affine = torch.empty(0, 2, 0, device=device)
+        return RequestRows(
+            meta, fixed, kmin, kmin, no_params, no_affine, plan.prompt_len, dyn.chunk_size
+        )
+    return RequestRows(
+        meta,
+        fixed,
+        torch.cat(kmins),
+        torch.cat(kmaxs),
+        torch.stack(channels).to(device=device, dtype=torch.int32),
+        torch.stack(affines).to(device=device, dtype=torch.float32),
+        plan.prompt_len,
+        dyn.chunk_size,
+    )
 
 
 class RangeAllocator:
@@ -159,26 +194,46 @@ class RangeAllocator:
         return sum(n for _, n in self._free)
 
 
+def _alloc_all(arenas: tuple[RangeAllocator, ...], sizes: tuple[int, ...]) -> list[int] | None:
+    """A range of each size from its arena, all or none."""
+    starts: list[int] = []
+    for arena, size in zip(arenas, sizes, strict=True):
+        at = arena.alloc(size)
+        if at is None:
+            for taken, n, start in zip(arenas, sizes, starts, strict=False):  # the ones taken
+                taken.free(start, n)
+            return None
+        starts.append(at)
+    return starts
+
+
 @dataclass(frozen=True)
 class _Held:
     slot: int
     fixed: tuple[int, int]
     bounds: tuple[int, int]
+    params: tuple[int, int]
 
 
 class DecodeMetadata:
-    """The device pools of one scheduler process (sizes fixed at start-up)."""
+    """The device pools of one scheduler process (sizes fixed at start-up).
+
+    ``bound_width`` (``r``) and ``bound_dtype`` (uint8 codes or the KV dtype) are the server's
+    (the config's), the same for every request; ``bound_capacity`` counts chunks,
+    ``param_capacity`` dynamic rows.
+    """
 
     def __init__(
         self,
         num_layers: int,
         num_kv_heads: int,
-        head_dim: int,
+        bound_width: int,
         *,
         max_requests: int,
         pool_rows: int,
         fixed_capacity: int,
         bound_capacity: int,
+        param_capacity: int,
         bound_dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
@@ -190,8 +245,13 @@ class DecodeMetadata:
             max_requests, num_layers, num_kv_heads, NF, dtype=torch.int32, device=device
         )
         self.fixed_values = torch.zeros(max(fixed_capacity, 1), dtype=torch.int32, device=device)
-        self.kmin = torch.zeros(max(bound_capacity, 1), head_dim, dtype=bound_dtype, device=device)
+        self.kmin = torch.zeros(
+            max(bound_capacity, 1), bound_width, dtype=bound_dtype, device=device
+        )
         self.kmax = torch.zeros_like(self.kmin)
+        params = max(param_capacity, 1)
+        self.bound_channels = torch.zeros(params, bound_width, dtype=torch.int32, device=device)
+        self.bound_affine = torch.zeros(params, 2, bound_width, dtype=torch.float32, device=device)
         self.chunk_scores = torch.zeros(self.kmin.shape[0], dtype=torch.float32, device=device)
         self.chunk_ids = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
         self.chunk_top = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
@@ -209,6 +269,7 @@ class DecodeMetadata:
         self._free_slots = list(range(max_requests - 1, -1, -1))
         self._fixed = RangeAllocator(fixed_capacity)
         self._bounds = RangeAllocator(bound_capacity)
+        self._params = RangeAllocator(param_capacity)
         self._held: dict[int, _Held] = {}
         self._pending_clear: list[int] = []
         self._host_tier: dict[int, tuple[CompactLayout, Tensor]] = {}
@@ -222,6 +283,8 @@ class DecodeMetadata:
             self.fixed_values,
             self.kmin,
             self.kmax,
+            self.bound_channels,
+            self.bound_affine,
             self.chunk_scores,
             self.chunk_ids,
             self.chunk_top,
@@ -244,6 +307,8 @@ class DecodeMetadata:
                 "fixed_values": self._fixed.capacity,
                 "free_chunk_bounds": self._bounds.free_size,
                 "chunk_bounds": self._bounds.capacity,
+                "free_param_rows": self._params.free_size,
+                "param_rows": self._params.capacity,
             }
 
     def add(self, pool_row: int, rows: RequestRows, host_tier: CompactLayout | None = None) -> bool:
@@ -251,19 +316,26 @@ class DecodeMetadata:
         are full (the request is then served dense). Device writes go on the current stream:
         call on the forward stream."""
         fixed, bounds = rows.fixed_values.numel(), rows.kmin.shape[0]
+        params = rows.bound_channels.shape[0]
+        width = self.kmin.shape[1]
+        if bounds and (rows.kmin.dtype != self.kmin.dtype or rows.kmin.shape[1] != width):
+            raise ValueError(
+                f"chunk bounds: expected {self.kmin.dtype} [chunks, {width}] (the server's), got "
+                f"{rows.kmin.dtype} {tuple(rows.kmin.shape)}"
+            )
+        sizes = (fixed, bounds, params)
         with self._lock:
             if not self._free_slots:
                 return False
-            fixed_at = self._fixed.alloc(fixed)
-            if fixed_at is None:
+            starts = _alloc_all((self._fixed, self._bounds, self._params), sizes)
+            if starts is None:
                 return False
-            bounds_at = self._bounds.alloc(bounds)
-            if bounds_at is None:
-                self._fixed.free(fixed_at, fixed)
-                return False
+            fixed_at, bounds_at, params_at = starts
             slot = self._free_slots.pop()
             old = self._held.pop(pool_row, None)
-            self._held[pool_row] = _Held(slot, (fixed_at, fixed), (bounds_at, bounds))
+            self._held[pool_row] = _Held(
+                slot, (fixed_at, fixed), (bounds_at, bounds), (params_at, params)
+            )
             if old is not None:
                 self._give_back(old)
             if pool_row in self._pending_clear:
@@ -273,14 +345,18 @@ class DecodeMetadata:
             (FIXED_START, fixed_at),
             (POST_START, fixed_at),
             (CHUNK_BASE, fixed_at),
+            (BOUNDS_START, bounds_at),
+            (PARAM_ROW, params_at),
         ):
             meta[..., field] += shift
-        meta[..., BOUNDS_START] += bounds_at
         self.row_meta[slot].copy_(meta, non_blocking=True)
         self.fixed_values[fixed_at : fixed_at + fixed].copy_(rows.fixed_values)
         if bounds:
             self.kmin[bounds_at : bounds_at + bounds].copy_(rows.kmin)
             self.kmax[bounds_at : bounds_at + bounds].copy_(rows.kmax)
+        if params:
+            self.bound_channels[params_at : params_at + params].copy_(rows.bound_channels)
+            self.bound_affine[params_at : params_at + params].copy_(rows.bound_affine)
         self.slot_of_row[pool_row] = slot
         with self._lock:
             if host_tier is not None:
@@ -345,6 +421,7 @@ class DecodeMetadata:
         self._free_slots.append(held.slot)
         self._fixed.free(*held.fixed)
         self._bounds.free(*held.bounds)
+        self._params.free(*held.params)
 
     @property
     def compressed_rows(self) -> np.ndarray:
@@ -397,6 +474,13 @@ class PoolSizing:
     bound_fraction: float
     """Dynamic prompt entries per entry (their chunk bounds stay on the device)."""
     chunk_size: int
+    bound_channels: int | None
+    """``r``, the key channels a chunk bound covers (``None``: all ``D``)."""
+    uint8_bounds: bool
+    """Bounds stored as 8-bit codes (else in the KV dtype)."""
+    row_entries: int
+    """Fewest prompt entries of a dynamic row: each holds one parameter row, so there are at
+    most ``dynamic entries / row_entries`` of them (shorter prompts stay dense)."""
 
     @classmethod
     def of(
@@ -407,12 +491,31 @@ class PoolSizing:
         storage: str,
         budget: float,
         budget_tokens: int | None,
+        *,
+        bound_channels: int | None,
+        uint8_bounds: bool,
+        min_prompt_tokens: int,
     ) -> PoolSizing:
         """In place every prompt stays in the pool; with compact storage, whose requests hand
         their prompts back to the tree, they hold up to ``1 / budget`` prompts per pool entry
-        (at most 10)."""
+        (at most 10). A dynamic row spans a compressed prompt (at least ``min_prompt_tokens``)
+        and at least one chunk."""
         held = 1.0 if storage != "compact" or budget_tokens is not None else min(10.0, 1 / budget)
-        return cls(fixed_fraction, max_dynamic_fraction * held, chunk_size)
+        return cls(
+            fixed_fraction,
+            max_dynamic_fraction * held,
+            chunk_size,
+            bound_channels,
+            uint8_bounds,
+            max(min_prompt_tokens, chunk_size),
+        )
+
+    def bound_width(self, head_dim: int) -> int:
+        """``r`` for keys of ``head_dim`` channels."""
+        return min(self.bound_channels or head_dim, head_dim)
+
+    def bound_dtype(self, kv_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8 if self.uint8_bounds else kv_dtype
 
     def fixed_values(self, prompt_entries: int) -> int:
         return int(prompt_entries * self.fixed_fraction)
@@ -420,6 +523,53 @@ class PoolSizing:
     def bound_chunks(self, prompt_entries: int) -> int:
         return int(prompt_entries * self.bound_fraction) // self.chunk_size + 1
 
+    def param_rows(self, prompt_entries: int) -> int:
+        return int(prompt_entries * self.bound_fraction) // self.row_entries + 1
+
     def bytes_per_entry(self, head_dim: int, kv_bytes: int) -> float:
-        bound = 2 * head_dim * kv_bytes + 8  # kmin, kmax, score and top id of one chunk
-        return 4 * self.fixed_fraction + bound * self.bound_fraction / self.chunk_size
+        """Device bytes reserved per KV pool entry: a fixed value, and per dynamic prompt entry
+        its share of a chunk (``2 r`` bounds and the retrieval's scratch) and of a parameter
+        row (channel id, offset and scale per bounded channel)."""
+        r = self.bound_width(head_dim)
+        chunk = 2 * r * (1 if self.uint8_bounds else kv_bytes) + SCRATCH_BYTES_PER_CHUNK
+        params = PARAM_BYTES_PER_CHANNEL * r
+        dynamic = chunk / self.chunk_size + params / self.row_entries
+        return 4 * self.fixed_fraction + dynamic * self.bound_fraction
+
+    def bytes_per_token(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, kv_bytes: int
+    ) -> int:
+        """Bytes reserved per KV token (every layer and kv head of it), rounded up."""
+        return math.ceil(self.bytes_per_entry(head_dim, kv_bytes) * num_layers * num_kv_heads)
+
+
+def reserve_fraction(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_bytes: int,
+    *,
+    bound_channels: int | None,
+    uint8_bounds: bool,
+    chunk_size: int,
+    max_dynamic_fraction: float,
+    storage: str,
+    budget: float,
+    min_prompt_tokens: int = 256,
+    fixed_fraction: float = 1.0,
+) -> float:
+    """The decode metadata's reserve over the KV pool's own bytes, per token, at these shapes
+    and settings (the defaults are the config's)."""
+    sizing = PoolSizing.of(
+        fixed_fraction,
+        max_dynamic_fraction,
+        chunk_size,
+        storage,
+        budget,
+        None,
+        bound_channels=bound_channels,
+        uint8_bounds=uint8_bounds,
+        min_prompt_tokens=min_prompt_tokens,
+    )
+    kv = 2 * head_dim * kv_bytes * num_layers * num_kv_heads
+    return sizing.bytes_per_token(num_layers, num_kv_heads, head_dim, kv_bytes) / kv

@@ -1,5 +1,6 @@
 """Compressed layouts written by hand (no policy run): chosen heads keep given positions, the
-others are dynamic, with chunk bounds taken from the keys themselves."""
+others are dynamic, with plain chunk bounds (every channel, offset 0, scale 1) taken from the
+keys themselves."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ def hand_layout(
     static_heads = torch.tensor(sorted(static), dtype=torch.int64)
     dynamic_heads = torch.tensor([h for h in range(heads) if h not in static], dtype=torch.int64)
     kept = PositionsCSR.from_lists([static[int(h)] for h in static_heads], "cpu")
-    kmin = kmax = None
+    kmin = kmax = channels = offset = scale = None
     if dynamic_heads.numel():
         lo, hi = chunk_bounds(prompt_keys, chunk)  # [H, ceil(N / C), D]
         kmin = lo[dynamic_heads, rows.first_chunk : rows.end_chunk]
         kmax = hi[dynamic_heads, rows.first_chunk : rows.end_chunk]
-    layer = LayerLayout(static_heads, kept, dynamic_heads, kmin, kmax)
+        n_dyn, dim = int(dynamic_heads.numel()), prompt_keys.shape[2]
+        channels = torch.arange(dim, dtype=torch.int32).expand(n_dyn, dim)
+        offset, scale = torch.zeros(n_dyn, dim), torch.ones(n_dyn, dim)
+    layer = LayerLayout(static_heads, kept, dynamic_heads, kmin, kmax, channels, offset, scale)
     dynamic_read = int(dynamic_heads.numel()) * rows.row_length(prompt_len, top_k)
     return CompressedLayout(
         prompt_len=prompt_len,

@@ -1,5 +1,7 @@
 """Random decode metadata of every row kind (dense, in place static/dynamic, compact
-static/dynamic), for the folded-table kernels' tests."""
+static/dynamic), for the folded-table kernels' tests. Dynamic rows' bounds are 8-bit codes with
+random offsets and scales, or values in the query dtype with identity parameters, over ``r``
+random key channels."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     NF,
     NUM_CHUNKS,
     NUM_SEL,
+    PARAM_ROW,
     POST_LEN,
     POST_START,
     PRE_LEN,
@@ -34,6 +37,8 @@ class RandomBatch:
     fixed_values: Tensor
     kmin: Tensor
     kmax: Tensor
+    bound_channels: Tensor
+    bound_affine: Tensor
     q: Tensor
     chunk_size: int
 
@@ -54,12 +59,31 @@ def random_batch(
     ctx: int = 160,
     padded: int = 1,
     dtype: torch.dtype = torch.float32,
+    width: int | None = None,
+    codes: bool = False,
 ) -> RandomBatch:
     """``batch`` requests (the first one dense, then random kinds) plus ``padded`` graph
-    padding requests (pool row 0, length 1)."""
+    padding requests (pool row 0, length 1); bounds over ``width`` (default ``dim``) channels,
+    uint8 ``codes`` or ``dtype`` values."""
 
     def randint(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    r = width or dim
+
+    def random_bounds(count: int) -> tuple[Tensor, Tensor]:
+        if codes:
+            lo = torch.randint(0, 200, (count, r), generator=gen)
+            return lo, lo + torch.randint(0, 56, (count, r), generator=gen)
+        lo = torch.randn(count, r, generator=gen)
+        return lo, lo + torch.rand(count, r, generator=gen)
+
+    def random_params() -> tuple[Tensor, Tensor]:
+        channels = torch.randperm(dim, generator=gen)[:r].to(torch.int32)
+        if not codes:
+            return channels, torch.stack([torch.zeros(r), torch.ones(r)])
+        scale = torch.rand(r, generator=gen) * 0.05
+        return channels, torch.stack([torch.randn(r, generator=gen), scale])
 
     pool_rows = batch + 3
     slots = max(4096, pool_rows * ctx)
@@ -69,8 +93,9 @@ def random_batch(
     slot_of_row = torch.full((pool_rows,), -1, dtype=torch.int32)
     row_meta = torch.zeros(batch, layers, heads, NF, dtype=torch.int32)
     fixed: list[Tensor] = [torch.zeros(3, dtype=torch.int32)]  # offsets start past 0
-    bounds: list[Tensor] = [torch.randn(2, dim, generator=gen)]
-    used_fixed, used_bounds = 3, 2
+    bounds: list[tuple[Tensor, Tensor]] = [random_bounds(2)]  # offsets start past 0
+    params: list[tuple[Tensor, Tensor]] = [random_params()]
+    used_fixed = 3
     seq_lens = []
     for b in range(batch):
         prompt = randint(3 * chunk + 8, ctx - 12)
@@ -99,10 +124,10 @@ def random_batch(
                 num_chunks = end - first
                 nsel = randint(1, num_chunks + 1)
                 m[NUM_SEL], m[NUM_CHUNKS], m[FIRST_CHUNK] = nsel, num_chunks, first
-                m[BOUNDS_START] = used_bounds
-                lo = torch.randn(num_chunks, dim, generator=gen)
-                bounds.append(torch.stack([lo, lo + torch.rand(num_chunks, dim, generator=gen)]))
-                used_bounds += num_chunks
+                m[BOUNDS_START] = sum(pair[0].shape[0] for pair in bounds)
+                m[PARAM_ROW] = len(params)
+                bounds.append(random_bounds(num_chunks))
+                params.append(random_params())
                 prefix = first * chunk
                 if compact:
                     region = torch.randint(0, slots * heads, (prompt,), generator=gen)
@@ -115,8 +140,9 @@ def random_batch(
                     fixed.append(torch.arange(prefix, dtype=torch.int32))
                     m[FIXED_START], m[PRE_LEN], m[TAIL_START] = used_fixed, prefix, end * chunk
                     used_fixed += prefix
-    kmin = torch.cat([bounds[0]] + [pair[0] for pair in bounds[1:]])
-    kmax = torch.cat([bounds[0]] + [pair[1] for pair in bounds[1:]])
+    bound_dtype = torch.uint8 if codes else dtype
+    kmin = torch.cat([pair[0] for pair in bounds]).to(bound_dtype)
+    kmax = torch.cat([pair[1] for pair in bounds]).to(bound_dtype)
     pool_idx = torch.cat([rows_of, torch.zeros(padded, dtype=torch.int64)])
     lens = torch.tensor(seq_lens + [1] * padded, dtype=torch.int64)
     q = torch.randn(pool_idx.numel() * heads, group, dim, generator=gen).to(dtype)
@@ -127,8 +153,10 @@ def random_batch(
         slot_of_row,
         row_meta,
         torch.cat(fixed),
-        kmin.to(dtype),
-        kmax.to(dtype),
+        kmin,
+        kmax,
+        torch.stack([pair[0] for pair in params]),
+        torch.stack([pair[1] for pair in params]),
         q,
         chunk,
     )

@@ -1,5 +1,6 @@
 """Folded-table kernels (Triton, interpreter mode on CPU) against their torch twins, and the
-twins against the definition of a row (fixed values, chunks, post, tail)."""
+twins against the definition of a row (fixed values, chunks, post, tail) and of a chunk's score
+(the Quest bound over the dequantised bounds of the bounded channels)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 
 from hybridkv_sglang.kernels._common import interpret_enabled
 from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
     NUM_CHUNKS,
     NUM_SEL,
+    PARAM_ROW,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -58,6 +61,8 @@ def _retrieve(batch: RandomBatch, fn, layer: int):
         batch.q,
         batch.kmin,
         batch.kmax,
+        batch.bound_channels,
+        batch.bound_affine,
         scores,
         ids,
         top,
@@ -100,17 +105,59 @@ def test_lengths_kernel_matches_twin():
     assert bool((splits_ref[:, :-2] >= 1).all()) and bool((splits_ref <= 16).all())
 
 
+def _dynamic_rows(batch: RandomBatch, layer: int):
+    """``(row, nsel, num_chunks, bounds_start, param_row)`` of each dynamic row of ``layer``."""
+    heads = batch.row_meta.shape[2]
+    for r in range(batch.req_pool_indices.numel() * heads):
+        b, h = divmod(r, heads)
+        slot = int(batch.slot_of_row[int(batch.req_pool_indices[b])])
+        if slot < 0:
+            continue
+        m = batch.row_meta[slot, layer, h]
+        if int(m[NUM_SEL]) > 0:
+            yield r, int(m[NUM_SEL]), int(m[NUM_CHUNKS]), int(m[BOUNDS_START]), int(m[PARAM_ROW])
+
+
+def _exact_scores(batch: RandomBatch, r: int, n: int, start: int, param: int):
+    """Float64 Quest bounds of a row's chunks, by the definition, and each one's magnitude
+    (what float32 rounding is relative to)."""
+    offset, scale = batch.bound_affine[param].double()
+    lo = offset + scale * batch.kmin[start : start + n].double()
+    hi = offset + scale * batch.kmax[start : start + n].double()
+    q = batch.q[r].double()[:, batch.bound_channels[param].long()]
+    scores = torch.maximum(q[:, None, :] * lo, q[:, None, :] * hi).sum(-1).amax(0)
+    magnitude = (q.abs().amax(0) * torch.maximum(lo.abs(), hi.abs())).sum(-1).max()
+    return scores, float(magnitude)
+
+
+BOUND_CASES = [
+    # (q dtype, ctx, group, bound width (None: D), uint8 codes)
+    (torch.float32, 160, 3, None, False),
+    (torch.bfloat16, 160, 3, None, False),
+    (torch.float32, 900, 3, None, False),  # rows of up to ~220 chunks: several blocks
+    (torch.float32, 160, 7, 5, False),
+    (torch.bfloat16, 160, 7, None, True),
+    (torch.float32, 900, 3, 5, True),
+    (torch.bfloat16, 160, 1, 16, True),
+]
+
+
 @needs_interpreter
-@pytest.mark.parametrize(
-    ("dtype", "ctx"), [(torch.float32, 160), (torch.bfloat16, 160), (torch.float32, 900)]
-)
-def test_retrieval_kernel_matches_twin(dtype, ctx):
-    """``ctx`` 900: rows of up to ~220 chunks span several candidate blocks."""
-    batch = random_batch(_seed(), dtype=dtype, ctx=ctx)
+@pytest.mark.parametrize(("dtype", "ctx", "group", "width", "codes"), BOUND_CASES)
+def test_retrieval_kernel_matches_twin(dtype, ctx, group, width, codes):
+    """Kernel and twin pick chunks of the same exact scores (their float32 rounding differs,
+    so only near-ties may swap), ``NUM_SEL`` distinct ones per row."""
+    batch = random_batch(_seed(), dtype=dtype, ctx=ctx, group=group, width=width, codes=codes)
     for layer in range(batch.num_layers):
-        assert torch.equal(
-            _retrieve(batch, chunk_retrieval, layer), _retrieve(batch, chunk_retrieval_ref, layer)
-        )
+        top = _retrieve(batch, chunk_retrieval, layer)
+        top_ref = _retrieve(batch, chunk_retrieval_ref, layer)
+        for r, nsel, n, start, param in _dynamic_rows(batch, layer):
+            got, want = top[start : start + nsel].long(), top_ref[start : start + nsel].long()
+            assert got.unique().numel() == nsel and bool((got >= 0).all() & (got < n).all())
+            scores, magnitude = _exact_scores(batch, r, n, start, param)
+            assert torch.allclose(
+                scores[got].sort().values, scores[want].sort().values, rtol=0, atol=1e-5 * magnitude
+            ), (layer, r)
 
 
 @needs_interpreter
@@ -141,7 +188,7 @@ def test_twins_list_each_row_by_definition():
             else:
                 m = batch.row_meta[slot, layer, h].tolist()
                 fixed = batch.fixed_values.tolist()
-                start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct = m
+                start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct, _ = m
                 want = [v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]]
                 for cid in top[bstart : bstart + nsel].tolist():
                     for i in range(c):
@@ -153,23 +200,14 @@ def test_twins_list_each_row_by_definition():
             assert got == want, (layer, r)
 
 
-def test_retrieval_twin_takes_the_best_chunks():
-    batch = random_batch(_seed())
-    heads = batch.row_meta.shape[2]
+@pytest.mark.parametrize(("width", "codes"), [(None, False), (5, True)])
+def test_retrieval_twin_takes_the_best_chunks(width, codes):
+    batch = random_batch(_seed(), width=width, codes=codes)
     for layer in range(batch.num_layers):
         top = _retrieve(batch, chunk_retrieval_ref, layer)
-        for r in range(batch.req_pool_indices.numel() * heads):
-            b, h = divmod(r, heads)
-            slot = int(batch.slot_of_row[int(batch.req_pool_indices[b])])
-            if slot < 0:
-                continue
-            _, _, _, _, _, nsel, n, _, bstart, _, _ = batch.row_meta[slot, layer, h].tolist()
-            if nsel == 0:
-                continue
-            q = batch.q[r].double()
-            lo = batch.kmin[bstart : bstart + n].double()
-            hi = batch.kmax[bstart : bstart + n].double()
-            scores = torch.maximum(q[:, None, :] * lo, q[:, None, :] * hi).sum(-1).amax(0)
-            picked = top[bstart : bstart + nsel].long()
+        for r, nsel, n, start, param in _dynamic_rows(batch, layer):
+            scores, magnitude = _exact_scores(batch, r, n, start, param)
+            picked = top[start : start + nsel].long()
             assert picked.unique().numel() == nsel
-            assert float(scores[picked].min()) >= float(scores.topk(nsel).values.min()) - 1e-9
+            floor = float(scores.topk(nsel).values.min())
+            assert float(scores[picked].min()) >= floor - 1e-6 * magnitude

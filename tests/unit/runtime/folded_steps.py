@@ -27,16 +27,24 @@ def folded_for(
     use_triton: bool = False,
     table_entries: int = 1 << 14,
 ) -> FoldedDecode:
-    """Pools holding ``layouts`` (pool row -> layout) and the step buffers over them."""
+    """Pools holding ``layouts`` (pool row -> layout) and the step buffers over them (bounds
+    arena of the layouts' bound width and dtype)."""
+    bounds = [
+        lay.chunk_kmin
+        for layout in layouts.values()
+        for lay in (layout.plan if isinstance(layout, CompactLayout) else layout).layers
+        if lay.chunk_kmin is not None
+    ]
     meta = DecodeMetadata(
         layers,
         heads,
-        dim,
+        bounds[0].shape[-1] if bounds else dim,
         max_requests=8,
         pool_rows=pool_rows,
         fixed_capacity=1 << 16,
         bound_capacity=1 << 12,
-        bound_dtype=torch.float32,
+        param_capacity=1 << 8,
+        bound_dtype=bounds[0].dtype if bounds else torch.float32,
         device="cpu",
     )
     for row, layout in layouts.items():

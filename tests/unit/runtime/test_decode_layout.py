@@ -56,15 +56,25 @@ def _masked_reference(q, keys, values, slots_per_row):
     return torch.stack(out)
 
 
+BOUNDS = [
+    ({}, 0.4),  # every key channel in the key dtype (a head needs 40 % to pay for it)
+    ({"bound_channels": 4, "bound_precision": "uint8"}, 0.3),
+    ({"bound_channels": 8}, 0.4),
+]
+"""The chunk index of every dynamic head of a server (its settings), and the budget at which
+every head of the ``all_dynamic`` request can pay for its index."""
+
+
 @pytest.mark.parametrize("use_triton", KERNELS)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_layer_tables_match_masked_dense_attention(seed, use_triton):
+@pytest.mark.parametrize(("seed", "bounds"), list(enumerate(BOUNDS)))
+def test_layer_tables_match_masked_dense_attention(seed, bounds, use_triton):
     prompt_lens, tail = [150, 203, 97], 5
     req_to_token, keys, values = _pool(prompt_lens, tail, seed)
+    index, dynamic_budget = bounds
     plans = [
         None,
-        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2),
-        _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=0.3),
+        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2, **index),
+        _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=dynamic_budget, **index),
     ]
     layouts = [None if p is None else CompressedLayout.from_plan(p, "cpu") for p in plans]
     assert layouts[2].layers[0].dynamic_heads.numel() == HEADS
@@ -109,13 +119,22 @@ def test_layer_tables_match_masked_dense_attention(seed, use_triton):
 
 def _dynamic_positions(plan, layout, layer, head, q):
     """Independent statement of a dynamic row's prompt part: resident prefix, this query's top-k
-    full chunks by the Quest bound, and the chunk-aligned window."""
+    full chunks by the Quest bound over the head's dequantised bounds of its bounded channels,
+    and the chunk-aligned window."""
     rows = layout.dynamic_rows
     size = rows.chunk_size
-    kmin = plan.chunk_kmin[layer, head, rows.first_chunk : rows.end_chunk].unsqueeze(0)
-    kmax = plan.chunk_kmax[layer, head, rows.first_chunk : rows.end_chunk].unsqueeze(0)
+    index = plan.chunk_index[layer, head]
+    lo, hi = index.dequantized()
+    retrievable = slice(rows.first_chunk, rows.end_chunk)
     count = torch.tensor([rows.num_chunks], dtype=torch.int32)
-    _, top = chunk_topk_ref(q.unsqueeze(0), kmin, kmax, count, plan.top_k_chunks)
+    q_bounded = q[:, index.channels.long()].unsqueeze(0)
+    _, top = chunk_topk_ref(
+        q_bounded,
+        lo[retrievable].unsqueeze(0),
+        hi[retrievable].unsqueeze(0),
+        count,
+        plan.top_k_chunks,
+    )
     chunks = [int(c) + rows.first_chunk for c in top[0] if int(c) >= 0]
     parts = [torch.arange(rows.prefix_end)]
     parts += [torch.arange(c * size, (c + 1) * size) for c in chunks]

@@ -20,22 +20,37 @@ def _kvc(backend: str) -> SimpleNamespace:
     )
 
 
+CODES = {"bound_channels": 16, "bound_precision": "uint8"}
+
+
 @pytest.mark.parametrize(
-    ("config", "bound_fraction"),
+    ("config", "bound_fraction", "chunk_bytes", "param_bytes"),
     [
-        (HybridKVConfig(), 0.5),  # at most half the heads dynamic at 10 %
-        (HybridKVConfig(budget=0.05), 1.0),  # the budget-scaled cap: every head at 5 %
-        (HybridKVConfig(budget=0.05, dynamic_cap="fixed"), 0.5),
+        # per chunk: 2 x 128 bf16 bounds + 12 bytes of scratch; per dynamic row: 12 bytes per
+        # channel, at most one row per min_prompt_tokens (256) dynamic prompt entries
+        (HybridKVConfig(), 0.5, 2 * 128 * 2 + 12, 12 * 128),  # half the heads dynamic at 10 %
+        (HybridKVConfig(budget=0.05), 1.0, 524, 1536),  # the budget-scaled cap: all at 5 %
+        (HybridKVConfig(budget=0.05, dynamic_cap="fixed"), 0.5, 524, 1536),
         # compact requests hold up to 1 / budget prompts per pool entry; a quarter dynamic at 20 %
-        (HybridKVConfig(storage="compact", budget=0.2), 0.25 * 5.0),
+        (HybridKVConfig(storage="compact", budget=0.2), 0.25 * 5.0, 524, 1536),
+        # 8-bit codes over 16 channels
+        (HybridKVConfig(**CODES), 0.5, 2 * 16 + 12, 12 * 16),
+        (HybridKVConfig(storage="compact", **CODES), 0.5 * 10, 44, 192),
     ],
 )
-def test_pools_add_their_bytes_per_kv_token(monkeypatch, config, bound_fraction):
+def test_pools_add_their_bytes_per_kv_token(
+    monkeypatch, caplog, config, bound_fraction, chunk_bytes, param_bytes
+):
     monkeypatch.setenv(ENV_VAR, config.to_env())
     kv_bytes = 4 * 28 * (128 + 128) * 2  # Qwen2.5-VL-7B: 4 kv heads, 28 layers, bf16
-    with get_parallel().override(attn_tp_size=1):
+    with get_parallel().override(attn_tp_size=1), caplog.at_level("INFO"):
         got = add_decode_metadata_bytes(kv_bytes, None, _kvc("hybridkv"), 28)
         stock = add_decode_metadata_bytes(kv_bytes, None, _kvc("flashinfer"), 28)
-    bound = (2 * 128 * 2 + 8) * bound_fraction / 16
+    bound = (chunk_bytes / 16 + param_bytes / 256) * bound_fraction
     assert got - kv_bytes == pytest.approx(4 * 28 * (4 + bound), abs=1)
     assert stock == kv_bytes
+    percent = 100 * (got - kv_bytes) / kv_bytes
+    assert f"reserves {got - kv_bytes} bytes per KV token beside the KV pool's {kv_bytes} " in (
+        caplog.text
+    )
+    assert f"({percent:.1f} %)" in caplog.text

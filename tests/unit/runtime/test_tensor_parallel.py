@@ -120,7 +120,7 @@ def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
     full)."""
     meta = DecodeMetadata(
         1, 1, DIM, max_requests=4, pool_rows=4, fixed_capacity=256, bound_capacity=16,
-        bound_dtype=torch.float32, device="cpu",
+        param_capacity=4, bound_dtype=torch.float32, device="cpu",
     )  # fmt: skip
     outcomes = []
     for rid, row, registered in (("a", 1, True), ("b", 2, rank == 0)):
@@ -128,8 +128,10 @@ def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
         rows = torch.zeros(1, 1, NF, dtype=torch.int32)
         rows[0, 0, PRE_LEN], rows[0, 0, TAIL_START] = kept, 50
         empty = torch.empty(0, DIM)
+        params, affine = torch.empty(0, DIM, dtype=torch.int32), torch.empty(0, 2, DIM)
         if registered:
-            assert meta.add(row, RequestRows(rows, torch.arange(kept), empty, empty, 50, 8))
+            rows_of = RequestRows(rows, torch.arange(kept), empty, empty, params, affine, 50, 8)
+            assert meta.add(row, rows_of)
         outcomes.append(
             SimpleNamespace(
                 request=SimpleNamespace(rid=rid, req_pool_idx=row),
