@@ -59,7 +59,10 @@ batch is 2 or less, or its request pool has more rows than that batch.
 Run: ``TRITON_INTERPRET=1 python bench/decode_overhead.py`` (``make bench-overhead``, about 80 s
 on 2 CPU cores); ``--quick`` (batches 1 and 8, fewer repeats) for tests. Writes
 ``bench/results/decode_overhead.json`` and ``.png``. The full run holds the bounds of 128
-compressed requests at 32K in ``DecodeMetadata`` (~7.5 GB, bf16; 8.9 GB peak resident).
+compressed requests at 32K in ``DecodeMetadata`` (~7.5 GB with the default chunk index, bf16
+over every channel; 8.9 GB peak resident). The results also state the decode metadata's reserve
+per KV token beside the KV pool's own, at these shapes, in both storage modes
+(``decode_metadata_reserve``).
 """
 
 from __future__ import annotations
@@ -294,19 +297,11 @@ class Setup:
         buffers sized as ``build_folded_decode`` sizes them, but over this setup's metadata and
         left to ``init_cuda_graph_state`` to grow to the batch."""
         from hybridkv_sglang.attention.folded_decode import FoldedDecode
-        from hybridkv_sglang.config import HybridKVConfig
         from hybridkv_sglang.runtime.backend import HybridKVAttnBackend, build_folded_decode
 
         key = (batch, idle, use_triton)
         if key not in self._backends:
-            config = HybridKVConfig(
-                decode_kernel="triton" if use_triton else "torch",
-                chunk_size=CHUNK,
-                top_k_chunks=TOP_K,
-                sink=SINK,
-                window=WINDOW,
-                budget=BUDGET,
-            )
+            config = bench_config("triton" if use_triton else "torch")
             if self._shape is None:
                 self._shape = build_folded_decode(config, self.model_runner).shape
             shape = dataclasses.replace(self._shape, max_rows=KV_HEADS, table_entries=1)
@@ -321,6 +316,61 @@ class Setup:
         return self._backends[key]
 
 
+def bench_config(decode_kernel: str = "triton") -> Any:
+    """The hybridkv config of every run: these shapes, the config's chunk index (its
+    ``bound_channels`` and ``bound_precision`` defaults)."""
+    from hybridkv_sglang.config import HybridKVConfig
+
+    return HybridKVConfig(
+        decode_kernel=decode_kernel,
+        chunk_size=CHUNK,
+        top_k_chunks=TOP_K,
+        sink=SINK,
+        window=WINDOW,
+        budget=BUDGET,
+    )
+
+
+def metadata_reserve() -> dict[str, Any]:
+    """The decode metadata's reserve over the KV pool's bytes per token at these shapes (bf16
+    KV), in both storage modes at ``BUDGET``: for this run's chunk index and for 8-bit codes
+    over 16 key channels."""
+    from hybridkv_sglang.storage.decode_metadata import reserve_fraction
+
+    config = bench_config()
+    indexes = {
+        "run": (config.bound_channels, config.bound_precision == "uint8"),
+        "uint8_r16": (16, True),
+    }
+    return {
+        name: {
+            "bound_channels": channels or HEAD_DIM,
+            "bound_precision": "uint8" if codes else "kv",
+            **{
+                storage: round(
+                    reserve_fraction(
+                        LAYERS,
+                        KV_HEADS,
+                        HEAD_DIM,
+                        2,
+                        bound_channels=channels,
+                        uint8_bounds=codes,
+                        chunk_size=CHUNK,
+                        max_dynamic_fraction=config.most_dynamic_fraction(),
+                        storage=storage,
+                        budget=BUDGET,
+                        min_prompt_tokens=config.min_prompt_tokens,
+                        fixed_fraction=config.decode_metadata_fraction,
+                    ),
+                    4,
+                )
+                for storage in ("in_place", "compact")
+            },
+        }
+        for name, (channels, codes) in indexes.items()
+    }
+
+
 def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0) -> Setup:
     from sglang.srt.configs.model_config import AttentionArch
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -329,6 +379,7 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from hybridkv_sglang.kernels.folded_tables import PRE_LEN
+    from hybridkv_sglang.runtime.memory_accounting import pool_sizing
     from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
     gen = torch.Generator().manual_seed(seed)
@@ -395,7 +446,9 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     stock = TritonAttnBackend(model_runner)
     stock.device_core_count = H200_SMS  # a GPU's path: the split-count kernel, not a fill
 
-    bound_dtype = torch.float32 if validation else torch.bfloat16
+    sizing = pool_sizing(bench_config())
+    bound_width = sizing.bound_width(HEAD_DIM)
+    bound_dtype = sizing.bound_dtype(torch.float32 if validation else torch.bfloat16)
 
     def request() -> RequestRows:
         # the counting passes never read bounds: zero-stride ones, no memory for the source
@@ -412,20 +465,23 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
             device="cpu",
             dtype=bound_dtype,
             random_bounds=validation,
+            bound_width=bound_width,
         )
 
     first = request()
     per_request_fixed, per_request_bounds = first.fixed_values.numel(), first.kmin.shape[0]
+    per_request_params = first.bound_channels.shape[0]
 
     def metadata(requests_held: int) -> DecodeMetadata:
         return DecodeMetadata(
             LAYERS,
             KV_HEADS,
-            HEAD_DIM,
+            bound_width,
             max_requests=max(requests_held, 1) + 1,
             pool_rows=rows,
             fixed_capacity=per_request_fixed * requests_held,
             bound_capacity=per_request_bounds * requests_held,
+            param_capacity=per_request_params * requests_held,
             bound_dtype=bound_dtype,
             device="cpu",
         )
@@ -980,6 +1036,7 @@ def main(argv: list[str] | None = None) -> dict:
             "target_programs": TARGET_PROGRAMS,
             "stock_device_core_count": H200_SMS,
         },
+        "decode_metadata_reserve": metadata_reserve(),
         "versions": {
             "torch": torch.__version__,
             "triton": triton.__version__,
@@ -1001,7 +1058,9 @@ def main(argv: list[str] | None = None) -> dict:
             "x H_kv entries (reserve only grows), so a server whose largest graph batch is 2 or "
             "less, or whose request pool has more rows than that batch, holds more than its row "
             "shows. Synthetic plans: bench/synthetic_rows.py (static heads keep "
-            "static_kept_per_head positions)."
+            "static_kept_per_head positions; dynamic heads' chunk index: the run's entry of "
+            "decode_metadata_reserve). decode_metadata_reserve: the decode metadata pools' "
+            "bytes per KV token over the KV pool's own (bf16), per storage mode."
         ),
         "rows": rows,
         "goals": goals(rows),

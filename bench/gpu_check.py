@@ -1,9 +1,10 @@
 """One prepared device check: hybridkv's decode step on a GPU, checked and timed in one call.
 
 1. compiled kernels against their torch twins on fresh random inputs: the folded-table kernels
-   (row offsets and split counts, chunk retrieval, index fill), SGLang's Triton decode kernel
-   over the folded tables against the torch reference attention, Quest ``chunk_topk`` and
-   ``gather_entries`` (compaction);
+   (row offsets and split counts, chunk retrieval over both chunk indexes: 8-bit codes over a
+   few key channels and KV-dtype bounds over all of them, index fill), SGLang's Triton decode
+   kernel over the folded tables against the torch reference attention, Quest ``chunk_topk``
+   and ``gather_entries`` (compaction);
 2. the whole hybridkv step (table build + 28 layers of retrieval, index fill and attention)
    captured in a CUDA graph and replayed on new inputs, equal to the same step run eagerly;
 3. speed at Qwen2.5-VL-7B attention shapes (28 layers, 28 q / 4 kv heads, D 128, bf16), 10 %
@@ -12,7 +13,9 @@
    hybridkv (table build + folded attention), each one CUDA graph; device ms (CUDA events) and
    host ms (what runs on the host per step: the variant lookup and the replay call) apart,
    medians of repeats. An all-dense batch replays the wrapped backend's own graph (the
-   ``dense`` variant): timed the same way with hybridkv's host lookup in front.
+   ``dense`` variant): timed the same way with hybridkv's host lookup in front. Dynamic heads'
+   chunk index in 2 and 3: ``--bound-channels`` key channels at ``--bound-precision`` (default
+   8-bit codes over 16 channels).
 
 The device has torch and triton but no sglang: ``bench/device_sglang.py stage .device`` copies
 SGLang's decode kernel files with tiny stand-ins beside the tree, and ``gpu_check.sh`` puts them
@@ -54,7 +57,11 @@ from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
 from hybridkv_sglang.kernels.folded_tables import (
+    BOUNDS_START,
     NF,
+    NUM_CHUNKS,
+    NUM_SEL,
+    PARAM_ROW,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -73,6 +80,14 @@ CHUNK, TOP_K, BUDGET = 16, 8, 0.1
 MAX_KV_SPLITS = 64
 FULL_SHAPES = [(1, 32768), (8, 32768), (32, 32768), (1, 131072), (8, 131072)]
 DRY_SHAPES = [(1, 256), (2, 256)]
+BOUND_CHANNELS, BOUND_PRECISION = 16, "uint8"
+"""The timed steps' chunk index unless the command line says otherwise."""
+SCORE_GAP = 2e-3
+"""Chosen chunks' exact scores, compiled vs twin, relative to the row's score magnitude: ties
+aside, tf32 rounds the scaled query of 8-bit codes by 2^-11."""
+
+Index = tuple[int, torch.dtype]
+"""A chunk index: bound columns ``r`` and the bounds' dtype (uint8: codes)."""
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -142,7 +157,7 @@ class Step:
     """
 
     def __init__(
-        self, batch: int, context: int, layers: int, device: str, dtype: torch.dtype
+        self, batch: int, context: int, layers: int, device: str, dtype: torch.dtype, index: Index
     ) -> None:
         gen = torch.Generator(device=device).manual_seed(batch * 7 + context)
         self.batch, self.context, self.layers = batch, context, layers
@@ -161,20 +176,22 @@ class Step:
                 top_k=TOP_K,
                 gen=gen,
                 device=device,
-                dtype=dtype,
+                dtype=index[1],
                 entry_of=lambda h, pos, b=b: (b * KV_HEADS + h) * context + pos,
+                bound_width=index[0],
             )
             for b in range(batch)
         ]
         self.meta = DecodeMetadata(
             layers,
             KV_HEADS,
-            HEAD_DIM,
+            index[0],
             max_requests=batch + 1,
             pool_rows=batch + 1,
             fixed_capacity=sum(r.fixed_values.numel() for r in rows),
             bound_capacity=sum(r.kmin.shape[0] for r in rows),
-            bound_dtype=dtype,
+            param_capacity=sum(r.bound_channels.shape[0] for r in rows),
+            bound_dtype=index[1],
             device=device,
         )
         for b, r in enumerate(rows):
@@ -355,11 +372,54 @@ def time_runners(
 
 
 # ------------------------------------------------------------------------------ 2. tables, graph
-def check_tables(device: str, dtype: torch.dtype, small: bool) -> list[dict[str, Any]]:
-    """Compiled table kernels and folded attention against the twins; the captured step on new
-    inputs against the eager step."""
+def check_retrieval(step: Step, context: int) -> dict[str, Any]:
+    """Layer 0's chunk retrieval, compiled vs twin: the chunks each chose, scored exactly (float64,
+    by the definition), must carry the same scores (ids may differ between near-ties)."""
+    meta = step.meta
+    q_rows = step.q.view(-1, GROUP, HEAD_DIM)
+    args = (step.req_pool_indices, meta.slot_of_row, meta.row_meta, 0)
+    tops = []
+    for fn in (chunk_retrieval, chunk_retrieval_ref):
+        top = torch.full_like(meta.chunk_top, -1)
+        fn(
+            q_rows, meta.kmin, meta.kmax, meta.bound_channels, meta.bound_affine,
+            meta.chunk_scores, meta.chunk_ids, top, *args, max_chunks=context // CHUNK,
+            max_selected=TOP_K,
+        )  # fmt: skip
+        tops.append(top)
+    gap = 0.0
+    q = q_rows.double()
+    for r in range(step.batch * KV_HEADS):
+        slot = int(meta.slot_of_row[r // KV_HEADS + 1])
+        record = meta.row_meta[slot, 0, r % KV_HEADS]
+        nsel, n, start, param = (
+            int(record[f]) for f in (NUM_SEL, NUM_CHUNKS, BOUNDS_START, PARAM_ROW)
+        )
+        if nsel == 0:
+            continue
+        offset, scale = meta.bound_affine[param].double()
+        lo = offset + scale * meta.kmin[start : start + n].double()
+        hi = offset + scale * meta.kmax[start : start + n].double()
+        qr = q[r][:, meta.bound_channels[param].long()]
+        scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(0)
+        magnitude = (qr.abs().amax(0) * torch.maximum(lo.abs(), hi.abs())).sum(-1).max()
+        chosen = [scores[t[start : start + nsel].long()].sort().values for t in tops]
+        gap = max(gap, float((chosen[0] - chosen[1]).abs().max() / magnitude))
+    width, bound_dtype = meta.kmin.shape[1], meta.kmin.dtype
+    return {
+        "check": f"chunk_retrieval compiled vs ref, {width} channels of {bound_dtype} bounds",
+        "same_chunks_fraction": float((tops[0] == tops[1]).float().mean()),
+        "selected_score_gap": gap,
+    }
+
+
+def check_tables(
+    device: str, dtype: torch.dtype, small: bool, index: Index
+) -> list[dict[str, Any]]:
+    """Compiled table kernels and folded attention against the twins (retrieval over ``index``
+    and over plain bounds); the captured step on new inputs against the eager step."""
     batch, context = (2, 256) if small else (4, 8192)
-    step = Step(batch, context, 2 if small else 4, device, dtype)
+    step = Step(batch, context, 2 if small else 4, device, dtype, index)
     meta, folded = step.meta, step.folded
     layers = step.layers
     rows = batch * KV_HEADS
@@ -376,27 +436,23 @@ def check_tables(device: str, dtype: torch.dtype, small: bool) -> list[dict[str,
         }
     )
     q_rows = step.q.view(-1, GROUP, HEAD_DIM)
-    tops = []
-    for fn in (chunk_retrieval, chunk_retrieval_ref):
-        top = torch.full_like(meta.chunk_top, -1)
-        fn(
-            q_rows, meta.kmin, meta.kmax, meta.chunk_scores, meta.chunk_ids, top,
-            step.req_pool_indices, *args[2:], 0, max_chunks=context // CHUNK, max_selected=TOP_K,
-        )  # fmt: skip
-        tops.append(top)
-    out.append(
-        {
-            "check": "chunk_retrieval compiled vs ref (same chunks, ties aside)",
-            "same_chunks_fraction": float((tops[0] == tops[1]).float().mean()),
-            "exact": bool((tops[0] == tops[1]).float().mean() > 0.99),
-        }
-    )
+    for probe_index in dict.fromkeys([index, (HEAD_DIM, dtype)]):
+        probe = (
+            step if probe_index == index else Step(batch, context, 1, device, dtype, probe_index)
+        )
+        out.append(check_retrieval(probe, context))
+    top = torch.full_like(meta.chunk_top, -1)
+    chunk_retrieval_ref(
+        q_rows, meta.kmin, meta.kmax, meta.bound_channels, meta.bound_affine, meta.chunk_scores,
+        meta.chunk_ids, top, step.req_pool_indices, *args[2:], 0, max_chunks=context // CHUNK,
+        max_selected=TOP_K,
+    )  # fmt: skip
     filled = []
     for fn in (fill_folded_indices, fill_folded_indices_ref):
         indices = torch.full((step.table_entries + 8,), -1, dtype=torch.int64, device=device)
         fn(
             step.req_to_token, step.req_pool_indices, step.seq_lens, meta.slot_of_row,
-            meta.row_meta, meta.fixed_values, tops[1], indptr[1][0], indices, 0, chunk_size=CHUNK,
+            meta.row_meta, meta.fixed_values, top, indptr[1][0], indices, 0, chunk_size=CHUNK,
         )  # fmt: skip
         filled.append(indices)
     out.append(
@@ -438,12 +494,14 @@ def check_tables(device: str, dtype: torch.dtype, small: bool) -> list[dict[str,
 
 
 # ------------------------------------------------------------------------------ 3. speed
-def speed(device: str, dtype: torch.dtype, small: bool, repeats: int) -> list[dict[str, Any]]:
+def speed(
+    device: str, dtype: torch.dtype, small: bool, repeats: int, index: Index
+) -> list[dict[str, Any]]:
     shapes = DRY_SHAPES if small else FULL_SHAPES
     layers = 2 if small else 28
     rows = []
     for batch, context in tqdm(shapes, desc="speed"):
-        step = Step(batch, context, layers, device, dtype)
+        step = Step(batch, context, layers, device, dtype, index)
         dense, sparse = Runner(step.dense, device), Runner(step.hybridkv, device)
         (dense_ms, dense_host), (sparse_ms, sparse_host), (all_dense_ms, all_dense_host) = (
             time_runners(
@@ -509,6 +567,8 @@ def passed(check: dict[str, Any], dtype: torch.dtype) -> bool:
     ok &= all(err <= tolerance for err in errors)
     if "top_score_gap" in check:
         ok &= check["top_score_gap"] <= 1e-2
+    if "selected_score_gap" in check:
+        ok &= check["selected_score_gap"] <= SCORE_GAP
     return bool(ok)
 
 
@@ -526,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot", type=Path, default=None, help="only draw the PNG of an existing results JSON"
     )
+    parser.add_argument(
+        "--bound-channels", type=int, default=BOUND_CHANNELS, help="key channels a bound covers"
+    )
+    parser.add_argument(
+        "--bound-precision", choices=("kv", "uint8"), default=BOUND_PRECISION, help="bounds dtype"
+    )
     args = parser.parse_args(argv)
     if args.plot is not None:
         payload = json.loads(args.plot.read_text())
@@ -540,11 +606,15 @@ def main(argv: list[str] | None = None) -> int:
         env_out = os.environ.get("OUT")
         out_dir = Path(tempfile.mkdtemp()) if args.dry_run else Path(env_out or RESULTS)
     started = time.monotonic()
+    index = (
+        min(args.bound_channels, HEAD_DIM),
+        torch.uint8 if args.bound_precision == "uint8" else dtype,
+    )
     checks = check_kernels(device, dtype, args.dry_run)
-    checks += check_tables(device, dtype, args.dry_run)
+    checks += check_tables(device, dtype, args.dry_run, index)
     for check in checks:
         check["passed"] = passed(check, dtype)
-    rows = speed(device, dtype, args.dry_run, 2 if args.dry_run else args.repeats)
+    rows = speed(device, dtype, args.dry_run, 2 if args.dry_run else args.repeats, index)
     name = device_name(device)
     payload = {
         "benchmark": "gpu_check",
@@ -557,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.version.cuda,
         },
         "dtype": str(dtype).replace("torch.", ""),
+        "chunk_index": {"bound_channels": index[0], "bound_precision": args.bound_precision},
         "seconds": time.monotonic() - started,
         "checks": checks,
         "speed": rows,

@@ -3,7 +3,8 @@
 Real plans at 32K-128K tokens and 28 layers take minutes on a CPU; the decode machinery's cost
 depends only on the shapes: per layer, half of the kv heads static (keeping their share of the
 budget as sorted positions, the window included) and half dynamic (a resident prefix of one
-chunk, top-k chunks of the retrievable ones, the chunk-aligned window). Imports neither SGLang
+chunk, top-k chunks of the retrievable ones, the chunk-aligned window, and a chunk index over
+``bound_width`` key channels: uint8 codes or values in the bounds dtype). Imports neither SGLang
 nor anything CUDA-only, so the device check can use it.
 """
 
@@ -22,6 +23,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     NF,
     NUM_CHUNKS,
     NUM_SEL,
+    PARAM_ROW,
     POST_LEN,
     POST_START,
     PRE_LEN,
@@ -45,15 +47,21 @@ def synthetic_rows(
     dtype: torch.dtype,
     entry_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     random_bounds: bool = True,
+    bound_width: int | None = None,
 ) -> RequestRows:
     """One request's decode rows reading about ``budget`` of its prompt per step.
 
+    ``dtype``: the chunk bounds' (``torch.uint8``: codes with random offsets and scales per
+    channel; else values, offset 0 and scale 1), over ``bound_width`` random key channels
+    (default ``head_dim``: every channel, in order).
     ``entry_of(head, positions)``: when given, the prompt is read through folded entries of
     its own (``DIRECT`` rows, as compact storage lays them out) instead of ``req_to_token``.
     ``random_bounds=False``: for callers that never read the chunk bounds, ``kmin``/``kmax``
-    are one zero row expanded (zero stride: no memory, no random draws; ``gen`` then draws
-    only the static heads' positions).
+    are one zero row expanded and every dynamic row shares one parameter row (zero stride: no
+    memory, no random draws; ``gen`` then draws only the static heads' positions).
     """
+    width = bound_width or head_dim
+    codes = dtype == torch.uint8
     first = 1
     tail_start = (prompt_len - window) // chunk * chunk
     num_chunks = tail_start // chunk - first
@@ -64,19 +72,21 @@ def synthetic_rows(
     )
     static_keep = max(window, min(prompt_len, static_keep))
     meta = torch.zeros(layers, heads, NF, dtype=torch.int32)
-    values, kmins, kmaxs = [], [], []
-    used = bounds = 0
+    values, kmins, kmaxs, channels, affines = [], [], [], [], []
+    used = bounds = params = 0
     for layer in range(layers):
         for h in range(heads):
             row = meta[layer, h]
             if h < dynamic_heads:
                 row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = top_k, num_chunks, first
-                row[BOUNDS_START] = bounds
+                row[BOUNDS_START], row[PARAM_ROW] = bounds, params
                 if random_bounds:
-                    lo = torch.randn(num_chunks, head_dim, generator=gen, device=device)
-                    hi = lo + torch.rand(num_chunks, head_dim, generator=gen, device=device)
+                    lo, hi = _random_bounds(num_chunks, width, codes, gen, device)
                     kmins.append(lo.to(dtype))
                     kmaxs.append(hi.to(dtype))
+                    channels.append(_random_channels(head_dim, width, gen, device))
+                    affines.append(_random_affine(width, codes, gen, device))
+                    params += 1
                 bounds += num_chunks
                 row[FIXED_START], row[PRE_LEN] = used, first * chunk
                 if entry_of is None:
@@ -99,6 +109,46 @@ def synthetic_rows(
     fixed = torch.cat(values).to(torch.int32)
     if random_bounds:
         kmin, kmax = torch.cat(kmins), torch.cat(kmaxs)
+        channel_ids, affine = torch.stack(channels), torch.stack(affines)
     else:
-        kmin = kmax = torch.zeros(1, head_dim, dtype=dtype, device=device).expand(bounds, head_dim)
-    return RequestRows(meta, fixed, kmin, kmax, prompt_len=prompt_len, chunk_size=chunk)
+        kmin = kmax = torch.zeros(1, width, dtype=dtype, device=device).expand(bounds, width)
+        channel_ids = torch.arange(width, dtype=torch.int32, device=device).unsqueeze(0)
+        affine = _identity_affine(width, device).unsqueeze(0)
+    return RequestRows(
+        meta, fixed, kmin, kmax, channel_ids, affine, prompt_len=prompt_len, chunk_size=chunk
+    )
+
+
+def _random_bounds(
+    count: int, width: int, codes: bool, gen: torch.Generator, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` ``[count, width]`` with ``hi >= lo``: codes in ``[0, 255]`` or floats."""
+    if codes:
+        lo = torch.randint(0, 192, (count, width), generator=gen, device=device)
+        return lo, lo + torch.randint(0, 64, (count, width), generator=gen, device=device)
+    lo = torch.randn(count, width, generator=gen, device=device)
+    return lo, lo + torch.rand(count, width, generator=gen, device=device)
+
+
+def _random_channels(
+    head_dim: int, width: int, gen: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """``[width]`` int32 distinct key channels, ascending (all of them, in order, at full width)."""
+    if width == head_dim:
+        return torch.arange(head_dim, dtype=torch.int32, device=device)
+    picked = torch.randperm(head_dim, generator=gen, device=device)[:width]
+    return picked.sort().values.to(torch.int32)
+
+
+def _random_affine(
+    width: int, codes: bool, gen: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """``[2, width]`` float32 offsets and scales: random for codes, else 0 and 1."""
+    if not codes:
+        return _identity_affine(width, device)
+    offset = torch.randn(width, generator=gen, device=device)
+    return torch.stack([offset, torch.rand(width, generator=gen, device=device) / 64])
+
+
+def _identity_affine(width: int, device: torch.device | str) -> torch.Tensor:
+    return torch.stack([torch.zeros(width, device=device), torch.ones(width, device=device)])

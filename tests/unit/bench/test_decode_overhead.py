@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybridkv_sglang.kernels.folded_tables import NF, PARAM_ROW
+
 ROOT = Path(__file__).resolve().parents[3]
 ROW_FIELDS = {
     "system": str,
@@ -130,8 +132,23 @@ def test_synthetic_rows_zero_stride_bounds_keep_the_plan_shape():
         for random in (True, False)
     ]
     drawn, zero = rows
-    assert torch.equal(drawn.meta, zero.meta)
+    shared = torch.arange(NF) != PARAM_ROW  # zero-stride rows share one parameter row
+    assert torch.equal(drawn.meta[..., shared], zero.meta[..., shared])
+    assert not zero.meta[..., PARAM_ROW].any()
     assert drawn.fixed_values.shape == zero.fixed_values.shape
     assert zero.kmin.shape == drawn.kmin.shape and zero.kmax.shape == drawn.kmax.shape
     assert zero.kmin.stride() == (0, 1) and not zero.kmin.any()
     assert drawn.kmin.stride() == (8, 1) and bool((drawn.kmax >= drawn.kmin).all())
+    # one parameter row per dynamic row (half the heads), or one shared by all
+    assert drawn.bound_channels.shape == (4, 8) and zero.bound_channels.shape == (1, 8)
+    assert torch.equal(drawn.bound_affine[:, 0], torch.zeros(4, 8))
+    assert torch.equal(drawn.bound_affine[:, 1], torch.ones(4, 8))
+    codes = module.synthetic_rows(
+        1024,
+        gen=torch.Generator().manual_seed(0),
+        bound_width=3,
+        **(shape | {"dtype": torch.uint8}),
+    )
+    assert codes.kmin.dtype == torch.uint8 and codes.kmin.shape == (drawn.kmin.shape[0], 3)
+    assert bool((codes.kmax >= codes.kmin).all()) and bool((codes.bound_affine[:, 1] > 0).all())
+    assert bool((codes.bound_channels.diff(dim=1) > 0).all()) and codes.bound_channels.max() < 8

@@ -27,8 +27,14 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
     result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
     assert result["dry_run"] is True
     names = [c["check"] for c in result["checks"]]
-    assert len(names) == 7 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert len(names) == 8 and all(c["passed"] for c in result["checks"]), result["checks"]
     assert any("captured hybridkv step" in n for n in names)
+    # retrieval over the timed index (8-bit codes over 16 channels) and over plain bounds
+    assert [n for n in names if n.startswith("chunk_retrieval")] == [
+        "chunk_retrieval compiled vs ref, 16 channels of torch.uint8 bounds",
+        "chunk_retrieval compiled vs ref, 128 channels of torch.float32 bounds",
+    ]
+    assert result["chunk_index"] == {"bound_channels": 16, "bound_precision": "uint8"}
     for row in result["speed"]:
         assert row["dense_ms"] > 0 and row["hybridkv_ms"] > 0 and row["tables_ms"] > 0
         # 256-token prompts: the dynamic heads' prefix, 8 chunks and window exceed the 10 %
