@@ -131,6 +131,7 @@ def assert_nothing_left_behind(server: Any) -> dict[str, Any]:
     assert pools["requests"] == 0 and pools["free_slots"] == pools["slots"]
     assert pools["free_fixed_values"] == pools["fixed_values"]
     assert pools["free_chunk_bounds"] == pools["chunk_bounds"]
+    assert pools["free_param_rows"] == pools["param_rows"]
     assert server.process.poll() is None
     assert requests.get(f"{server.base_url}/health", timeout=30).status_code == 200
     # SGLang's idle check raises on a leaked slot; a fresh request after idling proves it passed.
