@@ -35,8 +35,9 @@ conversations per kind and K of ``describe``, ``pair_name``, ``multi_turn`` (2-3
 each about a new image) and ``multi_mixed`` (describe, pair_name, describe over four images): 240
 conversations, 452 questions. ``min_prompt_tokens`` defaults to 128 so every prompt of the set is
 compressed; ``window`` stays at the config default (32), which with this model's short questions
-also covers the last image's 16 visual tokens; ``sink``, ``chunk_size`` and ``top_k_chunks`` are
-the committed model's settings (``quality_task.TILE_MODEL_SETTINGS``), the same for every row.
+also covers the last image's 16 visual tokens; the rest are the committed model's settings
+(``quality_task.TILE_MODEL_SETTINGS``: sink, chunk size, top-k, the chunk index and the dynamic
+window share), the same for every row.
 Each server answers a warm-up conversation, then its prefix cache is flushed (every configuration
 starts from the same empty cache), then every conversation, ``--concurrency`` at a time (SGLang
 batches them; greedy replies are the same as one at a time). Later turns hit the cached prefix of
@@ -424,13 +425,15 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     return label, (policy, extra)
 
 
-def model_settings(args: argparse.Namespace) -> dict[str, int]:
-    """``sink``, ``chunk_size`` and ``top_k_chunks`` of every row: the flags where given, else
-    the committed model's settings (``TILE_MODEL_SETTINGS``) or the config defaults."""
+def model_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields of every row: the committed model's settings (``TILE_MODEL_SETTINGS``) when
+    it is the model served, else the config defaults; ``--sink``, ``--chunk-size`` and
+    ``--top-k-chunks`` override them."""
     committed = Path(args.model).resolve() == DEFAULT_MODEL.resolve()
-    base = TILE_MODEL_SETTINGS if committed else HybridKVConfig().model_dump()
+    settings: dict[str, Any] = dict(TILE_MODEL_SETTINGS) if committed else {}
     flags = {"sink": args.sink, "chunk_size": args.chunk_size, "top_k_chunks": args.top_k_chunks}
-    return {name: base[name] if value is None else value for name, value in flags.items()}
+    settings.update({name: value for name, value in flags.items() if value is not None})
+    return settings
 
 
 def build_configs(args: argparse.Namespace) -> list[EvalConfig]:

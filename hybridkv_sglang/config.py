@@ -80,7 +80,7 @@ class HybridKVConfig(BaseModel):
     chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
     bound_channels: int | None = Field(
-        None,
+        32,
         ge=1,
         description="key channels a dynamic head's chunk bounds cover (the r with the largest "
         "query-weighted key range in the observation window; None: all D). The bounds cost "
@@ -88,7 +88,7 @@ class HybridKVConfig(BaseModel):
         "r / (D x chunk_size) of the head's KV at kv precision",
     )
     bound_precision: BoundPrecision = Field(
-        "kv",
+        "uint8",
         description="chunk bounds in the KV dtype (kv) or as 8-bit codes rounded outward per "
         "(head, channel) (uint8: 1 byte a value, still a bound; plus 12 bytes of channel id, "
         "offset and scale per bounded channel and head)",

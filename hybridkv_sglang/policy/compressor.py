@@ -132,10 +132,11 @@ class CompressionPolicy:
             ``b_mean``.
         chunk_size: tokens per retrieval chunk of dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per decode step.
-        bound_channels: key channels a dynamic head's chunk bounds cover (``None``: all ``D``);
-            see :mod:`~hybridkv_sglang.policy.chunk_index`.
-        bound_precision: ``"kv"`` (bounds in the key dtype) or ``"uint8"`` (8-bit codes
-            rounded outward).
+        bound_channels: key channels a dynamic head's chunk bounds cover (default 32, a quarter
+            of Qwen2.5-VL's head dim; ``None``: all ``D``); see
+            :mod:`~hybridkv_sglang.policy.chunk_index`.
+        bound_precision: ``"uint8"`` (default: 8-bit codes rounded outward) or ``"kv"``
+            (bounds in the key dtype).
         max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
         pool_kernel: odd max-pool width smoothing the static-head scores.
         static_priority: ``"focus"`` (default: sink/window, the head's focus set, text,
@@ -173,8 +174,8 @@ class CompressionPolicy:
     sink: int = 4
     chunk_size: int = 16
     top_k_chunks: int = 8
-    bound_channels: int | None = None
-    bound_precision: str = "kv"
+    bound_channels: int | None = 32
+    bound_precision: str = "uint8"
     max_dynamic_fraction: float = 0.5
     pool_kernel: int = 7
     static_priority: str = "focus"

@@ -135,12 +135,22 @@ LEARNED_KINDS: tuple[CaseKind, ...] = ("single", "describe", "pair_name", "multi
 
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 SYSTEM_PROMPT = "You are a helpful assistant."
-TILE_MODEL_SETTINGS: dict[str, int] = {"sink": 0, "chunk_size": 4, "top_k_chunks": 64}
+TILE_MODEL_SETTINGS: dict[str, int | float | str] = {
+    "sink": 0,
+    "chunk_size": 4,
+    "top_k_chunks": 64,
+    "bound_channels": 8,
+    "bound_precision": "uint8",
+    "dynamic_window_share": 0.15,
+}
 """``HybridKVConfig`` fields for the committed tile-task model (``bench/quality_model``;
 ``docs/quality-diagnosis.md``): it has no attention sink (< 2 % of any head's mass on the first
 4 tokens), its tiles are 2 x 2 tokens (16-token chunks are coarse against them), and with
-``dynamic_top_k="budget"`` the budget, not ``top_k_chunks``, bounds retrieval. Other models keep
-the config defaults."""
+``dynamic_top_k="budget"`` the budget, not ``top_k_chunks``, bounds retrieval. Its chunk index,
+paid from the byte budget, keeps 8 of the 32 key channels in 8-bit codes (28 bytes a 4-token
+chunk before scratch, against 1,024 of KV), and dynamic heads keep 15 % of their budget as a
+resident window: the best byte-honest settings of the offline sweep (``docs/quality-
+benchmark.md``). Other models keep the config defaults."""
 
 
 @dataclass(frozen=True)

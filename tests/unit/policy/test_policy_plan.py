@@ -21,7 +21,9 @@ from hybridkv_sglang.policy.classify import (
 
 L, HKV, G, D = 3, 4, 2, 16
 CHEAP = {"bound_channels": 4, "bound_precision": "uint8"}
-"""A chunk index of 20 bytes a chunk (four 8-bit channels and the scratch) and 48 a head."""
+"""A chunk index of 8 bytes a chunk (four 8-bit channels) and 48 a head, before scratch."""
+FULL = {"bound_channels": None, "bound_precision": "kv"}
+"""The design's index: every channel in the key dtype, ``1/C`` of a head's KV."""
 
 
 def _request(
@@ -150,8 +152,8 @@ def test_all_static_and_all_dynamic_types() -> None:
     assert not static.has_dynamic and static.chunk_kmin is None
     # b_mean 80; the full index (22 chunks of 128 bytes, entries of 128) costs 24 entries:
     # (80 - 48 - 24) // 16 = 0 chunks, so no head can be dynamic
-    assert _index_entries(400, 32, 16) == 24
-    assert not _plan("all_dynamic", budget=0.2).has_dynamic
+    assert _index_entries(400, 32, 16, **FULL) == 24
+    assert not _plan("all_dynamic", budget=0.2, **FULL).has_dynamic
     # the cheap index costs 4 entries: (80 - 48 - 4) // 16 = 1 chunk
     dynamic = _plan("all_dynamic", budget=0.2, **CHEAP)
     assert dynamic.is_dynamic.all() and dynamic.top_k_chunks == 1
@@ -248,7 +250,7 @@ def test_tuned_config_reads_within_the_budget(n: int, budget: float, fits: int) 
 @pytest.mark.parametrize("budget", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("n", [150, 340, 700])
 @pytest.mark.parametrize("dynamic_window_share", [1.0, 0.25])
-@pytest.mark.parametrize("index", [{}, CHEAP], ids=["full-index", "cheap-index"])
+@pytest.mark.parametrize("index", [FULL, CHEAP], ids=["full-index", "cheap-index"])
 def test_no_policy_reads_more_than_its_budget(
     name: str, budget: float, n: int, dynamic_window_share: float, index: dict
 ) -> None:

@@ -180,6 +180,11 @@ def test_configurations(quality_bench):
     assert configs[0].hybridkv is None  # stock torch_native on CPU
     assert configs[1].hybridkv.min_prompt_tokens == 128 and configs[1].hybridkv.window == 32
     assert configs[3].hybridkv.policy == "snapkv" and configs[4].hybridkv.budget == 0.2
+    settings = qt.TILE_MODEL_SETTINGS
+    for config in configs[1:]:  # the committed model's settings, the chunk index included
+        assert config.hybridkv.model_dump(include=set(settings)) == settings
+    flagged = quality_bench.build_configs(quality_bench.parse_args(["--chunk-size", "8"]))
+    assert flagged[1].hybridkv.chunk_size == 8 and flagged[1].hybridkv.bound_channels == 8
     disabled = quality_bench.parse_args(["--full", "disabled", "--policies", ""])
     (full,) = quality_bench.build_configs(disabled)
     assert full.hybridkv is not None and not full.hybridkv.enabled
