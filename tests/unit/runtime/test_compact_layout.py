@@ -16,6 +16,7 @@ from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.host_tier import HostTier, assign_staging_slots
 from tests.unit.runtime.folded_steps import decode_layer, folded_for
 from tests.unit.runtime.test_decode_layout import (
+    BOUNDS,
     DIM,
     GROUP,
     HEADS,
@@ -93,25 +94,28 @@ def _outputs(layouts, pool, req_to_token, seq_lens, queries, stager=None, use_tr
 
 @pytest.mark.parametrize("use_triton", KERNELS)
 @pytest.mark.parametrize("on_host", [False, True])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("seed", "bounds"), list(enumerate(BOUNDS[:2])))
 def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
-    seed, on_host, use_triton
+    seed, bounds, on_host, use_triton
 ):
     pool, allocator = _real_pool(seed)
     prompt_lens, tail = [150, 203, 97], 5
     req_to_token = _request_rows(allocator, prompt_lens, tail)
     keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
+    index, dynamic_budget = bounds
     plans = [
         None,
-        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2),
-        _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=0.3),
+        _plan("hybridkv", req_to_token[2], keys, 203, seed, budget=0.2, **index),
+        _plan("all_dynamic", req_to_token[3], keys, 97, seed, budget=dynamic_budget, **index),
     ]
+    assert bool(plans[2].is_dynamic.all())  # the chunk index stays on the device
     in_place = [None if p is None else CompressedLayout.from_plan(p, "cpu") for p in plans]
     seq_lens = [n + tail for n in prompt_lens]
     gen = torch.Generator().manual_seed(seed + 50)
     queries = [
-        [torch.randn(3 * HEADS, GROUP, DIM, generator=gen) for _ in range(LAYERS)] for _ in range(4)
+        [torch.randn(3 * HEADS, GROUP, DIM, generator=gen) for _ in range(LAYERS)] for _ in range(3)
     ]
+    queries.insert(2, queries[1])  # a repeated query: its chunks are staged already
     expected = _outputs(in_place, pool, req_to_token, seq_lens, queries, use_triton=use_triton)
 
     tier = HostTier(400, CHUNK, DIM, DIM, torch.float32, pin_memory=False) if on_host else None
@@ -140,7 +144,7 @@ def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     if on_host:
         assert storage.stager.moved_chunks > 0
-        assert storage.stager.reused_chunks > 0  # later steps reuse staged chunks
+        assert storage.stager.reused_chunks > 0  # the repeated step reuses staged chunks
         held = sum(c.host_chunk_ids.numel() for c in compact[1:])
         assert tier.free_chunks == tier.capacity - held
         for c in compact[1:]:

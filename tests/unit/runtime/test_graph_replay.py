@@ -28,7 +28,7 @@ from hybridkv_sglang.runtime.stats import STATS
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from tests.unit.runtime.folded_steps import folded_for
 from tests.unit.runtime.test_compact_layout import CHUNK, _real_pool, _request_rows
-from tests.unit.runtime.test_decode_layout import DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
+from tests.unit.runtime.test_decode_layout import BOUNDS, DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
 
 PROMPTS, TAIL, GRAPH_BS = [150, 203, 97, 61], 6, 6
 
@@ -65,11 +65,13 @@ def served():
     pool, allocator = _real_pool(seed=4)
     req_to_token = _request_rows(allocator, PROMPTS, TAIL)
     keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
+    index, dynamic_budget = BOUNDS[1]  # 8-bit codes: request 3's heads are all dynamic
     plans = {
-        2: _plan("hybridkv", req_to_token[2], keys, 203, 4, budget=0.2),
-        3: _plan("all_dynamic", req_to_token[3], keys, 97, 4, budget=0.3),
+        2: _plan("hybridkv", req_to_token[2], keys, 203, 4, budget=0.2, **index),
+        3: _plan("all_dynamic", req_to_token[3], keys, 97, 4, budget=dynamic_budget, **index),
     }
     layouts = {row: CompressedLayout.from_plan(p, "cpu") for row, p in plans.items()}
+    assert bool(plans[3].is_dynamic.all())
     folded = folded_for(
         layouts,
         pool_rows=req_to_token.shape[0],
