@@ -20,6 +20,7 @@ def _kvc(backend: str) -> SimpleNamespace:
     )
 
 
+PLAIN = {"bound_channels": None, "bound_precision": "kv"}
 CODES = {"bound_channels": 16, "bound_precision": "uint8"}
 
 
@@ -28,14 +29,16 @@ CODES = {"bound_channels": 16, "bound_precision": "uint8"}
     [
         # per chunk: 2 x 128 bf16 bounds + 12 bytes of scratch; per dynamic row: 12 bytes per
         # channel, at most one row per min_prompt_tokens (256) dynamic prompt entries
-        (HybridKVConfig(), 0.5, 2 * 128 * 2 + 12, 12 * 128),  # half the heads dynamic at 10 %
-        (HybridKVConfig(budget=0.05), 1.0, 524, 1536),  # the budget-scaled cap: all at 5 %
-        (HybridKVConfig(budget=0.05, dynamic_cap="fixed"), 0.5, 524, 1536),
+        (HybridKVConfig(**PLAIN), 0.5, 2 * 128 * 2 + 12, 12 * 128),  # half dynamic at 10 %
+        (HybridKVConfig(budget=0.05, **PLAIN), 1.0, 524, 1536),  # budget-scaled cap: all at 5 %
+        (HybridKVConfig(budget=0.05, dynamic_cap="fixed", **PLAIN), 0.5, 524, 1536),
         # compact requests hold up to 1 / budget prompts per pool entry; a quarter dynamic at 20 %
-        (HybridKVConfig(storage="compact", budget=0.2), 0.25 * 5.0, 524, 1536),
+        (HybridKVConfig(storage="compact", budget=0.2, **PLAIN), 0.25 * 5.0, 524, 1536),
         # 8-bit codes over 16 channels
         (HybridKVConfig(**CODES), 0.5, 2 * 16 + 12, 12 * 16),
         (HybridKVConfig(storage="compact", **CODES), 0.5 * 10, 44, 192),
+        # the defaults: 8-bit codes over 32 channels
+        (HybridKVConfig(), 0.5, 2 * 32 + 12, 12 * 32),
     ],
 )
 def test_pools_add_their_bytes_per_kv_token(
