@@ -1253,7 +1253,32 @@ def saved_run(path: Path, dataset: dict[str, Any]) -> tuple[list[dict[str, Any]]
             f"{path}: its questions differ from this run's ({saved['dataset']['source']} vs "
             f"{dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
         )
-    return saved["rows"], saved.get("total_seconds", 0.0)
+    return [in_bytes(row, path) for row in saved["rows"]], saved.get("total_seconds", 0.0)
+
+
+def in_bytes(row: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A saved row with its figures in bytes. Rows saved before budgets counted bytes measured
+    entries: a policy without a chunk index (the full cache, every static baseline) reads the
+    same share of bytes as of entries, so its row carries over, labelled; a row whose policy
+    retrieves chunks read its index on top and must be run again."""
+    if "mean_read_bytes_fraction" in row:
+        return row
+    method = row["method"]
+    if method != "full" and POLICY_REGISTRY[method].needs_chunk_bounds:
+        raise SystemExit(
+            f"{source}: row {row['config']} was measured in entries before budgets counted "
+            f"bytes, and {method} reads a chunk index on top of its entries: run it again"
+        )
+    mean, (_, most) = row.pop("mean_read_fraction"), row.pop("read_fraction_range")
+    return {
+        **row,
+        "mean_read_bytes_fraction": mean,
+        "max_read_bytes_fraction": most,
+        "mean_metadata_bytes_fraction": 0.0,
+        "mean_device_bytes_fraction": mean,
+        "mean_read_entries_fraction": mean,
+        "accounting": "carried over from an entry-count run: no chunk index, bytes = entries",
+    }
 
 
 def rows_added_to(

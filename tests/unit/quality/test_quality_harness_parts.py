@@ -304,7 +304,11 @@ def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp
     earlier = {
         "dataset": dataset,
         "total_seconds": 60.0,
-        "rows": [{"config": "full"}, {"config": "snapkv@0.1"}, {"config": "lookm@0.1", "old": 1}],
+        "rows": [
+            {"config": "full", "mean_read_bytes_fraction": 1.0},
+            {"config": "snapkv@0.1", "mean_read_bytes_fraction": 0.1},
+            {"config": "lookm@0.1", "mean_read_bytes_fraction": 0.1, "old": 1},
+        ],
     }
     path = tmp_path / "quality.json"
     path.write_text(json.dumps(earlier))
@@ -314,6 +318,25 @@ def test_added_rows_join_an_earlier_run_on_the_same_questions(quality_bench, tmp
     assert "old" not in rows[2] and seconds == 90.0
     with pytest.raises(SystemExit, match="questions differ"):
         quality_bench.rows_added_to(path, new, 1.0, {**dataset, "questions": 4})
+
+
+def test_rows_measured_in_entries_carry_over_only_without_a_chunk_index(quality_bench, tmp_path):
+    dataset = {"source": "tile task, seed 1", "questions": 3}
+
+    def old_row(config: str, method: str) -> dict:
+        return {"config": config, "method": method, "mean_read_fraction": 0.049,
+                "read_fraction_range": [0.047, 0.05]}  # fmt: skip
+
+    path = tmp_path / "old.json"
+    rows = [old_row("full", "full"), old_row("snapkv@0.05", "snapkv")]
+    path.write_text(json.dumps({"dataset": dataset, "rows": rows}))
+    (full, snapkv), _ = quality_bench.saved_run(path, dataset)
+    assert snapkv["mean_read_bytes_fraction"] == 0.049 and snapkv["max_read_bytes_fraction"] == 0.05
+    assert snapkv["mean_metadata_bytes_fraction"] == 0.0 and "carried over" in snapkv["accounting"]
+    assert "mean_read_fraction" not in snapkv and full["mean_device_bytes_fraction"] == 0.049
+    path.write_text(json.dumps({"dataset": dataset, "rows": [old_row("hk@0.05", "hybridkv")]}))
+    with pytest.raises(SystemExit, match=r"hk@0\.05 .* chunk index .* run it again"):
+        quality_bench.saved_run(path, dataset)
 
 
 def test_fine_tune_defaults(train_script):
@@ -330,8 +353,9 @@ def test_partial_rows_of_a_stopped_run_join_a_results_file(quality_bench, tmp_pa
     """Each finished row is saved at once; --join adds them to --add-to without running."""
     dataset = {"source": "tile task, seed 1", "questions": 3}
     partial = tmp_path / "run.partial.json"
-    quality_bench.save_partial(partial, [{"config": "snapkv@0.05"}], dataset, 42.04)
-    assert quality_bench.saved_run(partial, dataset) == ([{"config": "snapkv@0.05"}], 42.0)
+    row = {"config": "snapkv@0.05", "mean_read_bytes_fraction": 0.049}
+    quality_bench.save_partial(partial, [row], dataset, 42.04)
+    assert quality_bench.saved_run(partial, dataset) == ([row], 42.0)
     with pytest.raises(SystemExit, match="questions differ"):
         quality_bench.saved_run(partial, {**dataset, "questions": 4})
     with pytest.raises(SystemExit):
