@@ -1243,17 +1243,20 @@ def save_partial(
     path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
-def saved_run(path: Path, dataset: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
-    """The rows of a results or ``.partial.json`` file made on these questions, and the time
-    they took (0 for a partial file saved before runs recorded it), so a joined file's total
-    counts every run it holds."""
+def saved_run(
+    path: Path, dataset: dict[str, Any], replaced: frozenset[str] = frozenset()
+) -> tuple[list[dict[str, Any]], float]:
+    """The rows of a results or ``.partial.json`` file made on these questions (but those named
+    in ``replaced``), and the time they took (0 for a partial file saved before runs recorded
+    it), so a joined file's total counts every run it holds."""
     saved = json.loads(path.read_text())
     if saved["dataset"] != json.loads(json.dumps(dataset)):  # as saved: tuples become lists
         raise SystemExit(
             f"{path}: its questions differ from this run's ({saved['dataset']['source']} vs "
             f"{dataset['source']}); use the same --seed/--ks/--per-kind/--kinds/--dataset"
         )
-    return [in_bytes(row, path) for row in saved["rows"]], saved.get("total_seconds", 0.0)
+    rows = [in_bytes(row, path) for row in saved["rows"] if row["config"] not in replaced]
+    return rows, saved.get("total_seconds", 0.0)
 
 
 def in_bytes(row: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -1288,10 +1291,8 @@ def rows_added_to(
 
     Paired comparisons need the same questions, so the earlier run's dataset must be this one.
     """
-    names = {r["config"] for r in rows}
-    earlier, earlier_seconds = saved_run(path, dataset)
-    kept = [r for r in earlier if r["config"] not in names]
-    return kept + rows, earlier_seconds + seconds
+    earlier, earlier_seconds = saved_run(path, dataset, frozenset(r["config"] for r in rows))
+    return earlier + rows, earlier_seconds + seconds
 
 
 if __name__ == "__main__":
