@@ -58,10 +58,11 @@ batch is 2 or less, or its request pool has more rows than that batch.
 
 Run: ``TRITON_INTERPRET=1 python bench/decode_overhead.py`` (``make bench-overhead``, about 80 s
 on 2 CPU cores); ``--quick`` (batches 1 and 8, fewer repeats) for tests. Writes
-``bench/results/decode_overhead.json`` and ``.png``. The full run holds the bounds of 128
-compressed requests at 32K in ``DecodeMetadata`` (~7.5 GB with the default chunk index, bf16
-over every channel; 8.9 GB peak resident). The results also state the decode metadata's reserve
-per KV token beside the KV pool's own, at these shapes, in both storage modes
+``bench/results/decode_overhead.json`` and ``.png``. The full run holds the chunk index of 128
+compressed requests at 32K in ``DecodeMetadata``: ~14.6 M chunks of ``2 r`` bound bytes plus 12
+of retrieval scratch each (1.1 GB with the config's default, 8-bit codes over 32 channels; 7.7 GB
+with bf16 bounds over all 128). The results also state the decode metadata's reserve per KV
+token beside the KV pool's own, at these shapes, in both storage modes
 (``decode_metadata_reserve``).
 """
 
