@@ -497,6 +497,9 @@ def chunk_retrieval(
         max_selected: at least every row's ``NUM_SEL``.
     """
     _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
+    unit = (q.stride(2), kmin.stride(1), kmax.stride(1), bound_channels.stride(1))
+    if unit != (1, 1, 1, 1) or bound_affine.stride(2) != 1:
+        raise ValueError("q, kmin, kmax, bound_channels, bound_affine: expected a unit last stride")
     require_triton_device("chunk_retrieval", q, kmin, bound_affine, chunk_top, row_meta)
     rows, groups, _ = q.shape
     if rows == 0 or max_selected == 0:

@@ -211,3 +211,21 @@ def test_retrieval_twin_takes_the_best_chunks(width, codes):
             assert picked.unique().numel() == nsel
             floor = float(scores.topk(nsel).values.min())
             assert float(scores[picked].min()) >= floor - 1e-6 * magnitude
+
+
+def test_retrieval_refuses_arenas_that_do_not_match():
+    batch = random_batch(_seed(), width=5, codes=True)
+    good = {"kmin": batch.kmin, "kmax": batch.kmax}
+    bad = [
+        ({"kmax": batch.kmax.float()}, "kmin/kmax"),
+        ({"bound_channels": batch.bound_channels[:, :4]}, "bound_channels: expected"),
+        ({"bound_channels": batch.bound_channels.long()}, "int32 and float32"),
+        ({"bound_affine": batch.bound_affine[:, :1]}, "bound_affine: expected"),
+    ]
+    for change, message in bad:
+        changed = RandomBatch(**{**vars(batch), **good, **change})
+        with pytest.raises(ValueError, match=message):
+            _retrieve(changed, chunk_retrieval_ref, 0)
+    strided = RandomBatch(**{**vars(batch), "kmin": batch.kmin.T.contiguous().T})
+    with pytest.raises(ValueError, match="unit last stride"):
+        _retrieve(strided, chunk_retrieval, 0)
