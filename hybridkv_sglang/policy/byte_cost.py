@@ -6,9 +6,9 @@ its dense prompt KV bytes per decode step. What a decode step reads of the promp
 * the K and V of every entry its tables list (``2·D`` values of the KV dtype each), and
 * each dynamic head's chunk index (:mod:`hybridkv_sglang.policy.chunk_index`): ``2·r`` bound
   values per retrievable chunk at their stored precision, per bounded channel its id, offset and
-  scale (``PARAM_BYTES_PER_CHANNEL``), and the retrieval's scratch: a candidate (score and id)
-  for each of its ``k`` chunks per block of ``CANDIDATE_BLOCK`` chunks, and the ``k`` ids it
-  selects (:meth:`ByteCosts.scratch_bytes`).
+  scale (``PARAM_BYTES_PER_CHANNEL``), and the retrieval's scratch: room for ``k`` candidates
+  (score and id) per block of ``CANDIDATE_BLOCK`` chunks, and the ``k`` ids it selects
+  (:meth:`ByteCosts.scratch_bytes`).
 
 Both are held on the device for the request's life as well (in ``compact`` storage that is all
 the request holds of its prompt, with the dynamic heads' prompt KV on the host tier). The planner
@@ -97,7 +97,7 @@ class ByteCosts:
         """Retrieval scratch of a dynamic head selecting ``selected`` of ``chunks`` chunks."""
         selected = min(selected, chunks)
         blocks = -(-chunks // CANDIDATE_BLOCK)
-        return CANDIDATE_BYTES * blocks * min(selected, CANDIDATE_BLOCK) + SELECTED_BYTES * selected
+        return (CANDIDATE_BYTES * blocks + SELECTED_BYTES) * selected
 
     def index_bytes(self, chunks: int, selected: int) -> int:
         """The chunk index of one dynamic head with ``chunks`` retrievable chunks that selects

@@ -75,9 +75,10 @@ def test_byte_costs() -> None:
     assert costs.entry_bytes == 512
     assert costs.chunk_bytes == 2 * 16 and costs.head_bytes == 16 * 12
     assert costs.index_bytes(0, 4) == 0
-    # 100 chunks: bounds, parameters, a candidate per selected chunk in each of 4 blocks of 32
-    # (score and id) and the 4 selected ids
+    # 100 chunks: bounds, parameters, room for a candidate per selected chunk in each of 4
+    # blocks of 32 (score and id) and the 4 selected ids
     assert costs.scratch_bytes(100, 4) == 8 * 4 * 4 + 4 * 4
+    assert costs.scratch_bytes(100, 40) == 8 * 4 * 40 + 4 * 40
     assert costs.index_bytes(100, 4) == 100 * 32 + 192 + 144
     assert costs.index_entries(100, 4) == 7  # 3536 bytes, rounded up to entries of 512
     assert costs.scratch_bytes(3, 8) == 8 * 3 + 4 * 3  # no more selected than there are chunks
