@@ -21,7 +21,8 @@ questions), per turn:
      step's query (:class:`hybridkv_sglang.storage.page_tables.DynamicRowLayout` and
      :func:`hybridkv_sglang.policy.select_chunks`: the rule the runtime serves);
    * *read fraction* = prompt entries read per step / ``L x H_kv x N`` (measured from the masks;
-     the plan's own ``read_fraction`` is kept beside it);
+     the plan's own ``read_fraction``, bytes read per step with the chunk index, is kept beside
+     it as ``plan_read_fraction``);
    * *recall* = share of the full-cache attention mass over the prompt (mean over the GQA group)
      that falls on the read set; *target recall* the same over the asked tile's 4 visual tokens;
      *target coverage* the share of those 4 tokens read. The *value step* is the decode step that
