@@ -80,7 +80,7 @@ class HybridKVConfig(BaseModel):
     chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
     top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
     bound_channels: int | None = Field(
-        32,
+        16,
         ge=1,
         description="key channels a dynamic head's chunk bounds cover (the r with the largest "
         "query-weighted key range in the observation window; None: all D). The bounds cost "

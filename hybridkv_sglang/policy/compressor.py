@@ -132,7 +132,7 @@ class CompressionPolicy:
             ``b_mean``.
         chunk_size: tokens per retrieval chunk of dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per decode step.
-        bound_channels: key channels a dynamic head's chunk bounds cover (default 32, a quarter
+        bound_channels: key channels a dynamic head's chunk bounds cover (default 16, an eighth
             of Qwen2.5-VL's head dim; ``None``: all ``D``); see
             :mod:`~hybridkv_sglang.policy.chunk_index`.
         bound_precision: ``"uint8"`` (default: 8-bit codes rounded outward) or ``"kv"``
@@ -174,7 +174,7 @@ class CompressionPolicy:
     sink: int = 4
     chunk_size: int = 16
     top_k_chunks: int = 8
-    bound_channels: int | None = 32
+    bound_channels: int | None = 16
     bound_precision: str = "uint8"
     max_dynamic_fraction: float = 0.5
     pool_kernel: int = 7
