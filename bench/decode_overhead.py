@@ -362,6 +362,7 @@ def metadata_reserve() -> dict[str, Any]:
                         budget=BUDGET,
                         min_prompt_tokens=config.min_prompt_tokens,
                         fixed_fraction=config.decode_metadata_fraction,
+                        top_k_chunks=config.top_k_chunks,
                     ),
                     4,
                 )
@@ -472,6 +473,7 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     first = request()
     per_request_fixed, per_request_bounds = first.fixed_values.numel(), first.kmin.shape[0]
     per_request_params = first.bound_channels.shape[0]
+    per_request_scratch = first.candidate_slots, first.top_slots
 
     def metadata(requests_held: int) -> DecodeMetadata:
         return DecodeMetadata(
@@ -483,6 +485,8 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
             fixed_capacity=per_request_fixed * requests_held,
             bound_capacity=per_request_bounds * requests_held,
             param_capacity=per_request_params * requests_held,
+            candidate_capacity=per_request_scratch[0] * requests_held,
+            top_capacity=per_request_scratch[1] * requests_held,
             bound_dtype=bound_dtype,
             device="cpu",
         )

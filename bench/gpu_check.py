@@ -62,6 +62,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     NUM_CHUNKS,
     NUM_SEL,
     PARAM_ROW,
+    TOP_START,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -191,6 +192,8 @@ class Step:
             fixed_capacity=sum(r.fixed_values.numel() for r in rows),
             bound_capacity=sum(r.kmin.shape[0] for r in rows),
             param_capacity=sum(r.bound_channels.shape[0] for r in rows),
+            candidate_capacity=sum(r.candidate_slots for r in rows),
+            top_capacity=sum(r.top_slots for r in rows),
             bound_dtype=index[1],
             device=device,
         )
@@ -392,8 +395,8 @@ def check_retrieval(step: Step, context: int) -> dict[str, Any]:
     for r in range(step.batch * KV_HEADS):
         slot = int(meta.slot_of_row[r // KV_HEADS + 1])
         record = meta.row_meta[slot, 0, r % KV_HEADS]
-        nsel, n, start, param = (
-            int(record[f]) for f in (NUM_SEL, NUM_CHUNKS, BOUNDS_START, PARAM_ROW)
+        nsel, n, start, param, at = (
+            int(record[f]) for f in (NUM_SEL, NUM_CHUNKS, BOUNDS_START, PARAM_ROW, TOP_START)
         )
         if nsel == 0:
             continue
@@ -403,7 +406,7 @@ def check_retrieval(step: Step, context: int) -> dict[str, Any]:
         qr = q[r][:, meta.bound_channels[param].long()]
         scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(0)
         magnitude = (qr.abs().amax(0) * torch.maximum(lo.abs(), hi.abs())).sum(-1).max()
-        chosen = [scores[t[start : start + nsel].long()].sort().values for t in tops]
+        chosen = [scores[t[at : at + nsel].long()].sort().values for t in tops]
         gap = max(gap, float((chosen[0] - chosen[1]).abs().max() / magnitude))
     width, bound_dtype = meta.kmin.shape[1], meta.kmin.dtype
     return {

@@ -16,6 +16,7 @@ import torch
 
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
+    CAND_START,
     CHUNK_BASE,
     DIRECT,
     FIRST_CHUNK,
@@ -28,8 +29,9 @@ from hybridkv_sglang.kernels.folded_tables import (
     POST_START,
     PRE_LEN,
     TAIL_START,
+    TOP_START,
 )
-from hybridkv_sglang.storage.decode_metadata import RequestRows
+from hybridkv_sglang.storage.decode_metadata import RequestRows, scratch_slots
 
 
 def synthetic_rows(
@@ -73,13 +75,17 @@ def synthetic_rows(
     static_keep = max(window, min(prompt_len, static_keep))
     meta = torch.zeros(layers, heads, NF, dtype=torch.int32)
     values, kmins, kmaxs, channels, affines = [], [], [], [], []
-    used = bounds = params = 0
+    used = bounds = params = candidates = tops = 0
+    row_candidates, row_tops = scratch_slots(num_chunks, top_k)
     for layer in range(layers):
         for h in range(heads):
             row = meta[layer, h]
             if h < dynamic_heads:
                 row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = top_k, num_chunks, first
                 row[BOUNDS_START], row[PARAM_ROW] = bounds, params
+                row[CAND_START], row[TOP_START] = candidates, tops
+                candidates += row_candidates
+                tops += row_tops
                 if random_bounds:
                     lo, hi = _random_bounds(num_chunks, width, codes, gen, device)
                     kmins.append(lo.to(dtype))

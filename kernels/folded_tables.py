@@ -9,7 +9,11 @@ when ``DIRECT``), the dynamic rows' chunk key bounds (``[J, r]``, one row per ch
 ``bound_affine [P, 2, r]``: bound column ``i`` covers key channel ``channels[i]`` and its value is
 ``offset[i] + scale[i] * stored[i]``, so 8-bit codes over a few channels and plain bounds over
 all ``D`` channels in the KV dtype, ``channels = arange(D)``, ``offset = 0``, ``scale = 1``, take
-the same path). A row lists, in order::
+the same path), and their retrieval scratch: ``ceil(NUM_CHUNKS / CANDIDATE_BLOCK) * NUM_SEL``
+candidates (``chunk_scores`` float32 and ``chunk_ids`` int32 from ``CAND_START``) and the
+``NUM_SEL`` chunks selected (``chunk_top`` int32 from ``TOP_START``), what
+:meth:`hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes` charges. A row lists, in
+order::
 
     fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
     its NUM_SEL retrieved chunks of C values each          # dynamic rows only
@@ -26,9 +30,10 @@ Three kernels, each with a torch twin of the same contract:
 
 - :func:`folded_lengths`: every layer's ``kv_indptr`` and KV split counts in one launch;
 - :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
-  top ``NUM_SEL`` (per block of chunks the block's best, then per row the best of those;
-  other rows exit at once), written into the row's own range of the ``chunk_top`` arena, so
-  scratch is sized by the live chunks, never per row;
+  top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
+  ``NUM_SEL``, at the row's own stride, then per row the best of those; other rows exit at
+  once), written into the row's own ranges of the candidate and ``chunk_top`` arenas, so
+  scratch is sized by each row's chunks and selection, never by the batch's largest;
 - :func:`fill_folded_indices`: per layer, the ``kv_indices``.
 """
 
@@ -42,6 +47,7 @@ from torch import Tensor
 from ._common import require_triton_device
 
 __all__ = [
+    "CANDIDATE_BLOCK",
     "ROW_FIELDS",
     "chunk_retrieval",
     "chunk_retrieval_ref",
@@ -64,6 +70,8 @@ ROW_FIELDS = (
     "CHUNK_BASE",
     "DIRECT",
     "PARAM_ROW",
+    "CAND_START",
+    "TOP_START",
 )
 (
     FIXED_START,
@@ -78,8 +86,14 @@ ROW_FIELDS = (
     CHUNK_BASE,
     DIRECT,
     PARAM_ROW,
+    CAND_START,
+    TOP_START,
 ) = range(len(ROW_FIELDS))
 NF = len(ROW_FIELDS)
+
+CANDIDATE_BLOCK = 32
+"""Fewest chunks per block of the retrieval's first pass: a row of ``n`` chunks selecting
+``k`` has at most ``ceil(n / CANDIDATE_BLOCK) * k`` candidates (the cost model's count)."""
 
 _MIN_SPLIT_ENTRIES = 64
 """A KV split reads at least this many entries (fewer splits on short rows)."""
@@ -309,15 +323,14 @@ def _chunk_candidates_kernel(
     stride_affine_part,
     H: tl.constexpr,
     NF_: tl.constexpr,
-    K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Stage 1, one program per (row, block of chunks): Quest scores of the block and its best
-    ``min(K, valid)`` chunks (one sort), at candidate places ``[block * K, ...)`` of the row's
-    range."""
+    ``min(NUM_SEL, valid)`` chunks (one sort), at ``CAND_START + block * NUM_SEL + j`` (the
+    row's own stride, so its candidates fit the slots the cost model charges)."""
     r = tl.program_id(0)
     blk = tl.program_id(1)
     slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
@@ -326,6 +339,7 @@ def _chunk_candidates_kernel(
     if (nsel > 0) & (blk * BLOCK_C < n):
         bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
         param = tl.load(meta_ptr + base + 11).to(tl.int64)
+        cstart = tl.load(meta_ptr + base + 12).to(tl.int64)
         offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < n
         offs_r = tl.arange(0, BLOCK_R)
@@ -357,8 +371,8 @@ def _chunk_candidates_kernel(
         scores = tl.where(mask_c, scores, float("-inf"))
         ranked = tl.sort(_rank_keys(scores, offs_c), dim=0, descending=True)
         j = tl.arange(0, BLOCK_C)
-        keep = j < tl.minimum(n - blk * BLOCK_C, K)
-        out = bstart + blk * K + j
+        keep = j < tl.minimum(n - blk * BLOCK_C, nsel)
+        out = cstart + blk * nsel + j
         tl.store(cand_score_ptr + out, _ranked_scores(ranked), mask=keep)
         tl.store(cand_id_ptr + out, _ranked_ids(ranked), mask=keep)
 
@@ -375,42 +389,43 @@ def _chunk_select_kernel(
     num_layers,
     H: tl.constexpr,
     NF_: tl.constexpr,
-    K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Stage 2, one program per row: the row's ``NUM_SEL`` best candidates, by descending
-    score (ties: the lower chunk id). Up to ``BLOCK`` candidates are ranked by one sort in
-    registers; more are scanned block by block, one pass per chunk taken."""
+    """Stage 2, one program per row: the row's ``NUM_SEL`` best candidates (``NUM_SEL`` per
+    block from ``CAND_START``), by descending score (ties: the lower chunk id), into
+    ``chunk_top[TOP_START:]``. Up to ``BLOCK`` candidates are ranked by one sort in registers;
+    more are scanned block by block, one pass per chunk taken."""
     r = tl.program_id(0)
     slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
     nsel = tl.load(meta_ptr + base + 5, mask=slot >= 0, other=0)
     if nsel > 0:
         n = tl.load(meta_ptr + base + 6)
-        bstart = tl.load(meta_ptr + base + 8).to(tl.int64)
-        total = tl.cdiv(n, BLOCK_C) * K
+        cstart = tl.load(meta_ptr + base + 12).to(tl.int64)
+        tstart = tl.load(meta_ptr + base + 13).to(tl.int64)
+        total = tl.cdiv(n, BLOCK_C) * nsel
         if total <= BLOCK:
             c = tl.arange(0, BLOCK)
-            ok = (c < total) & (c % K < tl.minimum(n - (c // K) * BLOCK_C, K))
-            s = tl.load(cand_score_ptr + bstart + c, mask=ok, other=float("-inf"))
-            ids = tl.load(cand_id_ptr + bstart + c, mask=ok, other=0x7FFFFFFF)
+            ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
+            s = tl.load(cand_score_ptr + cstart + c, mask=ok, other=float("-inf"))
+            ids = tl.load(cand_id_ptr + cstart + c, mask=ok, other=0x7FFFFFFF)
             ranked = tl.sort(_rank_keys(s, ids), dim=0, descending=True)
-            tl.store(top_ptr + bstart + c, _ranked_ids(ranked), mask=c < nsel)
+            tl.store(top_ptr + tstart + c, _ranked_ids(ranked), mask=c < nsel)
         else:
             for j in range(0, nsel):
                 best_val = float("-inf")
                 best_at = 0
                 for c0 in range(0, total, BLOCK):
                     c = c0 + tl.arange(0, BLOCK)
-                    ok = (c < total) & (c % K < tl.minimum(n - (c // K) * BLOCK_C, K))
-                    s = tl.load(cand_score_ptr + bstart + c, mask=ok, other=float("-inf"))
+                    ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
+                    s = tl.load(cand_score_ptr + cstart + c, mask=ok, other=float("-inf"))
                     m = tl.max(s, axis=0)
                     i = tl.argmax(s, axis=0)
                     take = m > best_val
                     best_at = tl.where(take, c0 + i, best_at)
                     best_val = tl.where(take, m, best_val)
-                tl.store(top_ptr + bstart + j, tl.load(cand_id_ptr + bstart + best_at))
-                tl.store(cand_score_ptr + bstart + best_at, float("-inf"))
+                tl.store(top_ptr + tstart + j, tl.load(cand_id_ptr + cstart + best_at))
+                tl.store(cand_score_ptr + cstart + best_at, float("-inf"))
 
 
 _BOUND_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
@@ -473,10 +488,11 @@ def chunk_retrieval(
     max_chunks: int,
     max_selected: int,
 ) -> None:
-    """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[BOUNDS_START:]``.
+    """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[TOP_START:]``.
 
-    Two launches: per (row, block of chunks) the block's best ``max_selected`` candidates, then
-    per row the best of the candidates. Rows that are not dynamic exit at once. Chunk ``c`` of a
+    Two launches: per (row, block of at least ``CANDIDATE_BLOCK`` chunks) the block's best
+    ``NUM_SEL`` candidates into ``chunk_scores`` / ``chunk_ids`` from ``CAND_START``, then per
+    row the best of the candidates. Rows that are not dynamic exit at once. Chunk ``c`` of a
     row scores ``max_g sum_i max(q[g, ch_i] lo_i, q[g, ch_i] hi_i)`` with
     ``lo = offset + scale * kmin[c]``, ``hi = offset + scale * kmax[c]`` (float32) over its
     parameter row.
@@ -489,12 +505,13 @@ def chunk_retrieval(
             ``PARAM_ROW``); contiguous rows.
         bound_affine: ``[P, 2, r]`` float32, offsets (``[:, 0]``) and scales (``[:, 1]``,
             ``>= 0``) of each bound column; contiguous rows.
-        chunk_scores: ``[J]`` float32, chunk_ids: ``[J]`` int32: candidate scratch.
-        chunk_top: ``[J]`` int32, written: relative chunk ids by descending score (ties: the
+        chunk_scores: ``[M]`` float32, chunk_ids: ``[M]`` int32: candidate scratch,
+            ``ceil(NUM_CHUNKS / CANDIDATE_BLOCK) * NUM_SEL`` slots per dynamic row.
+        chunk_top: ``[T]`` int32, written: relative chunk ids by descending score (ties: the
             lower id), ``NUM_SEL`` per dynamic row.
         req_pool_indices, slot_of_row, row_meta: as in :func:`folded_lengths`.
         max_chunks: at least every row's ``NUM_CHUNKS`` (sizes the grid).
-        max_selected: at least every row's ``NUM_SEL``.
+        max_selected: at least every row's ``NUM_SEL`` (sizes the blocks).
     """
     _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
     unit = (q.stride(2), kmin.stride(1), kmax.stride(1), bound_channels.stride(1))
@@ -506,9 +523,9 @@ def chunk_retrieval(
         return
     width = kmin.shape[1]
     block_r = max(16, triton.next_power_of_2(width))
-    block_c = max(16, min(128, 16384 // block_r), triton.next_power_of_2(max_selected))
+    block_c = max(CANDIDATE_BLOCK, min(128, 16384 // block_r), triton.next_power_of_2(max_selected))
     meta_args = (req_pool_indices, slot_of_row, row_meta, layer, row_meta.shape[1])
-    consts = {"H": row_meta.shape[2], "NF_": NF, "K": max_selected, "BLOCK_C": block_c}
+    consts = {"H": row_meta.shape[2], "NF_": NF, "BLOCK_C": block_c}
     _chunk_candidates_kernel[(rows, triton.cdiv(max(max_chunks, 1), block_c))](
         q,
         kmin,
@@ -566,8 +583,8 @@ def chunk_retrieval_ref(
     dynamic = torch.nonzero((slot >= 0) & (meta[:, NUM_SEL] > 0)).reshape(-1).tolist()
     qf = q.float()
     for r in dynamic:
-        n, nsel, start, param = (
-            int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START, PARAM_ROW)
+        n, nsel, start, param, top = (
+            int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START, PARAM_ROW, TOP_START)
         )
         offset, scale = bound_affine[param]
         lo = offset + scale * kmin[start : start + n].float()
@@ -575,7 +592,7 @@ def chunk_retrieval_ref(
         qr = qf[r][:, bound_channels[param].to(torch.int64)]
         scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(dim=0)
         order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
-        chunk_top[start : start + nsel] = order.to(chunk_top.dtype)
+        chunk_top[top : top + nsel] = order.to(chunk_top.dtype)
 
 
 # ----------------------------------------------------------------------------- 3. indices
@@ -614,7 +631,7 @@ def _fill_folded_indices_kernel(
     tail = tl.load(meta_ptr + base + 4, mask=comp, other=0).to(tl.int64)
     nch = tl.load(meta_ptr + base + 5, mask=comp, other=0).to(tl.int64) * C
     first = tl.load(meta_ptr + base + 7, mask=comp, other=0).to(tl.int64)
-    bstart = tl.load(meta_ptr + base + 8, mask=comp, other=0).to(tl.int64)
+    tstart = tl.load(meta_ptr + base + 13, mask=comp, other=0).to(tl.int64)
     cbase = tl.load(meta_ptr + base + 9, mask=comp, other=0).to(tl.int64)
     direct_flag = tl.load(meta_ptr + base + 10, mask=comp, other=0)
     offs = tl.arange(0, BLOCK)
@@ -632,7 +649,7 @@ def _fill_folded_indices_kernel(
         is_post = (j >= end_chunks) & (j < end_post)
         is_tail = (j >= end_post) & in_row
         jc = tl.maximum(j - pre, 0)
-        c = tl.load(top_ptr + bstart + jc // C, mask=is_chunk, other=0).to(tl.int64)
+        c = tl.load(top_ptr + tstart + jc // C, mask=is_chunk, other=0).to(tl.int64)
         chunk_v = (first + c) * C + jc % C
         pre_v = tl.load(fixed_ptr + fstart + j, mask=is_pre, other=0).to(tl.int64)
         post_v = tl.load(fixed_ptr + pstart + j - end_chunks, mask=is_post, other=0).to(tl.int64)
@@ -663,7 +680,8 @@ def fill_folded_indices(
 
     Args:
         req_to_token: ``[P, ctx]`` int32, SGLang's request-to-slot map.
-        fixed_values: ``[F]`` int32 arena; chunk_top: ``[J]`` int32 (after retrieval).
+        fixed_values: ``[F]`` int32 arena; chunk_top: ``[T]`` int32 (after retrieval; a
+            dynamic row's chunks from its ``TOP_START``).
         kv_indptr: ``[>= B * H_kv + 1]`` int32, this layer's row offsets.
         kv_indices: ``[>= kv_indptr[rows]]`` int64, written.
     """
@@ -728,7 +746,7 @@ def fill_folded_indices_ref(
     jc = (j - pre).clamp(min=0)
     top = (
         chunk_top.to(torch.int64)[
-            (m[:, BOUNDS_START] + jc // chunk_size).clamp(max=max(chunk_top.numel() - 1, 0))
+            (m[:, TOP_START] + jc // chunk_size).clamp(max=max(chunk_top.numel() - 1, 0))
         ]
         if chunk_top.numel()
         else jc

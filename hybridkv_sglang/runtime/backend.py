@@ -450,6 +450,8 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
         bound_capacity=sizing.bound_chunks(entries_per_layer * layers),
         param_capacity=sizing.param_rows(entries_per_layer * layers),
+        candidate_capacity=sizing.candidate_slots(entries_per_layer * layers),
+        top_capacity=sizing.top_slots(entries_per_layer * layers),
         bound_dtype=sizing.bound_dtype(key.dtype),
         device=key.device,
     )

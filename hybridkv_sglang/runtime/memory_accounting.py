@@ -35,6 +35,7 @@ def pool_sizing(config: HybridKVConfig) -> PoolSizing:
         bound_channels=config.bound_channels,
         uint8_bounds=config.bound_precision == "uint8",
         min_prompt_tokens=config.min_prompt_tokens,
+        top_k_chunks=config.top_k_chunks,
     )
 
 

@@ -5,9 +5,12 @@ decode rows read is written into pools allocated at start-up: one record of
 :data:`~hybridkv_sglang.kernels.folded_tables.ROW_FIELDS` per (slot, layer, kv head), the
 request's fixed values (kept positions, or compact entry ids) in an int32 arena, its dynamic
 heads' chunk key bounds (``r`` columns per chunk, uint8 codes or KV-dtype values) in a bounds
-arena, and one row per dynamic head of bound parameters (each column's key channel, offset and
-scale) in two parameter arenas. :class:`PoolSizing` sizes the arenas per entry of SGLang's KV
-pool, and counts them in its bytes per token. ``slot_of_row`` maps SGLang's ``req_to_token`` rows to
+arena, one row per dynamic head of bound parameters (each column's key channel, offset and
+scale) in two parameter arenas, and each dynamic head's retrieval scratch (its candidates'
+scores and ids, its selected chunk ids) in a candidate and a top arena, exactly what the cost
+model charges (:meth:`~hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes`).
+:class:`PoolSizing` sizes the arenas per entry of SGLang's KV pool, and counts them in its
+bytes per token. ``slot_of_row`` maps SGLang's ``req_to_token`` rows to
 slots, so a decode step finds its requests' metadata from ``req_pool_indices`` alone, on the
 device, inside a CUDA graph (:mod:`hybridkv_sglang.kernels.folded_tables`).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +33,8 @@ from torch import Tensor
 
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
+    CAND_START,
+    CANDIDATE_BLOCK,
     CHUNK_BASE,
     DIRECT,
     FIRST_CHUNK,
@@ -41,16 +47,25 @@ from hybridkv_sglang.kernels.folded_tables import (
     POST_START,
     PRE_LEN,
     TAIL_START,
+    TOP_START,
 )
+from hybridkv_sglang.policy.byte_cost import CANDIDATE_BYTES, SELECTED_BYTES
 from hybridkv_sglang.storage.compact_layout import CompactLayout, dynamic_row_locals
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.host_tier import ChunkStager
 
-SCRATCH_BYTES_PER_CHUNK = 12
-"""Retrieval scratch reserved per bound chunk: ``chunk_scores`` (float32), ``chunk_ids`` and
-``chunk_top`` (int32)."""
 PARAM_BYTES_PER_CHANNEL = 12
 """A parameter row per bound column: ``bound_channels`` (int32), offset and scale (float32)."""
+
+_Count = TypeVar("_Count", int, Tensor)
+
+
+def scratch_slots(num_chunks: _Count, num_selected: _Count) -> tuple[_Count, _Count]:
+    """``(candidate, top)`` slots of a dynamic row's retrieval: ``NUM_SEL`` candidates per
+    block of ``CANDIDATE_BLOCK`` chunks, and the ``NUM_SEL`` chunks selected (ints or
+    elementwise over tensors; 0 for rows that select nothing)."""
+    blocks = -(-num_chunks // CANDIDATE_BLOCK)
+    return blocks * num_selected, num_selected
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,8 @@ class RequestRows:
     meta: Tensor
     """``[L, H_kv, NF]`` int32 CPU; ``FIXED_START``/``POST_START``/``CHUNK_BASE`` index
     :attr:`fixed_values`, ``BOUNDS_START`` indexes :attr:`kmin`, ``PARAM_ROW``
-    :attr:`bound_channels` and :attr:`bound_affine`."""
+    :attr:`bound_channels` and :attr:`bound_affine`, ``CAND_START`` and ``TOP_START`` the
+    request's :attr:`candidate_slots` and :attr:`top_slots` (scratch: no values to write)."""
     fixed_values: Tensor
     """``[F]`` int32 device."""
     kmin: Tensor
@@ -81,6 +97,19 @@ class RequestRows:
         prompt = prompt - m[..., TAIL_START] + self.prompt_len
         return int(prompt.sum(dim=1).max()) if m.numel() else 0
 
+    @property
+    def candidate_slots(self) -> int:
+        """Candidate scratch slots the request's dynamic rows need (the end of their ranges)."""
+        m = self.meta.to(torch.int64)
+        candidates, _ = scratch_slots(m[..., NUM_CHUNKS], m[..., NUM_SEL])
+        return int((m[..., CAND_START] + candidates).max()) if m.numel() else 0
+
+    @property
+    def top_slots(self) -> int:
+        """``chunk_top`` slots the request's dynamic rows need (the end of their ranges)."""
+        m = self.meta.to(torch.int64)
+        return int((m[..., TOP_START] + m[..., NUM_SEL]).max()) if m.numel() else 0
+
 
 def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
     """The decode rows of an ``in_place`` or ``compact`` layout (once per request)."""
@@ -93,8 +122,9 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
     kmaxs: list[Tensor] = []
     channels: list[Tensor] = []
     affines: list[Tensor] = []
-    used = bounds = 0
+    used = bounds = candidates = tops = 0
     n_sel = dyn.num_selected(plan.top_k_chunks)
+    row_candidates, row_tops = scratch_slots(dyn.num_chunks, n_sel)
     for layer, lay in enumerate(plan.layers):
         compact = layout.layers[layer] if isinstance(layout, CompactLayout) else None
         kept = lay.static_kept if compact is None else compact.static_entries
@@ -112,6 +142,9 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
             row = meta[layer, h]
             row[NUM_SEL], row[NUM_CHUNKS], row[FIRST_CHUNK] = n_sel, dyn.num_chunks, dyn.first_chunk
             row[BOUNDS_START], row[PARAM_ROW] = bounds, len(channels)
+            row[CAND_START], row[TOP_START] = candidates, tops
+            candidates += row_candidates
+            tops += row_tops
             kmins.append(lay.chunk_kmin[j])
             kmaxs.append(lay.chunk_kmax[j])
             channels.append(lay.bound_channels[j])
@@ -213,6 +246,8 @@ class _Held:
     fixed: tuple[int, int]
     bounds: tuple[int, int]
     params: tuple[int, int]
+    candidates: tuple[int, int]
+    tops: tuple[int, int]
 
 
 class DecodeMetadata:
@@ -220,7 +255,8 @@ class DecodeMetadata:
 
     ``bound_width`` (``r``) and ``bound_dtype`` (uint8 codes or the KV dtype) are the server's
     (the config's), the same for every request; ``bound_capacity`` counts chunks,
-    ``param_capacity`` dynamic rows.
+    ``param_capacity`` dynamic rows, ``candidate_capacity`` and ``top_capacity`` the retrieval
+    scratch's slots (:func:`scratch_slots` per dynamic row).
     """
 
     def __init__(
@@ -234,6 +270,8 @@ class DecodeMetadata:
         fixed_capacity: int,
         bound_capacity: int,
         param_capacity: int,
+        candidate_capacity: int,
+        top_capacity: int,
         bound_dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
@@ -252,9 +290,10 @@ class DecodeMetadata:
         params = max(param_capacity, 1)
         self.bound_channels = torch.zeros(params, bound_width, dtype=torch.int32, device=device)
         self.bound_affine = torch.zeros(params, 2, bound_width, dtype=torch.float32, device=device)
-        self.chunk_scores = torch.zeros(self.kmin.shape[0], dtype=torch.float32, device=device)
-        self.chunk_ids = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
-        self.chunk_top = torch.zeros(self.kmin.shape[0], dtype=torch.int32, device=device)
+        candidates = max(candidate_capacity, 1)
+        self.chunk_scores = torch.zeros(candidates, dtype=torch.float32, device=device)
+        self.chunk_ids = torch.zeros(candidates, dtype=torch.int32, device=device)
+        self.chunk_top = torch.zeros(max(top_capacity, 1), dtype=torch.int32, device=device)
         self.on_host_tier = np.zeros(pool_rows, dtype=np.bool_)
         """Host mirror: pool rows whose dynamic heads are staged from the host tier."""
         self.prompt_entries = np.zeros(pool_rows, dtype=np.int64)
@@ -270,6 +309,8 @@ class DecodeMetadata:
         self._fixed = RangeAllocator(fixed_capacity)
         self._bounds = RangeAllocator(bound_capacity)
         self._params = RangeAllocator(param_capacity)
+        self._candidates = RangeAllocator(candidate_capacity)
+        self._tops = RangeAllocator(top_capacity)
         self._held: dict[int, _Held] = {}
         self._pending_clear: list[int] = []
         self._host_tier: dict[int, tuple[CompactLayout, Tensor]] = {}
@@ -309,6 +350,10 @@ class DecodeMetadata:
                 "chunk_bounds": self._bounds.capacity,
                 "free_param_rows": self._params.free_size,
                 "param_rows": self._params.capacity,
+                "free_candidate_slots": self._candidates.free_size,
+                "candidate_slots": self._candidates.capacity,
+                "free_top_slots": self._tops.free_size,
+                "top_slots": self._tops.capacity,
             }
 
     def add(self, pool_row: int, rows: RequestRows, host_tier: CompactLayout | None = None) -> bool:
@@ -323,18 +368,25 @@ class DecodeMetadata:
                 f"chunk bounds: expected {self.kmin.dtype} [chunks, {width}] (the server's), got "
                 f"{rows.kmin.dtype} {tuple(rows.kmin.shape)}"
             )
-        sizes = (fixed, bounds, params)
+        candidates, tops = rows.candidate_slots, rows.top_slots
+        sizes = (fixed, bounds, params, candidates, tops)
+        arenas = (self._fixed, self._bounds, self._params, self._candidates, self._tops)
         with self._lock:
             if not self._free_slots:
                 return False
-            starts = _alloc_all((self._fixed, self._bounds, self._params), sizes)
+            starts = _alloc_all(arenas, sizes)
             if starts is None:
                 return False
-            fixed_at, bounds_at, params_at = starts
+            fixed_at, bounds_at, params_at, candidates_at, tops_at = starts
             slot = self._free_slots.pop()
             old = self._held.pop(pool_row, None)
             self._held[pool_row] = _Held(
-                slot, (fixed_at, fixed), (bounds_at, bounds), (params_at, params)
+                slot,
+                (fixed_at, fixed),
+                (bounds_at, bounds),
+                (params_at, params),
+                (candidates_at, candidates),
+                (tops_at, tops),
             )
             if old is not None:
                 self._give_back(old)
@@ -347,6 +399,8 @@ class DecodeMetadata:
             (CHUNK_BASE, fixed_at),
             (BOUNDS_START, bounds_at),
             (PARAM_ROW, params_at),
+            (CAND_START, candidates_at),
+            (TOP_START, tops_at),
         ):
             meta[..., field] += shift
         self.row_meta[slot].copy_(meta, non_blocking=True)
@@ -422,6 +476,8 @@ class DecodeMetadata:
         self._fixed.free(*held.fixed)
         self._bounds.free(*held.bounds)
         self._params.free(*held.params)
+        self._candidates.free(*held.candidates)
+        self._tops.free(*held.tops)
 
     @property
     def compressed_rows(self) -> np.ndarray:
@@ -457,7 +513,7 @@ class DecodeMetadata:
             return
         dyn = layout.plan.dynamic_rows
         n_sel = dyn.num_selected(layout.plan.top_k_chunks)
-        starts = meta[layer, heads, BOUNDS_START].to(torch.int64)
+        starts = meta[layer, heads, TOP_START].to(torch.int64)
         where = (starts[:, None] + torch.arange(n_sel)).to(self.device)
         chosen = self.chunk_top[where].to(torch.int64) + dyn.first_chunk
         region_chunk = stager.stage(layer, compact, dyn, chosen)
@@ -481,6 +537,8 @@ class PoolSizing:
     row_entries: int
     """Fewest prompt entries of a dynamic row: each holds one parameter row, so there are at
     most ``dynamic entries / row_entries`` of them (shorter prompts stay dense)."""
+    top_k_chunks: int
+    """``k``, the most chunks a dynamic row selects (its scratch grows with it)."""
 
     @classmethod
     def of(
@@ -495,6 +553,7 @@ class PoolSizing:
         bound_channels: int | None,
         uint8_bounds: bool,
         min_prompt_tokens: int,
+        top_k_chunks: int,
     ) -> PoolSizing:
         """In place every prompt stays in the pool; with compact storage, whose requests hand
         their prompts back to the tree, they hold up to ``1 / budget`` prompts per pool entry
@@ -508,6 +567,7 @@ class PoolSizing:
             bound_channels,
             uint8_bounds,
             max(min_prompt_tokens, chunk_size),
+            top_k_chunks,
         )
 
     def bound_width(self, head_dim: int) -> int:
@@ -526,14 +586,34 @@ class PoolSizing:
     def param_rows(self, prompt_entries: int) -> int:
         return int(prompt_entries * self.bound_fraction) // self.row_entries + 1
 
+    def candidate_slots(self, prompt_entries: int) -> int:
+        """Candidate scratch for the dynamic rows of ``prompt_entries``: a row of ``n`` chunks
+        needs ``ceil(n / B) * min(k, n) <= k n / B + k`` (``B = CANDIDATE_BLOCK``), so all of
+        them at most ``k / B`` per chunk plus ``k`` per row (:meth:`param_rows` bounds those)."""
+        chunks = int(prompt_entries * self.bound_fraction) // self.chunk_size
+        k = self.top_k_chunks
+        return k * chunks // CANDIDATE_BLOCK + k * self.param_rows(prompt_entries)
+
+    def top_slots(self, prompt_entries: int) -> int:
+        """Selected-id scratch: ``min(k, n)`` per row, so at most ``k`` per row and one per
+        chunk."""
+        return min(
+            self.top_k_chunks * self.param_rows(prompt_entries), self.bound_chunks(prompt_entries)
+        )
+
     def bytes_per_entry(self, head_dim: int, kv_bytes: int) -> float:
         """Device bytes reserved per KV pool entry: a fixed value, and per dynamic prompt entry
-        its share of a chunk (``2 r`` bounds and the retrieval's scratch) and of a parameter
-        row (channel id, offset and scale per bounded channel)."""
+        its share of a chunk's ``2 r`` bounds, of a parameter row (channel id, offset and scale
+        per bounded channel) and of the retrieval scratch (:meth:`candidate_slots`,
+        :meth:`top_slots`)."""
         r = self.bound_width(head_dim)
-        chunk = 2 * r * (1 if self.uint8_bounds else kv_bytes) + SCRATCH_BYTES_PER_CHUNK
+        chunk = 2 * r * (1 if self.uint8_bounds else kv_bytes)
         params = PARAM_BYTES_PER_CHANNEL * r
-        dynamic = chunk / self.chunk_size + params / self.row_entries
+        k, c, rows = self.top_k_chunks, self.chunk_size, self.row_entries
+        candidates = k / (CANDIDATE_BLOCK * c) + k / rows
+        tops = min(k / rows, 1 / c)
+        scratch = CANDIDATE_BYTES * candidates + SELECTED_BYTES * tops
+        dynamic = chunk / c + params / rows + scratch
         return 4 * self.fixed_fraction + dynamic * self.bound_fraction
 
     def bytes_per_token(
@@ -557,6 +637,7 @@ def reserve_fraction(
     budget: float,
     min_prompt_tokens: int = 256,
     fixed_fraction: float = 1.0,
+    top_k_chunks: int = 8,
 ) -> float:
     """The decode metadata's reserve over the KV pool's own bytes, per token, at these shapes
     and settings (the defaults are the config's)."""
@@ -570,6 +651,7 @@ def reserve_fraction(
         bound_channels=bound_channels,
         uint8_bounds=uint8_bounds,
         min_prompt_tokens=min_prompt_tokens,
+        top_k_chunks=top_k_chunks,
     )
     kv = 2 * head_dim * kv_bytes * num_layers * num_kv_heads
     return sizing.bytes_per_token(num_layers, num_kv_heads, head_dim, kv_bytes) / kv

@@ -65,7 +65,12 @@ def _on(batch: RandomBatch, device: str) -> RandomBatch:
             "q",
         )
     }
-    return RandomBatch(**fields, chunk_size=batch.chunk_size)
+    return RandomBatch(
+        **fields,
+        chunk_size=batch.chunk_size,
+        candidate_slots=batch.candidate_slots,
+        top_slots=batch.top_slots,
+    )
 
 
 # ----------------------------------------------------------------------------- chunk_topk
@@ -144,10 +149,10 @@ def test_folded_table_kernels_compiled_match_twins(dtype, width, codes):
     for layer in range(cpu.num_layers):
         top = _retrieve(dev, chunk_retrieval, layer)
         top_ref = _retrieve(cpu, chunk_retrieval_ref, layer)
-        for r, nsel, n, start, param in _dynamic_rows(cpu, layer):
+        for r, nsel, n, start, param, at in _dynamic_rows(cpu, layer):
             scores, magnitude = _exact_scores(cpu, r, n, start, param)
-            got = top[start : start + nsel].long().cpu()
-            want = top_ref[start : start + nsel].long()
+            got = top[at : at + nsel].long().cpu()
+            want = top_ref[at : at + nsel].long()
             assert got.unique().numel() == nsel and int(got.min()) >= 0 and int(got.max()) < n
             assert torch.allclose(
                 scores[got].sort().values,
@@ -191,6 +196,8 @@ def _metadata(batch: RandomBatch) -> DecodeMetadata:
         fixed_capacity=batch.fixed_values.numel(),
         bound_capacity=batch.kmin.shape[0],
         param_capacity=batch.bound_channels.shape[0],
+        candidate_capacity=batch.candidate_slots,
+        top_capacity=batch.top_slots,
         bound_dtype=batch.kmin.dtype,
         device=batch.row_meta.device,
     )

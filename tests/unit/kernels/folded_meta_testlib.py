@@ -1,7 +1,8 @@
 """Random decode metadata of every row kind (dense, in place static/dynamic, compact
 static/dynamic), for the folded-table kernels' tests. Dynamic rows' bounds are 8-bit codes with
 random offsets and scales, or values in the query dtype with identity parameters, over ``r``
-random key channels."""
+random key channels; their retrieval scratch is laid out as the cost model charges it
+(``ceil(NUM_CHUNKS / CANDIDATE_BLOCK) * NUM_SEL`` candidates, ``NUM_SEL`` selected ids)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from torch import Tensor
 
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
+    CAND_START,
+    CANDIDATE_BLOCK,
     CHUNK_BASE,
     DIRECT,
     FIRST_CHUNK,
@@ -24,7 +27,12 @@ from hybridkv_sglang.kernels.folded_tables import (
     POST_START,
     PRE_LEN,
     TAIL_START,
+    TOP_START,
 )
+
+SCRATCH_PAD = 3
+"""Scratch slots before the first row's (so offsets start past 0) and after the last one's:
+the kernels must leave them alone."""
 
 
 @dataclass
@@ -41,6 +49,9 @@ class RandomBatch:
     bound_affine: Tensor
     q: Tensor
     chunk_size: int
+    candidate_slots: int
+    """Candidate arena size: every dynamic row's slots plus ``SCRATCH_PAD`` on each side."""
+    top_slots: int
 
     @property
     def num_layers(self) -> int:
@@ -61,10 +72,12 @@ def random_batch(
     dtype: torch.dtype = torch.float32,
     width: int | None = None,
     codes: bool = False,
+    min_selected: int = 1,
 ) -> RandomBatch:
     """``batch`` requests (the first one dense, then random kinds) plus ``padded`` graph
     padding requests (pool row 0, length 1); bounds over ``width`` (default ``dim``) channels,
-    uint8 ``codes`` or ``dtype`` values."""
+    uint8 ``codes`` or ``dtype`` values; a dynamic row selects at least ``min_selected`` of its
+    chunks (or all of them)."""
 
     def randint(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi, (1,), generator=gen))
@@ -96,6 +109,7 @@ def random_batch(
     bounds: list[tuple[Tensor, Tensor]] = [random_bounds(2)]  # offsets start past 0
     params: list[tuple[Tensor, Tensor]] = [random_params()]
     used_fixed = 3
+    used_cand = used_top = SCRATCH_PAD
     seq_lens = []
     for b in range(batch):
         prompt = randint(3 * chunk + 8, ctx - 12)
@@ -122,8 +136,11 @@ def random_batch(
                 first = randint(0, 2)
                 end = max(first + 1, (prompt - randint(1, 9)) // chunk)
                 num_chunks = end - first
-                nsel = randint(1, num_chunks + 1)
+                nsel = randint(min(min_selected, num_chunks), num_chunks + 1)
                 m[NUM_SEL], m[NUM_CHUNKS], m[FIRST_CHUNK] = nsel, num_chunks, first
+                m[CAND_START], m[TOP_START] = used_cand, used_top
+                used_cand += -(-num_chunks // CANDIDATE_BLOCK) * nsel
+                used_top += nsel
                 m[BOUNDS_START] = sum(pair[0].shape[0] for pair in bounds)
                 m[PARAM_ROW] = len(params)
                 bounds.append(random_bounds(num_chunks))
@@ -159,4 +176,6 @@ def random_batch(
         torch.stack([pair[1] for pair in params]),
         q,
         chunk,
+        used_cand + SCRATCH_PAD,
+        used_top + SCRATCH_PAD,
     )

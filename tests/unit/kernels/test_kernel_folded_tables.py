@@ -12,9 +12,11 @@ import torch
 from hybridkv_sglang.kernels._common import interpret_enabled
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
+    CANDIDATE_BLOCK,
     NUM_CHUNKS,
     NUM_SEL,
     PARAM_ROW,
+    TOP_START,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -22,7 +24,8 @@ from hybridkv_sglang.kernels.folded_tables import (
     folded_lengths,
     folded_lengths_ref,
 )
-from tests.unit.kernels.folded_meta_testlib import RandomBatch, random_batch
+from hybridkv_sglang.policy import byte_cost
+from tests.unit.kernels.folded_meta_testlib import SCRATCH_PAD, RandomBatch, random_batch
 
 needs_interpreter = pytest.mark.skipif(
     not interpret_enabled(), reason="Triton runs on CPU only with TRITON_INTERPRET=1"
@@ -53,10 +56,12 @@ def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
 
 
 def _retrieve(batch: RandomBatch, fn, layer: int):
+    """``chunk_top`` after ``fn``; its scratch, sized as the rows say with ``SCRATCH_PAD``
+    slots on each side, is checked untouched outside the rows' ranges."""
     device = batch.kmin.device
-    scores = torch.zeros(batch.kmin.shape[0], dtype=torch.float32, device=device)
-    ids = torch.zeros(batch.kmin.shape[0], dtype=torch.int32, device=device)
-    top = torch.full((batch.kmin.shape[0],), -1, dtype=torch.int32, device=device)
+    scores = torch.full((batch.candidate_slots,), -7.0, dtype=torch.float32, device=device)
+    ids = torch.full((batch.candidate_slots,), -7, dtype=torch.int32, device=device)
+    top = torch.full((batch.top_slots,), -1, dtype=torch.int32, device=device)
     fn(
         batch.q,
         batch.kmin,
@@ -73,6 +78,9 @@ def _retrieve(batch: RandomBatch, fn, layer: int):
         max_chunks=int(batch.row_meta[..., NUM_CHUNKS].max()),
         max_selected=int(batch.row_meta[..., NUM_SEL].max()),
     )
+    for arena, untouched in ((scores, -7), (ids, -7), (top, -1)):
+        assert bool((arena[:SCRATCH_PAD] == untouched).all())
+        assert bool((arena[arena.numel() - SCRATCH_PAD :] == untouched).all())
     return top
 
 
@@ -106,7 +114,8 @@ def test_lengths_kernel_matches_twin():
 
 
 def _dynamic_rows(batch: RandomBatch, layer: int):
-    """``(row, nsel, num_chunks, bounds_start, param_row)`` of each dynamic row of ``layer``."""
+    """``(row, nsel, num_chunks, bounds_start, param_row, top_start)`` of each dynamic row of
+    ``layer``."""
     heads = batch.row_meta.shape[2]
     for r in range(batch.req_pool_indices.numel() * heads):
         b, h = divmod(r, heads)
@@ -115,7 +124,8 @@ def _dynamic_rows(batch: RandomBatch, layer: int):
             continue
         m = batch.row_meta[slot, layer, h]
         if int(m[NUM_SEL]) > 0:
-            yield r, int(m[NUM_SEL]), int(m[NUM_CHUNKS]), int(m[BOUNDS_START]), int(m[PARAM_ROW])
+            fields = (NUM_SEL, NUM_CHUNKS, BOUNDS_START, PARAM_ROW, TOP_START)
+            yield r, *(int(m[f]) for f in fields)
 
 
 def _exact_scores(batch: RandomBatch, r: int, n: int, start: int, param: int):
@@ -147,12 +157,33 @@ BOUND_CASES = [
 def test_retrieval_kernel_matches_twin(dtype, ctx, group, width, codes):
     """Kernel and twin pick chunks of the same exact scores (their float32 rounding differs,
     so only near-ties may swap), ``NUM_SEL`` distinct ones per row."""
-    batch = random_batch(_seed(), dtype=dtype, ctx=ctx, group=group, width=width, codes=codes)
+    _check_retrieval(
+        random_batch(_seed(), dtype=dtype, ctx=ctx, group=group, width=width, codes=codes)
+    )
+
+
+@needs_interpreter
+def test_retrieval_kernel_matches_twin_selecting_more_than_a_block():
+    """Rows selecting more than ``CANDIDATE_BLOCK`` chunks (each row its own ``NUM_SEL``, so
+    its own candidate stride) over several blocks of chunks."""
+    batch = random_batch(_seed(), ctx=900, width=5, codes=True, min_selected=CANDIDATE_BLOCK + 1)
+    selected = batch.row_meta[..., NUM_SEL]
+    assert int(selected.max()) > CANDIDATE_BLOCK and selected[selected > 0].unique().numel() > 1
+    _check_retrieval(batch)
+
+
+def test_kernel_blocks_are_the_cost_models():
+    """The cost model charges candidates per block of its ``CANDIDATE_BLOCK`` chunks, the
+    fewest the kernel's first pass blocks hold."""
+    assert CANDIDATE_BLOCK == byte_cost.CANDIDATE_BLOCK
+
+
+def _check_retrieval(batch: RandomBatch) -> None:
     for layer in range(batch.num_layers):
         top = _retrieve(batch, chunk_retrieval, layer)
         top_ref = _retrieve(batch, chunk_retrieval_ref, layer)
-        for r, nsel, n, start, param in _dynamic_rows(batch, layer):
-            got, want = top[start : start + nsel].long(), top_ref[start : start + nsel].long()
+        for r, nsel, n, start, param, at in _dynamic_rows(batch, layer):
+            got, want = top[at : at + nsel].long(), top_ref[at : at + nsel].long()
             assert got.unique().numel() == nsel and bool((got >= 0).all() & (got < n).all())
             scores, magnitude = _exact_scores(batch, r, n, start, param)
             assert torch.allclose(
@@ -188,9 +219,9 @@ def test_twins_list_each_row_by_definition():
             else:
                 m = batch.row_meta[slot, layer, h].tolist()
                 fixed = batch.fixed_values.tolist()
-                start, pre, pstart, post, tail, nsel, _, first, bstart, cbase, direct, _ = m
+                start, pre, pstart, post, tail, nsel, _, first, _, cbase, direct, _, _, at = m
                 want = [v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]]
-                for cid in top[bstart : bstart + nsel].tolist():
+                for cid in top[at : at + nsel].tolist():
                     for i in range(c):
                         v = (first + cid) * c + i
                         want.append(fixed[cbase + v] if direct else tokens[v] * heads + h)
@@ -205,9 +236,9 @@ def test_retrieval_twin_takes_the_best_chunks(width, codes):
     batch = random_batch(_seed(), width=width, codes=codes)
     for layer in range(batch.num_layers):
         top = _retrieve(batch, chunk_retrieval_ref, layer)
-        for r, nsel, n, start, param in _dynamic_rows(batch, layer):
+        for r, nsel, n, start, param, at in _dynamic_rows(batch, layer):
             scores, magnitude = _exact_scores(batch, r, n, start, param)
-            picked = top[start : start + nsel].long()
+            picked = top[at : at + nsel].long()
             assert picked.unique().numel() == nsel
             floor = float(scores.topk(nsel).values.min())
             assert float(scores[picked].min()) >= floor - 1e-6 * magnitude

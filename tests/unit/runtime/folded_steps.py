@@ -44,6 +44,8 @@ def folded_for(
         fixed_capacity=1 << 16,
         bound_capacity=1 << 12,
         param_capacity=1 << 8,
+        candidate_capacity=1 << 12,
+        top_capacity=1 << 10,
         bound_dtype=bounds[0].dtype if bounds else torch.float32,
         device="cpu",
     )

@@ -120,7 +120,8 @@ def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
     full)."""
     meta = DecodeMetadata(
         1, 1, DIM, max_requests=4, pool_rows=4, fixed_capacity=256, bound_capacity=16,
-        param_capacity=4, bound_dtype=torch.float32, device="cpu",
+        param_capacity=4, candidate_capacity=16, top_capacity=8, bound_dtype=torch.float32,
+        device="cpu",
     )  # fmt: skip
     outcomes = []
     for rid, row, registered in (("a", 1, True), ("b", 2, rank == 0)):
