@@ -1075,7 +1075,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="FILE",
         help="run nothing: add the rows of these results or .partial.json files (written after "
-        "each row of a run, so a run stopped early keeps what it finished) to --add-to",
+        "each row of a run, so a run stopped early keeps what it finished) to --add-to; a "
+        "row in a later file replaces the same row of an earlier one",
     )
     args = parser.parse_args(argv)
     if args.join and not args.add_to:
@@ -1107,7 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = {"source": source, **dataset_summary(cases)}
     saved = [saved_run(path, dataset) for path in args.join]
-    joined = [row for rows, _ in saved for row in rows]
+    # a row saved again in a later file replaces the earlier one (a rerun)
+    joined = list({row["config"]: row for rows, _ in saved for row in rows}.values())
     joined_seconds = sum(seconds for _, seconds in saved)
     if args.join:
         configs: list[EvalConfig] = []  # nothing to run: the rows come from --join
