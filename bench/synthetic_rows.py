@@ -31,7 +31,8 @@ from hybridkv_sglang.kernels.folded_tables import (
     TAIL_START,
     TOP_START,
 )
-from hybridkv_sglang.storage.decode_metadata import RequestRows, scratch_slots
+from hybridkv_sglang.policy.byte_cost import scratch_slots
+from hybridkv_sglang.storage.decode_metadata import RequestRows
 
 
 def synthetic_rows(

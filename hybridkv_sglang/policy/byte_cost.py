@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,16 @@ PARAM_BYTES_PER_CHANNEL = 12
 """Per bounded channel of a dynamic head: its id (int32), offset and scale (float32)."""
 POSITION_BYTES = 4
 """A resident entry's kept position or compact entry id (int32)."""
+
+_Count = TypeVar("_Count", int, torch.Tensor)
+
+
+def scratch_slots(num_chunks: _Count, num_selected: _Count) -> tuple[_Count, _Count]:
+    """``(candidate, top)`` slots of a dynamic row's retrieval: ``num_selected`` candidates per
+    block of ``CANDIDATE_BLOCK`` chunks, and the ``num_selected`` chunks selected (ints or
+    elementwise over tensors; 0 for rows that select nothing)."""
+    blocks = -(-num_chunks // CANDIDATE_BLOCK)
+    return blocks * num_selected, num_selected
 
 
 @dataclass(frozen=True)
@@ -95,9 +106,8 @@ class ByteCosts:
     @staticmethod
     def scratch_bytes(chunks: int, selected: int) -> int:
         """Retrieval scratch of a dynamic head selecting ``selected`` of ``chunks`` chunks."""
-        selected = min(selected, chunks)
-        blocks = -(-chunks // CANDIDATE_BLOCK)
-        return (CANDIDATE_BYTES * blocks + SELECTED_BYTES) * selected
+        candidates, tops = scratch_slots(chunks, min(selected, chunks))
+        return CANDIDATE_BYTES * candidates + SELECTED_BYTES * tops
 
     def index_bytes(self, chunks: int, selected: int) -> int:
         """The chunk index of one dynamic head with ``chunks`` retrievable chunks that selects

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +33,6 @@ from torch import Tensor
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
     CAND_START,
-    CANDIDATE_BLOCK,
     CHUNK_BASE,
     DIRECT,
     FIRST_CHUNK,
@@ -49,23 +47,16 @@ from hybridkv_sglang.kernels.folded_tables import (
     TAIL_START,
     TOP_START,
 )
-from hybridkv_sglang.policy.byte_cost import CANDIDATE_BYTES, SELECTED_BYTES
+from hybridkv_sglang.policy.byte_cost import (
+    CANDIDATE_BLOCK,
+    CANDIDATE_BYTES,
+    SELECTED_BYTES,
+    ByteCosts,
+    scratch_slots,
+)
 from hybridkv_sglang.storage.compact_layout import CompactLayout, dynamic_row_locals
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.host_tier import ChunkStager
-
-PARAM_BYTES_PER_CHANNEL = 12
-"""A parameter row per bound column: ``bound_channels`` (int32), offset and scale (float32)."""
-
-_Count = TypeVar("_Count", int, Tensor)
-
-
-def scratch_slots(num_chunks: _Count, num_selected: _Count) -> tuple[_Count, _Count]:
-    """``(candidate, top)`` slots of a dynamic row's retrieval: ``NUM_SEL`` candidates per
-    block of ``CANDIDATE_BLOCK`` chunks, and the ``NUM_SEL`` chunks selected (ints or
-    elementwise over tensors; 0 for rows that select nothing)."""
-    blocks = -(-num_chunks // CANDIDATE_BLOCK)
-    return blocks * num_selected, num_selected
 
 
 @dataclass(frozen=True)
@@ -256,7 +247,7 @@ class DecodeMetadata:
     ``bound_width`` (``r``) and ``bound_dtype`` (uint8 codes or the KV dtype) are the server's
     (the config's), the same for every request; ``bound_capacity`` counts chunks,
     ``param_capacity`` dynamic rows, ``candidate_capacity`` and ``top_capacity`` the retrieval
-    scratch's slots (:func:`scratch_slots` per dynamic row).
+    scratch's slots (:func:`~hybridkv_sglang.policy.byte_cost.scratch_slots` per dynamic row).
     """
 
     def __init__(
@@ -606,9 +597,10 @@ class PoolSizing:
         its share of a chunk's ``2 r`` bounds, of a parameter row (channel id, offset and scale
         per bounded channel) and of the retrieval scratch (:meth:`candidate_slots`,
         :meth:`top_slots`)."""
-        r = self.bound_width(head_dim)
-        chunk = 2 * r * (1 if self.uint8_bounds else kv_bytes)
-        params = PARAM_BYTES_PER_CHANNEL * r
+        costs = ByteCosts(
+            head_dim, kv_bytes, self.bound_width(head_dim), 1 if self.uint8_bounds else kv_bytes
+        )
+        chunk, params = costs.chunk_bytes, costs.head_bytes
         k, c, rows = self.top_k_chunks, self.chunk_size, self.row_entries
         candidates = k / (CANDIDATE_BLOCK * c) + k / rows
         tops = min(k / rows, 1 / c)
