@@ -13,40 +13,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
+from hybridkv_sglang.attention.folded_decode import FoldedDecode
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
 from hybridkv_sglang.policy import CompressionPolicy, build_policy
-from hybridkv_sglang.runtime import compaction, window_prefill
-from hybridkv_sglang.runtime.activation import set_active_backend
-from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
-from hybridkv_sglang.runtime.graph_decode import DENSE, SPARSE, batch_pool_rows, capture_variant
-from hybridkv_sglang.runtime.memory_accounting import pool_sizing
-from hybridkv_sglang.runtime.metrics import scheduler_metrics
-from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import (
+from hybridkv_sglang.runtime.decode.graph_variants import (
+    DENSE,
+    SPARSE,
+    batch_pool_rows,
+    capture_variant,
+)
+from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
+from hybridkv_sglang.runtime.prefill.requests import (
     PrefillChunk,
     PrefillEnd,
     dense_reason,
     find_prefill_ends,
 )
-from hybridkv_sglang.runtime.startup_checks import check_supported
-from hybridkv_sglang.runtime.stats import STATS, kv_entry_bytes
-from hybridkv_sglang.runtime.tensor_parallel import AttentionTP
-from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
-from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
-from hybridkv_sglang.storage.host_tier import HostTier
+from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
 
 logger = logging.getLogger(__name__)
-
-
-def dense_backend_name(device: str | torch.device) -> str:
-    """The dense backend hybridkv wraps on this device."""
-    return "flashinfer" if torch.device(device).type == "cuda" else "torch_native"
 
 
 class HybridKVAttnBackend(AttentionBackend):
@@ -57,21 +46,21 @@ class HybridKVAttnBackend(AttentionBackend):
     def __init__(
         self,
         dense: AttentionBackend,
-        config: HybridKVConfig,
+        session: SchedulerSession,
         num_layers: int,
         folded: FoldedDecode | None = None,
-        tp: AttentionTP | None = None,
     ) -> None:
         super().__init__()
         self.dense = dense
-        self.config = config
+        self.session = session
+        self.config = session.config
         self.num_layers = num_layers
         self.folded = folded
-        self.decode_meta: DecodeMetadata | None = None if folded is None else folded.meta
+        self.decode_meta = session.decode_meta
+        self.stats = session.stats
         self._policies: dict[tuple[Any, ...], CompressionPolicy] = {}
         """Policies by hyper-parameters: one per distinct budget requests ask for."""
-        self.policy = self._policy_for(config)
-        self.tp = tp
+        self.policy = self._policy_for(self.config)
         self.prefill_compression: PrefillCompression | None = None
         self.middle_chunks: list[PrefillChunk] = []
         self._sparse_step = False
@@ -152,14 +141,14 @@ class HybridKVAttnBackend(AttentionBackend):
                     f"{retrieval} exceed the graph's buffers"
                 )
         if reason is not None:
-            STATS.count("graph_fallbacks")
+            self.stats.count("graph_fallbacks")
             logger.debug("hybridkv: decode batch runs eagerly: %s", reason)
         return reason
 
     # Metadata --------------------------------------------------------------------------------
 
     def _begin_forward(self) -> None:
-        storage = compaction.installed()
+        storage = self.session.compact_storage
         if storage is not None and self._on_cuda:
             storage.forward_stream = torch.cuda.current_stream()
         if self.decode_meta is not None:
@@ -183,10 +172,10 @@ class HybridKVAttnBackend(AttentionBackend):
                 self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch)),
                 self.decode_meta.retrieval_bounds(rows),
             )
-            STATS.count("sparse_decode_steps")
+            self.stats.count("sparse_decode_steps")
             return
         if mode.is_decode():
-            STATS.count("dense_decode_steps")
+            self.stats.count("dense_decode_steps")
         self.dense.init_forward_metadata(forward_batch)
         if mode == ForwardMode.EXTEND:
             self._on_extend_metadata(forward_batch)
@@ -217,11 +206,11 @@ class HybridKVAttnBackend(AttentionBackend):
         variant = capture_variant() if in_capture else self._selected_variant
         if self.folded is None or variant != SPARSE:
             if not in_capture:
-                STATS.count("dense_decode_steps")
+                self.stats.count("dense_decode_steps")
             return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
         self._sparse_step = True
         if not in_capture:
-            STATS.count("sparse_decode_steps")
+            self.stats.count("sparse_decode_steps")
         return None
 
     def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
@@ -241,7 +230,7 @@ class HybridKVAttnBackend(AttentionBackend):
         if self.middle_chunks:
             rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             for chunk in self.middle_chunks:
-                WINDOW_TAILS.record(chunk, layer.layer_id, rows)
+                self.session.window_tails.record(chunk, layer.layer_id, rows)
         if self.prefill_compression is not None:
             self._on_prefill_end_layer(q, layer)
         return out
@@ -274,7 +263,7 @@ class HybridKVAttnBackend(AttentionBackend):
     def _stage_host_chunks(self, layer: int) -> None:
         """Eager only: bring the host-tier requests' chosen chunks into their staging slots
         (reads this layer's chunk ids back: which chunks move is a host decision)."""
-        storage = compaction.installed()
+        storage = self.session.compact_storage
         assert storage is not None and storage.stager is not None and self.decode_meta is not None
         for pool_row in self._host_tier_rows:
             self.decode_meta.stage_host_chunks(pool_row, layer, storage.stager)
@@ -282,12 +271,16 @@ class HybridKVAttnBackend(AttentionBackend):
     # Hook points ---------------------------------------------------------------------------
 
     def _on_extend_metadata(self, forward_batch: Any) -> None:
-        ends, self.middle_chunks, extended = find_prefill_ends(forward_batch)
+        scheduled = self.session.extend_batches.find(forward_batch.rids)
+        ends, self.middle_chunks, extended = find_prefill_ends(forward_batch, scheduled)
         for rid in extended:
-            STATS.record_prefill_chunk(rid)
+            self.stats.record_prefill_chunk(rid)
         if ends:
             self.prefill_compression = PrefillCompression(
-                [self._plan_request(r) for r in ends], self.num_layers, WINDOW_TAILS, self.tp
+                [self._plan_request(r) for r in ends],
+                self.num_layers,
+                self.session.window_tails,
+                self.session.tp,
             )
 
     def _plan_request(
@@ -328,182 +321,10 @@ class HybridKVAttnBackend(AttentionBackend):
             return
         device = pool.get_key_buffer(layer.layer_id).device
         outcomes = compression.finish(device, pool, req_to_token)
-        for outcome in outcomes:
-            if outcome.layout is not None:
-                self._register(outcome)
-        if self.tp is not None and compression.eligible:
-            self._agree_on_records(compression.eligible, device)
-        for outcome in outcomes:
-            request = outcome.request
-            WINDOW_TAILS.drop(request.rid)
-            if outcome.layout is not None:
-                COMPRESSED.add(CompressedRequest(request.rid, request.req_pool_idx, outcome.layout))
-            STATS.record_prefill_end(outcome.stats())
-            logger.info("hybridkv: %s", outcome.summary())
+        self.session.register(outcomes, compression.eligible, device)
         self.prefill_compression = None
-
-    def _register(self, outcome: Any) -> None:
-        """Write a just-compressed request's decode metadata (on the forward stream); a
-        request that cannot be registered is served dense, the others are not affected."""
-        request = outcome.request
-        assert self.decode_meta is not None
-        try:
-            added = self.decode_meta.add(request.req_pool_idx, request_rows(outcome.layout))
-        except Exception as err:
-            outcome.fail(err)
-            return
-        if not added:
-            outcome.layout = None
-            outcome.dense_reason = "decode_metadata_full"
-
-    def _agree_on_records(self, outcomes: list[Any], device: torch.device) -> None:
-        """Tensor parallelism: a request any rank could not register is served dense by all,
-        and every rank keeps the largest table bounds of any rank (one all-reduce)."""
-        assert self.tp is not None and self.decode_meta is not None
-        local = torch.tensor(
-            [(_FAILURE_CODES.get(o.dense_reason, 0), *self._bounds_of(o)) for o in outcomes],
-            dtype=torch.int64,
-        )
-        agreed = self.tp.all_reduce_max(local.to(device)).cpu().tolist()
-        for outcome, (code, *bounds) in zip(outcomes, agreed, strict=True):
-            row = outcome.request.req_pool_idx
-            if outcome.layout is None:
-                continue
-            if code:
-                self.decode_meta.release(row)
-                outcome.layout = None
-                outcome.dense_reason = _FAILURE_REASONS[code]
-                logger.warning(
-                    "hybridkv: %s served dense: another attention-TP rank could not compress it",
-                    outcome.request.rid,
-                )
-                continue
-            self.decode_meta.set_table_bounds(row, *bounds)
-
-    def _bounds_of(self, outcome: Any) -> tuple[int, int, int]:
-        if outcome.layout is None:
-            return 0, 0, 0
-        assert self.decode_meta is not None
-        return self.decode_meta.table_bounds(outcome.request.req_pool_idx)
-
-
-_FAILURE_REASONS = {1: "decode_metadata_full", 2: "compression_error"}
-_FAILURE_CODES = {reason: code for code, reason in _FAILURE_REASONS.items()}
-"""Why a rank served a compressible request dense, as a code whose max over ranks wins."""
 
 
 def _host_seq_lens(forward_batch: Any):
     """The batch's dense lengths on the host (SGLang keeps this mirror for decode batches)."""
     return forward_batch.seq_lens_cpu.numpy()[: forward_batch.batch_size]
-
-
-def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
-    """Factory registered as ``--attention-backend hybridkv``; runs in the scheduler process."""
-    config = HybridKVConfig.from_env()
-    check_supported(
-        model_runner.server_args,
-        getattr(model_runner, "sliding_window_size", None),
-        config.storage,
-    )
-    dense = ATTENTION_BACKENDS[dense_backend_name(model_runner.device)](model_runner)
-    num_layers = model_runner.token_to_kv_pool.layer_num
-    WINDOW_TAILS.window = config.window
-    window_prefill.install(config)
-    folded = build_folded_decode(config, model_runner) if config.enabled else None
-    storage = (
-        create_compact_storage(config, model_runner.token_to_kv_pool, num_layers, folded.meta)
-        if config.storage == "compact" and folded is not None
-        else None
-    )
-    compaction.install(storage)
-    logger.info(
-        "hybridkv: wrapping %s over %d layers with %s",
-        type(dense).__name__,
-        num_layers,
-        config.model_dump_json(),
-    )
-    tp = AttentionTP.of_model_runner(model_runner)
-    backend = HybridKVAttnBackend(dense, config, num_layers, folded, tp)
-    STATS.attach(kv_entry_bytes(model_runner.token_to_kv_pool), scheduler_metrics())
-    set_active_backend(backend)
-    return backend
-
-
-def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDecode:
-    """The decode metadata pools and step buffers, sized from the KV pool and the config."""
-    from sglang.srt.runtime_context import get_parallel
-
-    pool = model_runner.token_to_kv_pool
-    key, value = pool.get_key_buffer(0), pool.get_value_buffer(0)
-    heads, layers = pool.head_num, pool.layer_num
-    q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
-    req_to_token = model_runner.req_to_token_pool.req_to_token
-    entries_per_layer = key.shape[0] * heads
-    sizing = pool_sizing(config)
-    meta = DecodeMetadata(
-        layers,
-        heads,
-        sizing.bound_width(key.shape[-1]),
-        max_requests=model_runner.req_to_token_pool.size + 2,  # + a compaction's rewrite
-        pool_rows=req_to_token.shape[0],
-        fixed_capacity=sizing.fixed_values(entries_per_layer * layers)
-        + (model_runner.req_to_token_pool.size + 1) * layers * heads * config.chunk_size,
-        bound_capacity=sizing.bound_chunks(entries_per_layer * layers),
-        param_capacity=sizing.param_rows(entries_per_layer * layers),
-        candidate_capacity=sizing.candidate_slots(entries_per_layer * layers),
-        top_capacity=sizing.top_slots(entries_per_layer * layers),
-        bound_dtype=sizing.bound_dtype(key.dtype),
-        device=key.device,
-    )
-    shape = FoldedShape(
-        num_layers=layers,
-        num_kv_heads=heads,
-        group_size=max(1, q_heads // heads),
-        head_dim=key.shape[-1],
-        v_head_dim=value.shape[-1],
-        max_rows=req_to_token.shape[0] * heads,
-        table_entries=config.decode_table_entries or req_to_token.shape[1] * heads,
-        max_kv_splits=config.decode_max_kv_splits,
-        chunk_size=config.chunk_size,
-        max_chunks=-(-req_to_token.shape[1] // config.chunk_size),
-        max_selected=config.top_k_chunks,
-    )
-    use_triton = config.decode_kernel == "triton" or (
-        config.decode_kernel == "auto" and key.is_cuda
-    )
-    cores = 16
-    if key.is_cuda:
-        cores = torch.cuda.get_device_properties(key.device).multi_processor_count
-    folded = FoldedDecode(
-        meta, shape, use_triton=use_triton, target_programs=16 * cores, device=key.device
-    )
-    logger.info(
-        "hybridkv: decode metadata pools %.1f MiB, step buffers %.1f MiB (%s kernels)",
-        meta.nbytes / 2**20,
-        folded.nbytes / 2**20,
-        "triton" if use_triton else "torch",
-    )
-    return folded
-
-
-def create_compact_storage(
-    config: HybridKVConfig, kv_pool: Any, num_layers: int, decode_meta: DecodeMetadata
-) -> compaction.CompactStorage:
-    """Compact storage over SGLang's pool, with a host tier of ``config.host_tier_mib``."""
-    host_tier = None
-    if config.host_tier_mib > 0:
-        k, v = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
-        host_tier = HostTier.sized(
-            config.host_tier_mib,
-            config.chunk_size,
-            k.shape[-1],
-            v.shape[-1],
-            k.dtype,
-            pin=k.is_cuda,
-        )
-        logger.info(
-            "hybridkv: host tier of %d chunks (%.1f MiB) for dynamic heads",
-            host_tier.capacity,
-            config.host_tier_mib,
-        )
-    return compaction.CompactStorage(kv_pool, num_layers, host_tier, decode_meta)

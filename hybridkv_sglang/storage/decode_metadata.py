@@ -102,9 +102,9 @@ class RequestRows:
         return int((m[..., TOP_START] + m[..., NUM_SEL]).max()) if m.numel() else 0
 
 
-def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
-    """The decode rows of an ``in_place`` or ``compact`` layout (once per request)."""
-    plan = layout.plan if isinstance(layout, CompactLayout) else layout
+def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -> RequestRows:
+    """The decode rows of a request's layout, in place or over its ``compact`` entries (once
+    per request)."""
     dyn = plan.dynamic_rows
     heads, layers = plan.num_kv_heads, len(plan.layers)
     meta = torch.zeros(layers, heads, NF, dtype=torch.int32)
@@ -117,8 +117,8 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
     n_sel = dyn.num_selected(plan.top_k_chunks)
     row_candidates, row_tops = scratch_slots(dyn.num_chunks, n_sel)
     for layer, lay in enumerate(plan.layers):
-        compact = layout.layers[layer] if isinstance(layout, CompactLayout) else None
-        kept = lay.static_kept if compact is None else compact.static_entries
+        stored = None if compact is None else compact.layers[layer]
+        kept = lay.static_kept if stored is None else stored.static_entries
         for i, h in enumerate(lay.static_heads.tolist()):
             lo, hi = int(kept.indptr_host[i]), int(kept.indptr_host[i + 1])
             values.append(kept.positions[lo:hi])
@@ -142,14 +142,14 @@ def request_rows(layout: CompressedLayout | CompactLayout) -> RequestRows:
             affines.append(torch.stack([lay.bound_offset[j], lay.bound_scale[j]]))
             bounds += dyn.num_chunks
             row[FIXED_START], row[PRE_LEN] = used, dyn.prefix_end
-            if compact is None:
+            if stored is None:
                 values.append(torch.arange(dyn.prefix_end, device=kept.device))
                 row[TAIL_START] = dyn.tail_start
                 used += dyn.prefix_end
                 continue
-            region = compact.dynamic_regions[j]
+            region = stored.dynamic_regions[j]
             _, window_start, window_end = dynamic_row_locals(
-                dyn, plan.top_k_chunks, compact.host_chunks is not None
+                dyn, plan.top_k_chunks, stored.host_chunks is not None
             )
             values.append(region)
             row[POST_START], row[POST_LEN] = used + window_start, window_end - window_start

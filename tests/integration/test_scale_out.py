@@ -17,7 +17,7 @@ import pytest
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
 from hybridkv_sglang.report import merged_totals, request_record
-from hybridkv_sglang.runtime.tensor_parallel import FAIL_RANK_ENV, FAIL_RID_PREFIX
+from hybridkv_sglang.runtime.prefill.tensor_parallel import FAIL_RANK_ENV, FAIL_RID_PREFIX
 from hybridkv_sglang.testing.server import (
     RunningServer,
     cpu_rank_binding,

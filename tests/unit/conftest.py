@@ -1,18 +1,32 @@
-"""Unit tests run as in a process that serves the ``hybridkv`` backend.
+"""Each unit test starts in a process that serves nothing, and leaves nothing behind.
 
-Every hook returns SGLang's result untouched until the backend factory activates the process
-(``runtime.activation``); unit tests exercise the hooks themselves, so each starts active. The
-flag is restored after every test, so a test that switches it (or builds a backend, which
-activates) leaks nothing into the next.
+Hooks act only where a scheduler opened its session (or a launcher recorded its config);
+a test that needs one opens it (``session`` fixture), and the process state is reset after every
+test, so nothing leaks into the next.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from hybridkv_sglang.runtime import activation
+from hybridkv_sglang.config import HybridKVConfig
+from hybridkv_sglang.runtime.session import current
+from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
+from hybridkv_sglang.runtime.session.stats import HybridKVStats
 
 
 @pytest.fixture(autouse=True)
-def hybridkv_active(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(activation, "_active", True)
+def fresh_process() -> Iterator[None]:
+    current.reset()
+    yield
+    current.reset()
+
+
+@pytest.fixture
+def session() -> SchedulerSession:
+    """An open session without decode metadata or storage (what the hooks reach)."""
+    opened = SchedulerSession(HybridKVConfig(window=32, min_prompt_tokens=128), HybridKVStats())
+    current.open_session(opened)
+    return opened

@@ -50,8 +50,10 @@ def folded_for(
         device="cpu",
     )
     for row, layout in layouts.items():
-        host = layout if isinstance(layout, CompactLayout) and layout.on_host else None
-        assert meta.add(row, request_rows(layout), host_tier=host)
+        compact = layout if isinstance(layout, CompactLayout) else None
+        plan = layout if compact is None else compact.plan
+        host = compact if compact is not None and compact.on_host else None
+        assert meta.add(row, request_rows(plan, compact), host_tier=host)
     shape = FoldedShape(
         num_layers=layers,
         num_kv_heads=heads,

@@ -10,7 +10,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from hybridkv_sglang.policy import average_merge
-from hybridkv_sglang.runtime.compaction import CompactStorage
+from hybridkv_sglang.runtime.session.compact_storage import CompactStorage
 from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.host_tier import HostTier, assign_staging_slots

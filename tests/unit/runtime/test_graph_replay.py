@@ -14,17 +14,18 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner_utils.capture_mode import _set_capture_attention_variant
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime import activation
 from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
-from hybridkv_sglang.runtime.graph_decode import (
-    DENSE,
-    SPARSE,
-    HybridKVGraphVariants,
+from hybridkv_sglang.runtime.decode.graph_variants import DENSE, SPARSE
+from hybridkv_sglang.runtime.hooks.scheduler import (
     limit_graph_to_fit,
-    record_pool_rows,
+    record_forward_batch,
+    use_hybridkv_variants,
 )
-from hybridkv_sglang.runtime.prefill_compression import PrefillOutcome
-from hybridkv_sglang.runtime.stats import STATS
+from hybridkv_sglang.runtime.prefill.compression import PrefillOutcome
+from hybridkv_sglang.runtime.prefill.requests import PrefillEnd
+from hybridkv_sglang.runtime.session.current import open_session
+from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
+from hybridkv_sglang.runtime.session.stats import HybridKVStats
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from tests.unit.runtime.folded_steps import folded_for
 from tests.unit.runtime.test_compact_layout import CHUNK, _real_pool, _request_rows
@@ -82,11 +83,12 @@ def served():
         chunk=CHUNK,
     )
     config = HybridKVConfig(window=8, sink=4, chunk_size=CHUNK, top_k_chunks=3)
-    backend = HybridKVAttnBackend(_Dense(pool, req_to_token), config, LAYERS, folded)
-    activation.set_active_backend(backend)
+    session = SchedulerSession(config, HybridKVStats(), decode_meta=folded.meta)
+    backend = HybridKVAttnBackend(_Dense(pool, req_to_token), session, LAYERS, folded)
+    session.backend = backend
+    open_session(session)
     backend.init_cuda_graph_state(GRAPH_BS, GRAPH_BS)
-    yield backend, pool
-    activation.set_active_backend(None)
+    return backend, pool
 
 
 def _forward_batch(rows: list[int], pad_to: int | None = None) -> SimpleNamespace:
@@ -144,7 +146,7 @@ def test_captured_hybridkv_variant_attends_like_the_eager_step(served):
 
 def test_replays_pick_the_variant_from_the_batch(served):
     backend, _ = served
-    variants = HybridKVGraphVariants()
+    variants = use_hybridkv_variants(None, None)
     assert variants.select(_forward_batch([1, 4], pad_to=GRAPH_BS)) == DENSE
     view = _forward_batch([1, 4], pad_to=GRAPH_BS)
     backend.init_forward_metadata_out_graph(view)
@@ -168,10 +170,10 @@ def test_batches_the_buffers_cannot_hold_run_eagerly(served):
     runner = SimpleNamespace(attn_backend=backend)
     assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is True
     backend.folded.kv_indices = torch.zeros(100, dtype=torch.int64)  # far too small
-    before = STATS.snapshot()["totals"].get("graph_fallbacks", 0)
+    before = backend.stats.snapshot()["totals"].get("graph_fallbacks", 0)
     assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is False
     assert limit_graph_to_fit(True, runner, _forward_batch([1, 4])) is True  # dense variant
-    assert STATS.snapshot()["totals"]["graph_fallbacks"] == before + 1
+    assert backend.stats.snapshot()["totals"]["graph_fallbacks"] == before + 1
 
 
 def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
@@ -179,11 +181,11 @@ def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
     reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in (3, 1)]
     batch = SimpleNamespace(reqs=reqs, forward_mode=ForwardMode.DECODE)
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
-    assert record_pool_rows(fb, type(fb), batch).req_pool_indices_cpu.tolist() == [3, 1]
+    assert record_forward_batch(fb, type(fb), batch).req_pool_indices_cpu.tolist() == [3, 1]
     for row in (2, 3):
         backend.decode_meta.release(row)
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
-    assert record_pool_rows(fb, type(fb), batch).req_pool_indices_cpu is None
+    assert record_forward_batch(fb, type(fb), batch).req_pool_indices_cpu is None
     assert not backend.decode_meta.compressed_rows.any()
     backend.init_forward_metadata(_forward_batch([1, 2]))  # applies the releases on the device
     assert bool((backend.decode_meta.slot_of_row == -1).all())
@@ -192,9 +194,12 @@ def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
 
 def test_a_request_whose_records_fail_is_served_dense(served):
     backend, _ = served
-    request = SimpleNamespace(rid="r-broken", req_pool_idx=4)
+    request = PrefillEnd(0, "r-broken", 4, PROMPTS[3], 0, 0, ((0, 40),))
     outcome = PrefillOutcome(request, None, backend.policy, layout=object())  # not recordable
-    backend._register(outcome)
+    backend.session.register([outcome], [outcome], torch.device("cpu"))
     assert outcome.layout is None and outcome.dense_reason == "compression_error"
+    assert backend.session.requests.entry("r-broken") is None
     assert not backend.decode_meta.compressed_rows[4]
     assert backend.decode_meta.usage()["requests"] == 2  # the others are untouched
+    record = backend.stats.snapshot()["requests"]["r-broken"]
+    assert not record["compressed"] and record["dense_reason"] == "compression_error"

@@ -9,7 +9,7 @@ import torch
 from sglang.srt.runtime_context import get_parallel
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
-from hybridkv_sglang.runtime.memory_accounting import add_decode_metadata_bytes
+from hybridkv_sglang.runtime.hooks.scheduler import add_decode_metadata_bytes
 
 
 def _kvc(backend: str) -> SimpleNamespace:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from hybridkv_sglang.policy import HybridKVPolicy
-from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import PrefillEnd
+from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
+from hybridkv_sglang.runtime.prefill.requests import PrefillEnd
 
 LAYERS, HEADS, GROUP, DIM = 2, 2, 2, 8
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime.requests import PrefillEnd, dense_reason, visual_spans_of
+from hybridkv_sglang.runtime.prefill.requests import PrefillEnd, dense_reason, visual_spans_of
 
 
 @dataclass

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hybridkv_sglang.runtime.backend import dense_backend_name
-from hybridkv_sglang.runtime.startup_checks import check_cpu_head_split, check_supported
+from hybridkv_sglang.runtime.startup.checks import check_cpu_head_split, check_supported
+from hybridkv_sglang.runtime.startup.factory import dense_backend_name
 
 
 def _args(**overrides):

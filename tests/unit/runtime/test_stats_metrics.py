@@ -9,8 +9,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from hybridkv_sglang.runtime.metrics import HybridKVMetrics
-from hybridkv_sglang.runtime.stats import HybridKVStats, RequestStats, kv_entry_bytes
+from hybridkv_sglang.runtime.session.metrics import HybridKVMetrics
+from hybridkv_sglang.runtime.session.stats import HybridKVStats, RequestStats, kv_entry_bytes
 
 LABELS = {"model_name": "tiny", "engine_type": "unified", "tp_rank": "0"}
 ENTRY_BYTES = 256
@@ -42,9 +42,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def stats(registry: CollectorRegistry) -> HybridKVStats:
-    stats = HybridKVStats()
-    stats.attach(ENTRY_BYTES, HybridKVMetrics(LABELS, registry=registry))
-    return stats
+    return HybridKVStats(ENTRY_BYTES, HybridKVMetrics(LABELS, registry=registry))
 
 
 def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:

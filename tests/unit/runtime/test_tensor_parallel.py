@@ -13,12 +13,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.kernels.folded_tables import NF, PRE_LEN, TAIL_START
 from hybridkv_sglang.policy import HybridKVPolicy
 from hybridkv_sglang.policy.sharding import HeadShard
-from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
-from hybridkv_sglang.runtime.requests import PrefillEnd
-from hybridkv_sglang.runtime.tensor_parallel import FAIL_RANK_ENV, FAIL_RID_PREFIX, AttentionTP
+from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
+from hybridkv_sglang.runtime.prefill.requests import PrefillEnd
+from hybridkv_sglang.runtime.prefill.tensor_parallel import (
+    FAIL_RANK_ENV,
+    FAIL_RID_PREFIX,
+    AttentionTP,
+)
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
 LAYERS, HEADS, GROUP, DIM = 2, 2, 2, 8
@@ -144,18 +149,20 @@ def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
 
 
 def _agreement_worker(rank: int, size: int, port: int, out: dict) -> None:
-    from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+    from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
+    from hybridkv_sglang.runtime.session.stats import HybridKVStats
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)  # fmt: skip
     try:
         outcomes, meta = _records(rank)
-        backend = SimpleNamespace(
-            tp=AttentionTP(rank, size, HeadShard.of_rank(rank, size, 2), dist.group.WORLD),
+        session = SchedulerSession(
+            HybridKVConfig(),
+            HybridKVStats(),
             decode_meta=meta,
+            tp=AttentionTP(rank, size, HeadShard.of_rank(rank, size, 2), dist.group.WORLD),
         )
-        backend._bounds_of = lambda o: HybridKVAttnBackend._bounds_of(backend, o)
-        HybridKVAttnBackend._agree_on_records(backend, outcomes, torch.device("cpu"))
+        session._agree_on_records(outcomes, torch.device("cpu"))
         out[rank] = (
             [(o.layout is not None, o.dense_reason) for o in outcomes],
             meta.table_bounds(1),

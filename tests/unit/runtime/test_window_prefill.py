@@ -15,8 +15,8 @@ from sglang.srt.managers.schedule_batch import (
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime import window_prefill
-from hybridkv_sglang.runtime.window_prefill import cap_prefix_for_window, window_prefix_cap
+from hybridkv_sglang.runtime.hooks.scheduler import cap_prefix_for_window
+from hybridkv_sglang.runtime.prefill.requests import window_prefix_cap
 
 CONFIG = HybridKVConfig(window=32, min_prompt_tokens=128)
 
@@ -33,14 +33,7 @@ def _capped(req: Req, prompt_len: int) -> int:
     return cap_prefix_for_window(req._compute_max_prefix_len(prompt_len), req, prompt_len)
 
 
-@pytest.fixture
-def installed():
-    window_prefill.install(CONFIG)
-    yield
-    window_prefill.install(None)
-
-
-@pytest.mark.usefixtures("installed")
+@pytest.mark.usefixtures("session")
 @pytest.mark.parametrize(
     ("prompt_len", "image", "expected"),
     [
@@ -54,7 +47,7 @@ def test_compressed_requests_leave_the_window_to_prefill(prompt_len, image, expe
     assert _capped(_req(prompt_len, image), prompt_len) == expected
 
 
-@pytest.mark.usefixtures("installed")
+@pytest.mark.usefixtures("session")
 def test_a_tighter_cap_of_sglang_wins():
     req = _req(400, (10, 265), return_logprob=True)
     req.logprob_start_len = 200
@@ -62,7 +55,6 @@ def test_a_tighter_cap_of_sglang_wins():
 
 
 def test_servers_without_the_backend_are_untouched():
-    window_prefill.install(None)
     assert _capped(_req(400, (10, 265)), 400) == 399
 
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from hybridkv_sglang.runtime.requests import PrefillChunk, PrefillEnd
-from hybridkv_sglang.runtime.window_queries import WindowQueryTails
+from hybridkv_sglang.runtime.prefill.requests import PrefillChunk, PrefillEnd
+from hybridkv_sglang.runtime.session.window_queries import WindowQueryTails
 
 WINDOW, HEADS, DIM, LAYERS = 16, 4, 8, 2
 

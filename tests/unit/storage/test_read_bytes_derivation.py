@@ -141,4 +141,4 @@ def test_compact_rows_read_the_plans_bytes(on_host):
     slots = torch.arange(N, N + shape.num_slots)
     host = torch.arange(shape.host_chunks) if on_host else None
     compact, _ = build_compact_layout(layout, torch.arange(N), slots, host)
-    _check(request_rows(compact), plan, torch.float32)
+    _check(request_rows(layout, compact), plan, torch.float32)

@@ -1,10 +1,9 @@
-"""Installed is not enabled: every hook passes SGLang's result through until this process runs
-the ``hybridkv`` backend, and a stock server is started without the plugin."""
+"""Installed is not enabled: every hook passes SGLang's result through until this process opens
+a hybridkv session, and a stock server is started without the plugin."""
 
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -19,25 +18,31 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 from hybridkv_sglang.config import ENV_VAR, HybridKVConfig
-from hybridkv_sglang.runtime import activation, compaction, prefill_tracking, window_prefill
-from hybridkv_sglang.runtime.compaction import (
+from hybridkv_sglang.runtime.hooks.scheduler import (
+    add_to_internal_state,
+    cap_prefix_for_window,
     compact_after_checkpoint,
     count_compact_slots,
-    release_compact,
+    record_forward_batch,
+    release_request,
 )
-from hybridkv_sglang.runtime.compressed_requests import CompressedRequest, CompressedRequests
-from hybridkv_sglang.runtime.prefill_tracking import find_extend_batch, record_extend_batch
-from hybridkv_sglang.runtime.stats import add_to_internal_state
-from hybridkv_sglang.runtime.window_prefill import cap_prefix_for_window
+from hybridkv_sglang.runtime.session import current
+from hybridkv_sglang.runtime.session.compressed_requests import CompressedRequest
+from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
+from hybridkv_sglang.runtime.session.stats import HybridKVStats
 from hybridkv_sglang.testing.server import PLUGIN_GROUP, PLUGIN_NAME, stock_environment
 
 PROMPT_LEN = 400
 
 
-@pytest.fixture(params=[False, True], ids=["inactive", "active"])
-def active(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(activation, "_active", request.param)
-    return request.param
+@pytest.fixture(params=[False, True], ids=["stock", "hybridkv"])
+def active(request: pytest.FixtureRequest) -> SchedulerSession | None:
+    """The session hooks reach, or ``None``: a process without the hybridkv backend."""
+    if not request.param:
+        return None
+    opened = SchedulerSession(HybridKVConfig(window=32, min_prompt_tokens=128), HybridKVStats())
+    current.open_session(opened)
+    return opened
 
 
 def _image_req(rid: str = "r") -> Req:
@@ -48,7 +53,7 @@ def _image_req(rid: str = "r") -> Req:
 
 
 class FakeStorage:
-    """Compact storage that counts what the hooks ask of it."""
+    """Compact storage that counts what the session asks of it."""
 
     live_slots = 5
     host_tier = None
@@ -63,72 +68,63 @@ class FakeStorage:
         self.calls.append("release")
 
 
-@pytest.fixture
-def storage(monkeypatch: pytest.MonkeyPatch) -> FakeStorage:
-    fake = FakeStorage()
-    monkeypatch.setattr(compaction, "_storage", fake)
-    return fake
+def test_a_unit_test_starts_in_a_process_serving_nothing():
+    assert current.current_session() is None and current.launch_config() is None
 
 
-@pytest.fixture
-def compressed(monkeypatch: pytest.MonkeyPatch) -> CompressedRequests:
-    table = CompressedRequests()
-    monkeypatch.setattr(compaction, "COMPRESSED", table)
-    return table
-
-
-def test_the_unit_suite_runs_active():
-    assert activation.is_active()
-
-
-def test_record_extend_batch(active, monkeypatch):
-    monkeypatch.setattr(prefill_tracking, "_pending", OrderedDict())
+def test_record_forward_batch(active):
     req = _image_req()
     req.full_untruncated_fill_ids = req.origin_input_ids
     req.extend_end = PROMPT_LEN
     batch = SimpleNamespace(reqs=[req], forward_mode=ForwardMode.EXTEND)
     forward_batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, rids=[req.rid])
-    assert record_extend_batch(forward_batch, object, batch, None) is forward_batch
-    record = find_extend_batch(forward_batch.rids)
-    if active:
+    assert record_forward_batch(forward_batch, object, batch, None) is forward_batch
+    if active is not None:
+        record = active.extend_batches.find(forward_batch.rids)
         assert record is not None and record.finishes_prefill == (True,)
-    else:
-        assert record is None and not prefill_tracking._pending
 
 
 def test_add_to_internal_state(active):
     result = SimpleNamespace(internal_state={"max_total_num_tokens": 8192})
     assert add_to_internal_state(result, None) is result
-    assert ("hybridkv" in result.internal_state) is active
+    assert ("hybridkv" in result.internal_state) is (active is not None)
     assert result.internal_state["max_total_num_tokens"] == 8192
 
 
-def test_cap_prefix_for_window(active, monkeypatch):
-    monkeypatch.setattr(window_prefill, "_config", HybridKVConfig(window=32, min_prompt_tokens=128))
+def test_cap_prefix_for_window(active):
     req = _image_req()
     sglang_cap = req._compute_max_prefix_len(PROMPT_LEN)
     capped = cap_prefix_for_window(sglang_cap, req, PROMPT_LEN)
-    assert capped == (PROMPT_LEN - 32 if active else sglang_cap)
+    assert capped == (sglang_cap if active is None else PROMPT_LEN - 32)
 
 
-def test_release_compact(active, compressed):
-    compressed.add(CompressedRequest("r", 3, layout=object()))
+def test_release_request(active):
+    if active is not None:
+        active.requests.add(CompressedRequest("r", 3, layout=object()))
     result = object()
-    assert release_compact(result, _image_req("r"), None) is result
-    assert (compressed.entry("r") is None) is active
+    assert release_request(result, _image_req("r"), None) is result
+    if active is not None:
+        assert active.requests.entry("r") is None
 
 
-def test_compact_after_checkpoint(active, storage, monkeypatch):
-    table = SimpleNamespace(asked=[])
-    monkeypatch.setattr(compaction, "COMPRESSED", SimpleNamespace(entry=table.asked.append))
+def test_compact_after_checkpoint_reaches_the_session(active):
+    storage = FakeStorage()
+    if active is not None:
+        active.compact_storage = storage
+        layout = SimpleNamespace(prompt_len=PROMPT_LEN, merge_evicted=False)
+        active.requests.add(CompressedRequest("r", 3, layout=layout))
     result = object()
-    assert compact_after_checkpoint(result, _image_req("r"), None) is result
-    assert table.asked == (["r"] if active else [])
+    req = _image_req("r")
+    req.finished = lambda: True  # not eligible: stays in place, storage untouched
+    assert compact_after_checkpoint(result, req, None) is result
     assert storage.calls == []
 
 
-def test_count_compact_slots(active, storage):
-    assert count_compact_slots((10, 2)) == ((10 + storage.live_slots, 2) if active else (10, 2))
+def test_count_compact_slots(active):
+    if active is not None:
+        active.compact_storage = FakeStorage()
+    expected = (10, 2) if active is None else (10 + FakeStorage.live_slots, 2)
+    assert count_compact_slots((10, 2)) == expected
 
 
 # Stock means stock ------------------------------------------------------------------------------

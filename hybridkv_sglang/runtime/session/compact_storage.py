@@ -1,10 +1,10 @@
 """``compact`` storage, scheduler side: after a request's prefill checkpoint, move its kept KV into
 compact entries, then hand its dense prefix back to the radix tree.
 
-Protocol (``notes/compact-mode.md``, pitfalls 3-5 and 9):
+Protocol (``notes/compact-mode.md``, pitfalls 3-5 and 9), driven by the scheduler session:
 
-1. AFTER ``common.checkpoint_kv_cache`` for a request the forward planned (``in_place`` layout in
-   the registry): take the slots from SGLang's allocator (evicting cold tree nodes if needed),
+1. AFTER ``common.checkpoint_kv_cache`` for a request the forward planned (``in_place`` in the
+   session): take the slots from SGLang's allocator (evicting cold tree nodes if needed),
    copy static kept KV and dynamic regions into them on the forward stream, copy the retrievable
    chunks to the host tier, then ``unlock`` the prefix lock once, clear ``req.lock`` and set
    ``skip_radix_cache_insert`` so release never inserts stale slot ids. The dense prefix stays in
@@ -28,10 +28,6 @@ import torch
 
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
 from hybridkv_sglang.policy.lookm import average_merge
-from hybridkv_sglang.runtime.activation import active_backend, is_active
-from hybridkv_sglang.runtime.compressed_requests import COMPRESSED, CompressedRequest
-from hybridkv_sglang.runtime.stats import STATS
-from hybridkv_sglang.runtime.window_queries import WINDOW_TAILS
 from hybridkv_sglang.storage.compact_layout import (
     CompactCopies,
     CompactLayout,
@@ -47,8 +43,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Compaction:
-    """What compaction took for one request (stats)."""
+    """What compaction made of one request, and what it took."""
 
+    layout: CompactLayout
+    saved_skip_insert: bool
+    """The request's ``skip_radix_cache_insert`` before compaction set it (restored at release)."""
     slots: int
     host_chunks: int
     dynamic_tier: str
@@ -110,7 +109,7 @@ class CompactStorage:
                 if layout.merge_evicted:
                     self.merge_evicted(compact, prompt_slots.to(torch.int64))
                 host = compact if compact.on_host else None
-                if not self.decode_meta.add(row, request_rows(compact), host_tier=host):
+                if not self.decode_meta.add(row, request_rows(layout, compact), host_tier=host):
                     raise RuntimeError("the decode metadata pools are full")
         except Exception:
             tree_cache.token_to_kv_pool_allocator.free(slots)
@@ -121,10 +120,11 @@ class CompactStorage:
         tree_cache.unlock(req.lock)
         req.lock = None
         req.skip_radix_cache_insert = True
-        COMPRESSED.add(CompressedRequest(req.rid, row, compact, saved_flag))
         with self._lock:
             self.live_slots += int(slots.numel())
         return Compaction(
+            layout=compact,
+            saved_skip_insert=saved_flag,
             slots=int(slots.numel()),
             host_chunks=int(compact.host_chunk_ids.numel()),
             dynamic_tier="host" if on_host else "device",
@@ -191,82 +191,3 @@ def _alloc_slots(tree_cache: Any, count: int) -> torch.Tensor | None:
         evict_from_tree_cache(tree_cache, count)
         slots = allocator.alloc(count)
     return slots
-
-
-_storage: CompactStorage | None = None
-
-
-def install(storage: CompactStorage | None) -> None:
-    """Set this scheduler process's compact storage (the backend factory calls this)."""
-    global _storage
-    _storage = storage
-
-
-def installed() -> CompactStorage | None:
-    return _storage
-
-
-def compact_after_checkpoint(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
-    """AFTER hook of ``checkpoint_kv_cache(req, tree_cache)``: compact a just-planned request."""
-    if not is_active():
-        return result
-    storage = _storage
-    if storage is None:
-        return result
-    entry = COMPRESSED.entry(req.rid)
-    if entry is None or not isinstance(entry.layout, CompressedLayout):
-        return result
-    kv = req.kv
-    eligible = (
-        kv.holds_kv
-        and kv.req_pool_idx == entry.req_pool_idx
-        and not req.finished()
-        and req.lock is not None
-        and not req.skip_radix_cache_insert
-        and kv.cache_protected_len >= entry.layout.prompt_len
-        and not getattr(tree_cache, "disable", False)
-    )
-    done = None
-    if eligible:
-        try:
-            done = storage.compact(req, tree_cache, entry.layout)
-        except Exception as err:  # contained: the request stays in_place
-            logger.warning("hybridkv: compaction of %s failed, kept in_place: %r", req.rid, err)
-            STATS.record_compaction(req.rid, None, "compaction_error")
-        else:
-            STATS.record_compaction(req.rid, done, None if done else "no_free_slots")
-    if done is None and entry.layout.merge_evicted:
-        STATS.count("unmerged_requests")  # served in_place: evicted KV dropped, not merged
-    return result
-
-
-def release_compact(result: Any, req: Any, tree_cache: Any, *args: Any, **kw: Any) -> Any:
-    """AFTER hook of ``release_kv_cache``: forget the request, give back its compact storage."""
-    if not is_active():
-        return result
-    WINDOW_TAILS.drop(req.rid)
-    # SGLang's ``Req.is_prefill_only`` less its speculative-decoding test (hybridkv refuses
-    # speculative decoding), which reads a config namespace a unit test does not publish.
-    prefill_only = req.sampling_params.max_new_tokens == 0
-    STATS.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only)
-    entry = COMPRESSED.pop(req.rid)
-    backend = active_backend()
-    if entry is not None and backend is not None and backend.decode_meta is not None:
-        backend.decode_meta.release(entry.req_pool_idx)
-    if entry is not None and isinstance(entry.layout, CompactLayout):
-        storage = _storage
-        assert storage is not None
-        storage.release(entry.layout, tree_cache)
-        req.skip_radix_cache_insert = entry.saved_skip_insert
-    return result
-
-
-def count_compact_slots(result: Any, *args: Any, **kwargs: Any) -> Any:
-    """AFTER hook of the invariant checker's uncached-size sum: add live compact slots."""
-    if not is_active():
-        return result
-    storage = _storage
-    if storage is None or not isinstance(result, tuple):
-        return result
-    full, swa = result
-    return full + storage.live_slots, swa

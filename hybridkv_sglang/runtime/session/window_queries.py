@@ -4,7 +4,8 @@ The policy observes the queries of the last ``w`` prompt tokens. With chunked pr
 chunk may hold fewer than ``w`` tokens, and where chunk boundaries fall depends on what else the
 scheduler batched. Keeping each request's last ``w`` query rows per layer between its chunks makes
 the plan independent of chunking. (Tokens served from the prefix cache have no queries; the
-prefix-match cap of ``window_prefill`` makes a compressed request prefill its last ``w`` tokens.)
+prefix-match cap, ``prefill.requests.window_prefix_cap``, makes a compressed request prefill its
+last ``w`` tokens.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from hybridkv_sglang.runtime.requests import PrefillChunk, PrefillEnd
+from hybridkv_sglang.runtime.prefill.requests import PrefillChunk, PrefillEnd
 
 MAX_REQUESTS = 256
 
@@ -61,7 +62,3 @@ class WindowQueryTails:
     def __len__(self) -> int:
         with self._lock:
             return len(self._tails)
-
-
-WINDOW_TAILS = WindowQueryTails(window=0)
-"""This scheduler process's tails; the backend factory sets its window."""

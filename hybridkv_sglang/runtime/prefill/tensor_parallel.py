@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hybridkv_sglang.policy.sharding import HeadShard, all_shards, replica_ranks
-from hybridkv_sglang.runtime.startup_checks import check_cpu_head_split
+from hybridkv_sglang.runtime.startup.checks import check_cpu_head_split
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.runtime.prefill_tracking import find_extend_batch
+from hybridkv_sglang.runtime.session.extend_batches import ScheduledExtend
 
 HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
 
@@ -78,15 +78,14 @@ def visual_spans_of(mm_input: Any, prompt_len: int) -> tuple[tuple[int, int], ..
 
 
 def find_prefill_ends(
-    forward_batch: Any,
+    forward_batch: Any, scheduled: ScheduledExtend | None
 ) -> tuple[list[PrefillEnd], list[PrefillChunk], list[str]]:
     """Requests finishing prefill in this extend forward, those whose prefill goes on, and the
-    rids of every extended request.
+    rids of every extended request (``scheduled``: the scheduler's record of this batch).
 
     Reads ``mm_inputs`` here, in metadata init: the model clears it before attention runs.
     """
     rids = forward_batch.rids or []
-    scheduled = find_extend_batch(forward_batch.rids)
     prefix_lens = forward_batch.extend_prefix_lens_cpu
     extend_lens = forward_batch.extend_seq_lens_cpu
     seq_lens = forward_batch.seq_lens_cpu.tolist()
@@ -150,3 +149,19 @@ def dense_reason_of(prompt_len: int, visual_tokens: int, config: HybridKVConfig)
     if prompt_len < max(config.min_prompt_tokens, config.sink + config.window + 1):
         return "short_prompt"
     return None
+
+
+def window_prefix_cap(prompt_len: int, visual_tokens: int, config: HybridKVConfig) -> int | None:
+    """The longest prefix a request may take from the radix cache, or ``None`` when it stays
+    dense.
+
+    Tokens served from the cache have no queries, so a turn whose new text is shorter than the
+    window (a follow-up question about the same images, a repeated prompt) would be planned from
+    fewer than ``w`` window rows. Capping the match at ``N - w`` serves everything before the
+    window from the tree and prefills the last ``w`` tokens again; SGLang's checkpoint frees
+    their duplicate slots. SGLang caps sliding-window models the same way
+    (``swa_reprefill_tail_tokens``).
+    """
+    if dense_reason_of(prompt_len, visual_tokens, config) is not None:
+        return None
+    return max(prompt_len - config.window, 0)

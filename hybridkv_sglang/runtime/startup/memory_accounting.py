@@ -1,7 +1,8 @@
 """The decode metadata pools count against ``--mem-fraction-static`` like the KV pool itself.
 
-SGLang sizes its KV pool as (available memory) / (bytes per token). An AFTER hook on the
-configurator's per-token cost adds what the metadata pools take per token of that pool
+SGLang sizes its KV pool as (available memory) / (bytes per token). The hook on the
+configurator's per-token cost (``hooks.scheduler.add_decode_metadata_bytes``) adds what the
+metadata pools take per token of that pool
 (:meth:`~hybridkv_sglang.storage.decode_metadata.PoolSizing.bytes_per_token`: fixed values,
 chunk bounds, retrieval scratch and bound parameters), so the pools allocated afterwards at the
 pool's size leave the memory budget exact; the start-up log states the reserve beside the KV
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.runtime.activation import BACKEND_NAME
+from hybridkv_sglang.runtime.session.current import BACKEND_NAME
 from hybridkv_sglang.storage.decode_metadata import PoolSizing
 
 logger = logging.getLogger(__name__)
@@ -39,21 +40,22 @@ def pool_sizing(config: HybridKVConfig) -> PoolSizing:
     )
 
 
-def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_layers: int) -> Any:
-    """AFTER hook of ``DefaultPoolConfigurator._compute_cell_size``: bytes per token + pools."""
+def decode_metadata_bytes(kv_bytes_per_token: int, kvc: Any, num_layers: int) -> int:
+    """What the decode metadata pools take per KV token of a pool SGLang is about to size
+    (``kvc``: its ``KVCacheConfig``-like view); 0 unless the server runs hybridkv, enabled."""
     args = getattr(kvc, "server_args", None)
     backends = (
         getattr(args, "attention_backend", None),
         getattr(args, "decode_attention_backend", None),
     )
-    if not result or BACKEND_NAME not in backends:
-        return result
+    if not kv_bytes_per_token or BACKEND_NAME not in backends:
+        return 0
     try:
         config = HybridKVConfig.from_env()
     except HybridKVConfigError:
-        return result  # the backend factory raises it, naming the field
+        return 0  # the backend factory raises it, naming the field
     if not config.enabled:
-        return result
+        return 0
     from sglang.srt.runtime_context import get_parallel
 
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
@@ -67,7 +69,7 @@ def add_decode_metadata_bytes(result: Any, configurator: Any, kvc: Any, num_laye
         "hybridkv: decode metadata reserves %d bytes per KV token beside the KV pool's %d "
         "(%.1f %%)",
         extra,
-        result,
-        100 * extra / result,
+        kv_bytes_per_token,
+        100 * extra / kv_bytes_per_token,
     )
-    return result + extra
+    return extra

@@ -1,9 +1,9 @@
 """What hybridkv saw and did, per request, readable from SGLang's server-info surface.
 
-Lives in the scheduler process (where the attention backend runs). An AFTER hook on the
+Lives in the scheduler process's session (where the attention backend runs). The hook on the
 scheduler's internal-state readback adds ``{"hybridkv": snapshot}`` to every entry of
 ``/server_info``'s ``internal_states`` (and ``Engine.get_server_info()``). With
-``--enable-metrics`` the same calls feed SGLang's Prometheus endpoint (``runtime.metrics``).
+``--enable-metrics`` the same calls feed SGLang's Prometheus endpoint (``session.metrics``).
 
 A request's record appears at its prefill end and is counted in the totals when SGLang releases
 its KV (finish, abort or retraction; a retracted request is compressed afresh at its re-prefill
@@ -20,10 +20,8 @@ from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hybridkv_sglang.runtime.activation import is_active
-
 if TYPE_CHECKING:
-    from hybridkv_sglang.runtime.metrics import HybridKVMetrics
+    from hybridkv_sglang.runtime.session.metrics import HybridKVMetrics
 
 MAX_RECENT_REQUESTS = 256
 FAILURE_REASONS = frozenset({"compression_error", "decode_metadata_full"})
@@ -76,7 +74,12 @@ class RequestStats:
 class HybridKVStats:
     """Bounded per-request records plus running totals; thread-safe for the readback thread."""
 
-    def __init__(self, max_recent: int = MAX_RECENT_REQUESTS) -> None:
+    def __init__(
+        self,
+        kv_entry_bytes: int = 0,
+        metrics: HybridKVMetrics | None = None,
+        max_recent: int = MAX_RECENT_REQUESTS,
+    ) -> None:
         self._lock = threading.Lock()
         self._max_recent = max_recent
         self._recent: OrderedDict[str, RequestStats] = OrderedDict()
@@ -85,14 +88,10 @@ class HybridKVStats:
         none goes uncounted."""
         self._chunks: OrderedDict[str, int] = OrderedDict()
         self._totals: Counter[str] = Counter()
-        self.kv_entry_bytes = 0
-        """K and V bytes of one (token, layer, kv head) entry of the KV pool."""
-        self.metrics: HybridKVMetrics | None = None
-
-    def attach(self, kv_entry_bytes: int, metrics: HybridKVMetrics | None) -> None:
-        """The backend factory: the pool's entry size, and the Prometheus series if exported."""
         self.kv_entry_bytes = kv_entry_bytes
+        """K and V bytes of one (token, layer, kv head) entry of the KV pool."""
         self.metrics = metrics
+        """SGLang's Prometheus series, when the server exports metrics."""
 
     def record_prefill_chunk(self, rid: str) -> None:
         """Count extends per request; bounded, since an aborted request never reaches its end."""
@@ -198,54 +197,8 @@ class HybridKVStats:
             }
 
 
-STATS = HybridKVStats()
-
-
 def kv_entry_bytes(kv_pool: Any) -> int:
     """K and V bytes of one (token, layer, kv head) entry of SGLang's KV pool, from its buffers
     (``[slots, H_kv, D]`` each)."""
     key, value = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
     return key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size()
-
-
-def add_to_internal_state(result: Any, controller: Any = None, *args: Any, **kwargs: Any) -> Any:
-    """AFTER hook of the scheduler's ``get_internal_state``: attach the hybridkv snapshot."""
-    if not is_active():
-        return result
-    state = getattr(result, "internal_state", None)
-    if isinstance(state, dict):
-        from hybridkv_sglang.runtime.compressed_requests import COMPRESSED
-
-        scheduler = getattr(controller, "scheduler", None)
-        state["hybridkv"] = STATS.snapshot(
-            live_compressed=len(COMPRESSED), memory=memory_snapshot(scheduler)
-        )
-    return result
-
-
-def memory_snapshot(scheduler: Any) -> dict[str, Any]:
-    """SGLang's own KV pool counts (tokens) plus what compact storage holds."""
-    from hybridkv_sglang.runtime.activation import active_backend
-    from hybridkv_sglang.runtime.compaction import installed
-
-    memory: dict[str, Any] = {}
-    tree = getattr(scheduler, "tree_cache", None)
-    if tree is not None:
-        memory["pool_tokens"] = int(scheduler.max_total_num_tokens)
-        memory["available_tokens"] = int(tree.token_to_kv_pool_allocator.available_size())
-        memory["evictable_tokens"] = int(tree.evictable_size())
-        memory["protected_tokens"] = int(tree.protected_size())
-        memory["running_requests"] = len(scheduler.running_batch.reqs)
-        memory["waiting_requests"] = len(scheduler.waiting_queue)
-    backend = active_backend()
-    if backend is not None and backend.decode_meta is not None:
-        memory["decode_metadata"] = backend.decode_meta.usage()
-    storage = installed()
-    if storage is not None:
-        memory["compact_slots"] = storage.live_slots
-        if storage.host_tier is not None:
-            memory["host_chunks_capacity"] = storage.host_tier.capacity
-            memory["host_chunks_used"] = storage.host_tier.capacity - storage.host_tier.free_chunks
-            memory["staged_chunks"] = storage.stager.moved_chunks
-            memory["reused_staged_chunks"] = storage.stager.reused_chunks
-    return memory

@@ -1,7 +1,7 @@
 """Server flag combinations hybridkv cannot serve, refused at start-up with the flag named.
 
 Checked twice with the same function: in the launching process, right after SGLang resolves its
-server arguments and before any scheduler loads a model weight (``frontend.check_at_launch``),
+server arguments and before any scheduler loads a model weight (``hooks.launch.check_at_launch``),
 and by the backend factory, which also knows the model (sliding-window layers).
 """
 

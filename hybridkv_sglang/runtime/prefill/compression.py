@@ -19,10 +19,10 @@ import torch
 
 from hybridkv_sglang.policy import CompressionPolicy, LayerObservation
 from hybridkv_sglang.policy.sharding import assemble_heads
-from hybridkv_sglang.runtime.requests import PrefillEnd
-from hybridkv_sglang.runtime.stats import RequestStats
-from hybridkv_sglang.runtime.tensor_parallel import AttentionTP
-from hybridkv_sglang.runtime.window_queries import WindowQueryTails
+from hybridkv_sglang.runtime.prefill.requests import PrefillEnd
+from hybridkv_sglang.runtime.prefill.tensor_parallel import AttentionTP
+from hybridkv_sglang.runtime.session.stats import RequestStats
+from hybridkv_sglang.runtime.session.window_queries import WindowQueryTails
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 
 logger = logging.getLogger(__name__)

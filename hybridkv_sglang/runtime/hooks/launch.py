@@ -17,8 +17,13 @@ import logging
 from typing import Any
 
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
-from hybridkv_sglang.runtime.activation import BACKEND_NAME, launch_config, set_launch_config
-from hybridkv_sglang.runtime.startup_checks import check_cpu_head_split, check_supported
+from hybridkv_sglang.runtime.hooks.installation import HookInstallError, verify_hooks
+from hybridkv_sglang.runtime.session.current import (
+    BACKEND_NAME,
+    launch_config,
+    set_launch_config,
+)
+from hybridkv_sglang.runtime.startup.checks import check_cpu_head_split, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,7 @@ def check_at_launch(result: Any, server_args: Any, *args: Any, **kwargs: Any) ->
     if resolved.attention_backend != BACKEND_NAME:
         return result
     try:
+        verify_hooks()
         config = HybridKVConfig.from_env()
         check_supported(resolved, sliding_window_size=None, storage=config.storage)
         if str(resolved.device) == "cpu" and resolved.tp_size > 1:
@@ -38,7 +44,7 @@ def check_at_launch(result: Any, server_args: Any, *args: Any, **kwargs: Any) ->
 
             kv_heads = ModelConfig.from_server_args(server_args).get_total_num_kv_heads()
             check_cpu_head_split(resolved.tp_size, kv_heads)
-    except (HybridKVConfigError, NotImplementedError) as err:
+    except (HookInstallError, HybridKVConfigError, NotImplementedError) as err:
         logger.error("hybridkv: %s", err)
         raise
     set_launch_config(config)
