@@ -96,3 +96,26 @@ def test_hybridkv_serve_names_the_flag_before_importing_sglang(flags, message):
     done = _launch([sys.executable, "-m", "hybridkv_sglang.cli", "--model-path", "x", *flags], env)
     assert done.returncode != 0
     assert message in done.stderr
+
+
+RENAME_AND_SERVE = """
+import sys
+from sglang.srt.managers.schedule_batch import Req
+Req._compute_max_prefix_length = Req._compute_max_prefix_len
+del Req._compute_max_prefix_len
+from sglang.cli.main import main
+sys.argv = ["sglang", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_renamed_sglang_target_stops_the_launch_with_its_name(tiny_model):
+    """A hook SGLang could not apply would mean silent dense decoding: the launch fails."""
+    env = {**os.environ, **CPU_ENVIRONMENT, ENV_VAR: HybridKVConfig().to_env()}
+    command = [sys.executable, "-c", RENAME_AND_SERVE, "serve", "--attention-backend", "hybridkv"]
+    done = _launch(command + cpu_server_args(tiny_model, free_port()), env)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len no longer" in output
+    assert "SGLang 0.5.23" in output
+    assert _loaded_nothing(done), output[-3000:]
