@@ -50,6 +50,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hybridkv_sglang.policy import (
+    POLICIES,
     ChunkRetriever,
     CompressionPlan,
     LayerObservation,
@@ -66,12 +67,15 @@ KINDS = ("concentrated", "text_reader", "shifting", "shifting")
 POLICY_NAMES = (
     "hybridkv",
     "hybridkv_design",
-    "snapkv",
-    "streaming",
+    *(
+        name
+        for name, cls in POLICIES.items()
+        if cls.benchmarked and not cls.needs_values and name != "hybridkv"
+    ),
     "random",
-    "all_static",
-    "all_dynamic",
 )
+"""Every benchmarked policy that scores from attention (the synthetic requests carry no values),
+the design variant and a random selection."""
 # Bench-only variants: (registered policy, extra hyper-parameters).
 VARIANTS = {"hybridkv_design": ("hybridkv", {"static_priority": "text", "dynamic_top_k": "fixed"})}
 ROOT = Path(__file__).resolve().parent.parent

@@ -125,18 +125,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Named variants: label -> (registered policy, extra HybridKVConfig fields). ``hybridkv_design``
 is hybridkv with DESIGN §2's stage-3 rules (text prior, fixed top-k) instead of the defaults."""
-DEFAULT_POLICIES: tuple[str, ...] = (
-    "hybridkv",
-    "snapkv",
-    "adakv",
-    "pyramidkv",
-    "flashcache",
-    "all_static",
-    "all_dynamic",
-    "streaming",
+DEFAULT_POLICIES: tuple[str, ...] = tuple(
+    name for name, cls in POLICY_REGISTRY.items() if cls.benchmarked
 )
-"""The default run's rows (``lookm`` and ``hybridkv_design`` with ``--policies``): 8 x 2 budgets
-+ full fit the 60-minute budget of a 2-core machine."""
+"""The default run's rows: every policy whose class says ``benchmarked`` (not ``lookm``, which
+needs compact storage; ``hybridkv_design`` and lookm with ``--policies``)."""
 IMAGE_PLACEHOLDER = "<image>"
 REQUEST_TIMEOUT_S = 600
 Z95 = 1.959964

@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_quality_model import Encoder, patchify  # noqa: E402
 
 from hybridkv_sglang.policy import (  # noqa: E402
+    POLICIES,
     CompressionPlan,
     CompressionPolicy,
     build_policy,
@@ -90,12 +91,7 @@ TUNED: dict[str, Any] = {
 DESIGN: dict[str, Any] = {"static_priority": "text", "dynamic_top_k": "fixed"}
 """DESIGN §2's stage-3 rules, which the variants below start from (the defaults now differ)."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "snapkv": ("snapkv", {}),
-    "adakv": ("adakv", {}),
-    "pyramidkv": ("pyramidkv", {}),
-    "streaming": ("streaming", {}),
-    "all_static": ("all_static", {}),
-    "all_dynamic": ("all_dynamic", {}),
+    **{name: (name, {}) for name, cls in POLICIES.items() if cls.benchmarked},
     "hybridkv": ("hybridkv", DESIGN),
     "hybridkv_focus": ("hybridkv", {**DESIGN, "static_priority": "focus"}),
     "hybridkv_bk": ("hybridkv", {**DESIGN, "dynamic_top_k": "budget"}),
@@ -109,7 +105,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hybridkv_tuned_text": ("hybridkv", {**TUNED, "static_priority": "text"}),
     "all_dynamic_sink0_c4": ("all_dynamic", {"sink": 0, "chunk_size": 4}),
 }
-"""Label -> (registered policy, hyper-parameters beyond budget/window/sink). ``--variant`` adds."""
+"""Label -> (registered policy, hyper-parameters beyond budget/window/sink): every benchmarked
+policy at its defaults, then hybridkv variants (``hybridkv`` itself with the design's rules).
+``--variant`` adds."""
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 

@@ -11,35 +11,34 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from hybridkv_sglang.policy import build_policy
+from hybridkv_sglang.policy import POLICIES, build_policy
 from hybridkv_sglang.policy.classify import dynamic_fraction_cap
+from hybridkv_sglang.policy.hyperparameters import declared_hyperparameters
+from hybridkv_sglang.policy.registry import all_hyperparameters
 
 ENV_VAR = "HYBRIDKV_CONFIG"
 REQUEST_PARAMS_KEY = "hybridkv"
 """A request's own settings: ``sampling_params.custom_params["hybridkv"]`` (``/generate``) or
 ``custom_params`` in the OpenAI API's body (``extra_body`` in the OpenAI client)."""
 
-PolicyName = Literal[
-    "hybridkv",
-    "snapkv",
-    "streaming",
-    "all_static",
-    "all_dynamic",
-    "adakv",
-    "pyramidkv",
-    "flashcache",
-    "lookm",
-]
+PolicyName = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
+"""Every registered policy (``hybridkv_sglang.policy.POLICIES``)."""
+HYPERPARAMETERS = all_hyperparameters()
+"""Every registered policy's hyper-parameters: name -> (declaration, the policies declaring it)."""
 StorageMode = Literal["in_place", "compact"]
-StaticPriority = Literal["text", "focus"]
-DynamicTopK = Literal["fixed", "budget"]
-DynamicCap = Literal["fixed", "budget"]
 DecodeKernel = Literal["auto", "triton", "torch"]
-BoundPrecision = Literal["kv", "uint8"]
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -49,79 +48,21 @@ class HybridKVConfigError(ValueError):
     """A configuration value is out of range; raised at start-up, before any request is served."""
 
 
-class HybridKVConfig(BaseModel):
-    """Per-request KV compression after multimodal prefill (DESIGN §2)."""
+class _ConfigBase(BaseModel):
+    """The server's own fields and every method of :data:`HybridKVConfig`, which adds one field
+    per policy hyper-parameter (declared on the policy classes, read from the registry)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = Field(True, description="false serves every request dense (plugin idle)")
     policy: PolicyName = Field(
         "hybridkv",
-        description="hybridkv (the method) or a baseline run by the same machinery: snapkv, "
-        "streaming, all_static, all_dynamic, adakv, pyramidkv, flashcache, lookm (needs "
-        "storage compact)",
-    )
-    budget: float = Field(
-        0.1,
-        description="fraction of the prompt's dense KV bytes a request reads per decode step "
-        "(kept entries and retrieval metadata), in (0, 1]; in compact storage also about what "
-        "it holds on the device",
-    )
-    budget_tokens: int | None = Field(
-        None, description="absolute per-head budget in tokens; overrides `budget` when set"
-    )
-    theta: float = Field(0.9, description="attention mass a window row's focus set must reach")
-    window: int = Field(
-        32,
-        description="observation window: last prompt tokens, kept by every head (at most the "
-        "per-head budget of the request: floors scale down with the budget)",
-    )
-    sink: int = Field(4, description="first prompt tokens, kept within what the window leaves")
-    chunk_size: int = Field(16, description="tokens per retrieval chunk of dynamic heads")
-    top_k_chunks: int = Field(8, description="chunks a dynamic head retrieves per decode step")
-    bound_channels: int | None = Field(
-        16,
-        ge=1,
-        description="key channels a dynamic head's chunk bounds cover (the r with the largest "
-        "query-weighted key range in the observation window; None: all D). The bounds cost "
-        "2 x r values per chunk of chunk_size tokens, read every step and held on the device: "
-        "r / (D x chunk_size) of the head's KV at kv precision",
-    )
-    bound_precision: BoundPrecision = Field(
-        "uint8",
-        description="chunk bounds in the KV dtype (kv) or as 8-bit codes rounded outward per "
-        "(head, channel) (uint8: 1 byte a value, still a bound; plus 12 bytes of channel id, "
-        "offset and scale per bounded channel and head)",
-    )
-    max_dynamic_fraction: float = Field(
-        0.5,
-        description="cap on the fraction of (layer, kv head) pairs classified dynamic (at budget "
-        "0.1 when dynamic_cap is budget)",
-    )
-    pool_kernel: int = Field(7, description="max-pool width smoothing static-head scores (odd)")
-    static_priority: StaticPriority = Field(
-        "focus",
-        description="static heads keep sink + window, then: focus (the head's own focus set "
-        "first, then text, then visual tokens) or text (text tokens before visual, the design's "
-        "text prior)",
-    )
-    dynamic_top_k: DynamicTopK = Field(
-        "budget",
-        description="chunks a dynamic head retrieves per step: budget (at most top_k_chunks, "
-        "capped so a dynamic head reads no more than the mean per-head budget, at least one "
-        "chunk) or fixed (top_k_chunks whatever the budget, the design)",
-    )
-    dynamic_window_share: float = Field(
-        0.25,
-        description="share of the per-head budget a dynamic head's resident window may take "
-        "(at most `window`); the rest retrieves chunks. 1.0: the static heads' window, which "
-        "under tight budgets leaves dynamic heads nothing to retrieve",
-    )
-    dynamic_cap: DynamicCap = Field(
-        "budget",
-        description="budget: at most max_dynamic_fraction of the heads are dynamic at budget "
-        "0.1, more (up to all) as the budget tightens, in inverse proportion; fixed: "
-        "max_dynamic_fraction at every budget (the design)",
+        description="hybridkv (the method) or a baseline run by the same machinery: "
+        + ", ".join(
+            name + (" (needs storage compact)" if cls.merges_evicted else "")
+            for name, cls in POLICIES.items()
+            if name != "hybridkv"
+        ),
     )
     min_prompt_tokens: int = Field(256, description="shorter prompts are served uncompressed")
     visual_only: bool = Field(True, description="compress only requests that carry images/video")
@@ -173,6 +114,13 @@ class HybridKVConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
 
+    @field_validator(*HYPERPARAMETERS, check_fields=False)
+    @classmethod
+    def _in_range(cls, v: Any, info: Any) -> Any:
+        """A hyper-parameter's bounds, as its policy states them (the same message)."""
+        HYPERPARAMETERS[info.field_name][0].spec.check(info.field_name, v)
+        return v
+
     @model_validator(mode="after")
     def _policy_accepts_values(self) -> HybridKVConfig:
         """The policy validates its own hyper-parameters; building it once checks them all."""
@@ -185,24 +133,6 @@ class HybridKVConfig(BaseModel):
             )
         return self
 
-    POLICY_FIELDS: ClassVar[tuple[str, ...]] = (
-        "budget",
-        "budget_tokens",
-        "theta",
-        "window",
-        "sink",
-        "chunk_size",
-        "top_k_chunks",
-        "bound_channels",
-        "bound_precision",
-        "max_dynamic_fraction",
-        "pool_kernel",
-        "static_priority",
-        "dynamic_top_k",
-        "dynamic_window_share",
-        "dynamic_cap",
-    )
-
     def most_dynamic_fraction(self) -> float:
         """The largest share of dynamic heads a request at the server's budget can have (sizes
         the chunk-bound pools); an absolute ``budget_tokens`` may be any fraction of a prompt."""
@@ -211,8 +141,11 @@ class HybridKVConfig(BaseModel):
         return dynamic_fraction_cap(self.max_dynamic_fraction, self.budget, self.dynamic_cap)
 
     def policy_values(self) -> dict[str, Any]:
-        """The policy's hyper-parameters as plain values (policies never see this object)."""
-        return {name: getattr(self, name) for name in self.POLICY_FIELDS}
+        """The hyper-parameters the configured policy declares, as plain values (policies never
+        see this object; another policy's fields wait unused)."""
+        return {
+            name: getattr(self, name) for name in declared_hyperparameters(POLICIES[self.policy])
+        }
 
     def to_env(self) -> str:
         """JSON text for ``HYBRIDKV_CONFIG``, inherited by SGLang's spawned processes."""
@@ -270,14 +203,46 @@ class HybridKVConfig(BaseModel):
         return cls() if text is None or not text.strip() else cls.parse(text)
 
 
-class RequestSettings(BaseModel):
-    """What one request may set for itself: its budget, or no compression at all."""
+def _description(name: str) -> str:
+    """A hyper-parameter's config description: its doc, its range, the policies that read it."""
+    declared, owners = HYPERPARAMETERS[name]
+    text = declared.spec.doc
+    if declared.spec.choices is None and declared.spec.range_text():
+        text += f" ({declared.spec.range_text()})"
+    return text if set(owners) == set(POLICIES) else f"{', '.join(owners)} only: {text}"
 
+
+HybridKVConfig = create_model(
+    "HybridKVConfig",
+    __base__=_ConfigBase,
+    __module__=__name__,
+    __doc__="Per-request KV compression after multimodal prefill (DESIGN §2): the server's "
+    "fields, then every registered policy's hyper-parameters (``docs/policies.md``).",
+    **{
+        name: (declared.annotation, Field(declared.default, description=_description(name)))
+        for name, (declared, _) in HYPERPARAMETERS.items()
+    },
+)
+
+
+class _RequestSettingsBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     enabled: bool | None = None
-    budget: float | None = None
-    budget_tokens: int | None = None
+
+
+RequestSettings = create_model(
+    "RequestSettings",
+    __base__=_RequestSettingsBase,
+    __module__=__name__,
+    __doc__="What one request may set for itself: no compression at all, or the "
+    "hyper-parameters declared ``per_request`` (its budget).",
+    **{
+        name: (declared.annotation | None, None)
+        for name, (declared, _) in HYPERPARAMETERS.items()
+        if declared.spec.per_request
+    },
+)
 
 
 def _validated(model: type[_Model], values: Any, source: str) -> _Model:

@@ -1,7 +1,8 @@
 """Stages 1-3 of HybridKV in pure torch (never imports sglang).
 
 Entry points for the runtime: :func:`build_policy` -> a policy with ``observe_layer`` (per layer,
-end of prefill) and ``finalize`` (-> :class:`CompressionPlan`).
+end of prefill) and ``finalize`` (-> :class:`CompressionPlan`). Importing the package imports
+every module in it, so every ``@register_policy`` class is in :data:`POLICIES`.
 """
 
 from hybridkv_sglang.policy.adakv import AdaKVPolicy, flattened_top_budgets
@@ -43,10 +44,16 @@ from hybridkv_sglang.policy.head_stats import (
     focus_size,
     pooled_scores,
 )
+from hybridkv_sglang.policy.hyperparameters import Hyperparameter, hyperparameter
 from hybridkv_sglang.policy.lookm import LookMPolicy, average_merge
 from hybridkv_sglang.policy.plan import CompressionPlan
 from hybridkv_sglang.policy.pyramidkv import PyramidKVPolicy, pyramid_budgets
-from hybridkv_sglang.policy.registry import POLICIES, build_policy
+from hybridkv_sglang.policy.registry import (
+    POLICIES,
+    build_policy,
+    discover_policies,
+    register_policy,
+)
 from hybridkv_sglang.policy.text_prior import TextPriorSelector
 from hybridkv_sglang.policy.window_attention import window_attention
 
@@ -65,6 +72,7 @@ __all__ = [
     "HeadStats",
     "HeadStatsReducer",
     "HybridKVPolicy",
+    "Hyperparameter",
     "LayerObservation",
     "LookMPolicy",
     "PyramidKVPolicy",
@@ -81,9 +89,11 @@ __all__ = [
     "flattened_top_budgets",
     "focus_set",
     "focus_size",
+    "hyperparameter",
     "outlier_scores",
     "pooled_scores",
     "pyramid_budgets",
+    "register_policy",
     "resident_bounds",
     "resident_mask",
     "retrievable_chunk_range",
@@ -93,3 +103,5 @@ __all__ = [
     "water_fill",
     "window_attention",
 ]
+
+discover_policies()

@@ -15,6 +15,7 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
 from hybridkv_sglang.policy.compressor import Geometry
+from hybridkv_sglang.policy.registry import register_policy
 from hybridkv_sglang.policy.selection import sink_window_mask
 
 
@@ -47,6 +48,7 @@ def flattened_top_budgets(scores: Tensor, floor: Tensor, per_head: int) -> Tenso
     return counts + n_floor
 
 
+@register_policy
 @dataclass(frozen=True)
 class AdaKVPolicy(SinkWindowTopPolicy):
     """Every head static; each layer keeps ``H_kv × b_mean`` entries, split among its heads by a
@@ -60,7 +62,7 @@ class AdaKVPolicy(SinkWindowTopPolicy):
     name: ClassVar[str] = "adakv"
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         floor = sink_window_mask(geo.prompt_len, geo.sink, geo.window, scores.device)
         budgets = flattened_top_budgets(scores, floor, max(geo.head_budget, geo.floor))

@@ -15,6 +15,7 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.chunk_retrieval import budget_top_k
 from hybridkv_sglang.policy.compressor import CompressionPolicy, Geometry
+from hybridkv_sglang.policy.registry import register_policy
 from hybridkv_sglang.policy.selection import keep_sink_window_then_top, keep_top_by_priority
 
 
@@ -56,6 +57,7 @@ class SinkWindowTopPolicy(StaticOnlyPolicy):
         )
 
 
+@register_policy
 @dataclass(frozen=True)
 class SnapKVPolicy(StaticOnlyPolicy):
     """Every head static with the uniform budget ``max(b_mean, w)``: the window plus the top
@@ -68,7 +70,7 @@ class SnapKVPolicy(StaticOnlyPolicy):
     name: ClassVar[str] = "snapkv"
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.window)))
 
@@ -85,6 +87,7 @@ class SnapKVPolicy(StaticOnlyPolicy):
         return keep_top_by_priority(tier, scores.reshape(-1, n), budgets.reshape(-1))
 
 
+@register_policy
 @dataclass(frozen=True)
 class StreamingPolicy(StaticOnlyPolicy):
     """Every head static with ``max(b_mean, sink)`` entries: the sink plus the most recent tokens.
@@ -96,7 +99,7 @@ class StreamingPolicy(StaticOnlyPolicy):
     name: ClassVar[str] = "streaming"
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.sink)))
 
@@ -115,6 +118,7 @@ class StreamingPolicy(StaticOnlyPolicy):
         return keep_top_by_priority(tier, recency, budgets.reshape(-1))
 
 
+@register_policy
 @dataclass(frozen=True)
 class AllStaticPolicy(StaticOnlyPolicy):
     """Ablation: the method with every head static (text-prior pruning, budgets ∝ ``|U|``)."""
@@ -122,6 +126,7 @@ class AllStaticPolicy(StaticOnlyPolicy):
     name: ClassVar[str] = "all_static"
 
 
+@register_policy
 @dataclass(frozen=True)
 class AllDynamicPolicy(CompressionPolicy):
     """Ablation: every head dynamic (chunk retrieval everywhere; Quest-like, Tang et al., ICML

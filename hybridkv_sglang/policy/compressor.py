@@ -9,8 +9,8 @@ Every policy (the method and its baselines) runs through the same machinery and 
 its hooks: classify (stage 1), allocate (stage 2), select (stage 3a), chunks_per_step (how many
 chunks its dynamic heads retrieve) and, for a policy that scores keys without attention,
 observe_layer itself. Policies are frozen dataclasses built from plain values, never from
-``HybridKVConfig``; all of them accept the same hyper-parameters so the runtime can build any of
-them from one config.
+``HybridKVConfig``: every policy accepts the hyper-parameters declared here, plus those its own
+class declares, and the config holds them all (``docs/policies.md``).
 
 HybridKV: Hybrid KV Cache Compression for Efficient Multimodal LLM Inference (Zeng et al., 2026,
 arXiv:2604.05887): static heads pruned with a text prior, dynamic heads served by chunk retrieval.
@@ -37,7 +37,9 @@ from hybridkv_sglang.policy.chunk_retrieval import (
 )
 from hybridkv_sglang.policy.classify import DYNAMIC_CAPS, FocusClassifier, dynamic_fraction_cap
 from hybridkv_sglang.policy.head_stats import HeadStatsReducer
+from hybridkv_sglang.policy.hyperparameters import check_hyperparameters, hyperparameter
 from hybridkv_sglang.policy.plan import CompressionPlan
+from hybridkv_sglang.policy.registry import register_policy
 from hybridkv_sglang.policy.selection import mask_to_csr
 from hybridkv_sglang.policy.sharding import HeadShard
 from hybridkv_sglang.policy.text_prior import STATIC_PRIORITIES, TextPriorSelector
@@ -118,44 +120,10 @@ class Geometry:
 
 @dataclass(frozen=True)
 class CompressionPolicy:
-    """Shared machinery and hyper-parameters (defaults: DESIGN §2 except ``static_priority`` and
-    ``dynamic_top_k``, see ``docs/architecture.md``). Subclasses set the hooks.
-
-    Attributes:
-        budget: fraction of the prompt's dense KV bytes a request reads per decode step, chunk
-            indexes included (:mod:`~hybridkv_sglang.policy.byte_cost`), in ``(0, 1]``.
-        budget_tokens: absolute per-head budget in tokens; overrides ``budget`` when set.
-        theta: attention mass a window row's focus set must reach, in ``(0, 1]``.
-        window: observation window (last prompt tokens), kept by every head up to its budget
-            (the kept window is ``min(window, b_mean)``; all ``window`` rows are observed).
-        sink: first prompt tokens, kept by every head within what the window leaves of
-            ``b_mean``.
-        chunk_size: tokens per retrieval chunk of dynamic heads.
-        top_k_chunks: chunks a dynamic head retrieves per decode step.
-        bound_channels: key channels a dynamic head's chunk bounds cover (default 16, an eighth
-            of Qwen2.5-VL's head dim; ``None``: all ``D``); see
-            :mod:`~hybridkv_sglang.policy.chunk_index`.
-        bound_precision: ``"uint8"`` (default: 8-bit codes rounded outward) or ``"kv"``
-            (bounds in the key dtype).
-        max_dynamic_fraction: cap on the fraction of (layer, kv head) pairs that are dynamic.
-        pool_kernel: odd max-pool width smoothing the static-head scores.
-        static_priority: ``"focus"`` (default: sink/window, the head's focus set, text,
-            visual) or ``"text"`` (DESIGN §2's text prior: sink/window, text, visual); see
-            :class:`TextPriorSelector`. Focus first is the default because the text prior
-            spends the small budgets of heads that attend visual tokens on template text
-            (``docs/quality-diagnosis.md``).
-        dynamic_top_k: ``"budget"`` (default: ``top_k_chunks`` capped at what keeps a dynamic
-            head's read within ``b_mean``, at least one chunk) or ``"fixed"`` (DESIGN §2: every
-            dynamic head retrieves ``top_k_chunks``, the static heads pay the excess); see
-            :meth:`chunks_per_step`. The two agree once ``b_mean`` pays ``top_k_chunks``.
-        dynamic_window_share: share of ``b_mean`` a dynamic head's resident window may take
-            (default a quarter; at most ``window``); the rest retrieves chunks. ``1.0`` gives
-            dynamic heads the static heads' window, which under tight budgets leaves them nothing
-            to retrieve.
-        dynamic_cap: ``"budget"`` (default: the share of dynamic heads is
-            ``max_dynamic_fraction`` at a 10 % budget and grows as the budget tightens) or
-            ``"fixed"`` (``max_dynamic_fraction`` at every budget, the design); see
-            :func:`~hybridkv_sglang.policy.classify.dynamic_fraction_cap`.
+    """Shared machinery and the hyper-parameters every policy accepts (defaults: DESIGN §2 except
+    ``static_priority``, ``dynamic_top_k``, ``dynamic_window_share`` and ``dynamic_cap``, see
+    ``docs/architecture.md``). Subclasses set the hooks; a subclass's own hyper-parameters are
+    fields declared with :func:`hyperparameter` (``docs/policies.md``).
     """
 
     name: ClassVar[str] = "base"
@@ -166,61 +134,102 @@ class CompressionPolicy:
     """Stage 2 demotes the dynamic heads ``B`` cannot pay for (see :class:`TopDownAllocator`)."""
     needs_values: ClassVar[bool] = False
     """``observe_layer`` reads the prompt's values; the runtime gathers them only then."""
+    benchmarked: ClassVar[bool] = True
+    """The benchmarks (``bench/quality.py``, ``quality_diagnosis.py``, ``fidelity.py``) run it by
+    default."""
 
-    budget: float = 0.1
-    budget_tokens: int | None = None
-    theta: float = 0.9
-    window: int = 32
-    sink: int = 4
-    chunk_size: int = 16
-    top_k_chunks: int = 8
-    bound_channels: int | None = 16
-    bound_precision: str = "uint8"
-    max_dynamic_fraction: float = 0.5
-    pool_kernel: int = 7
-    static_priority: str = "focus"
-    dynamic_top_k: str = "budget"
-    dynamic_window_share: float = 0.25
-    dynamic_cap: str = "budget"
+    budget: float = hyperparameter(
+        0.1,
+        gt=0,
+        le=1,
+        per_request=True,
+        doc="fraction of the prompt's dense KV bytes a request reads per decode step (kept "
+        "entries and retrieval metadata, see policy/byte_cost.py); in compact storage also about "
+        "what it holds on the device; 1.0 keeps every token",
+    )
+    budget_tokens: int | None = hyperparameter(
+        None,
+        ge=1,
+        per_request=True,
+        doc="absolute per-head budget in tokens; overrides `budget` when set",
+    )
+    theta: float = hyperparameter(
+        0.9, gt=0, le=1, doc="attention mass a window row's focus set must reach"
+    )
+    window: int = hyperparameter(
+        32,
+        ge=1,
+        doc="observation window: last prompt tokens, kept by every head (at most the per-head "
+        "budget of the request: floors scale down with the budget; all `window` rows are "
+        "observed)",
+    )
+    sink: int = hyperparameter(
+        4, ge=0, doc="first prompt tokens, kept within what the window leaves of the head budget"
+    )
+    chunk_size: int = hyperparameter(16, ge=1, doc="tokens per retrieval chunk of dynamic heads")
+    top_k_chunks: int = hyperparameter(
+        8, ge=1, doc="chunks a dynamic head retrieves per decode step"
+    )
+    bound_channels: int | None = hyperparameter(
+        16,
+        ge=1,
+        doc="key channels a dynamic head's chunk bounds cover (the r with the largest "
+        "query-weighted key range in the observation window; None: all D). The bounds cost "
+        "2 x r values per chunk of chunk_size tokens, read every step and held on the device: "
+        "r / (D x chunk_size) of the head's KV at kv precision",
+    )
+    bound_precision: str = hyperparameter(
+        "uint8",
+        choices=BOUND_PRECISIONS,
+        doc="chunk bounds in the KV dtype (kv) or as 8-bit codes rounded outward per "
+        "(head, channel) (uint8: 1 byte a value, still a bound; plus 12 bytes of channel id, "
+        "offset and scale per bounded channel and head)",
+    )
+    max_dynamic_fraction: float = hyperparameter(
+        0.5,
+        ge=0,
+        le=1,
+        doc="cap on the fraction of (layer, kv head) pairs classified dynamic (at budget 0.1 "
+        "when dynamic_cap is budget)",
+    )
+    pool_kernel: int = hyperparameter(
+        7, ge=1, doc="max-pool width smoothing static-head scores (odd)"
+    )
+    static_priority: str = hyperparameter(
+        "focus",
+        choices=STATIC_PRIORITIES,
+        doc="static heads keep sink + window, then: focus (the head's own focus set first, then "
+        "text, then visual tokens) or text (text tokens before visual, the design's text prior); "
+        "focus is the default because the text prior spends the small budgets of heads that "
+        "attend visual tokens on template text (docs/quality-diagnosis.md)",
+    )
+    dynamic_top_k: str = hyperparameter(
+        "budget",
+        choices=DYNAMIC_TOP_K,
+        doc="chunks a dynamic head retrieves per step: budget (at most top_k_chunks, capped so a "
+        "dynamic head reads no more than the mean per-head budget, at least one chunk) or fixed "
+        "(top_k_chunks whatever the budget, the design); see CompressionPolicy.chunks_per_step",
+    )
+    dynamic_window_share: float = hyperparameter(
+        0.25,
+        gt=0,
+        le=1,
+        doc="share of the per-head budget a dynamic head's resident window may take (at most "
+        "`window`); the rest retrieves chunks. 1.0: the static heads' window, which under tight "
+        "budgets leaves dynamic heads nothing to retrieve",
+    )
+    dynamic_cap: str = hyperparameter(
+        "budget",
+        choices=DYNAMIC_CAPS,
+        doc="budget: at most max_dynamic_fraction of the heads are dynamic at budget 0.1, more "
+        "(up to all) as the budget tightens, in inverse proportion; fixed: max_dynamic_fraction "
+        "at every budget (the design)",
+    )
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget} (1.0 keeps every token)")
-        if self.budget_tokens is not None and self.budget_tokens < 1:
-            raise ValueError(f"budget_tokens must be >= 1 when set, got {self.budget_tokens}")
-        if not 0.0 < self.theta <= 1.0:
-            raise ValueError(f"theta must be in (0, 1], got {self.theta}")
-        if not 0.0 <= self.max_dynamic_fraction <= 1.0:
-            raise ValueError(
-                f"max_dynamic_fraction must be in [0, 1], got {self.max_dynamic_fraction}"
-            )
-        for field in ("window", "chunk_size", "top_k_chunks", "pool_kernel"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-        if self.dynamic_cap not in DYNAMIC_CAPS:
-            raise ValueError(f"dynamic_cap must be one of {DYNAMIC_CAPS}, got {self.dynamic_cap!r}")
-        if not 0.0 < self.dynamic_window_share <= 1.0:
-            raise ValueError(
-                f"dynamic_window_share must be in (0, 1], got {self.dynamic_window_share}"
-            )
-        if self.bound_channels is not None and self.bound_channels < 1:
-            raise ValueError(f"bound_channels must be >= 1 when set, got {self.bound_channels}")
-        if self.bound_precision not in BOUND_PRECISIONS:
-            raise ValueError(
-                f"bound_precision must be one of {BOUND_PRECISIONS}, got {self.bound_precision!r}"
-            )
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        check_hyperparameters(self)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd (centred max-pool), got {self.pool_kernel}")
-        if self.static_priority not in STATIC_PRIORITIES:
-            raise ValueError(
-                f"static_priority must be one of {STATIC_PRIORITIES}, got {self.static_priority!r}"
-            )
-        if self.dynamic_top_k not in DYNAMIC_TOP_K:
-            raise ValueError(
-                f"dynamic_top_k must be one of {DYNAMIC_TOP_K}, got {self.dynamic_top_k!r}"
-            )
 
     @property
     def selection_priority(self) -> str:
@@ -371,7 +380,7 @@ class CompressionPolicy:
             )
         geo = self.geometry(n, obs[0].costs)
         is_dynamic = self.classify(focus, geo)
-        alloc = self.allocate(focus, is_dynamic, geo, scores)
+        alloc = self.allocate(focus, is_dynamic, geo, scores, is_text.to(scores.device))
         dynamic = alloc.is_dynamic.to(scores.device)
         budgets = alloc.budgets.to(scores.device)
 
@@ -442,12 +451,13 @@ class CompressionPolicy:
         raise NotImplementedError
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         """Stage 2: budgets per head (and the final classification).
 
-        ``scores [L, H_kv, N]`` float32 are the observed key scores, for policies whose budgets
-        follow them (the method sizes heads by ``|U|`` alone).
+        ``scores [L, H_kv, N]`` float32 are the observed key scores and ``is_text [N]`` bool the
+        modality of each position, for policies whose budgets follow them (the method sizes heads
+        by ``|U|`` alone).
 
         A prompt with no full chunk between sink and window has nothing to retrieve (its
         dynamic heads would read the whole prompt), and a request that retrieves no chunk per
@@ -483,6 +493,7 @@ class CompressionPolicy:
         )
 
 
+@register_policy
 @dataclass(frozen=True)
 class HybridKVPolicy(CompressionPolicy):
     """The method: focus-based head types, top-down budgets, text-prior pruning + retrieval."""
@@ -494,13 +505,3 @@ class HybridKVPolicy(CompressionPolicy):
             self.max_dynamic_fraction, geo.head_budget / geo.prompt_len, self.dynamic_cap
         )
         return FocusClassifier(cap).classify(focus, geo.head_budget)
-
-
-def __getattr__(attr: str) -> object:
-    # The registry lives in registry.py (it needs the baselines, which need this module); keep
-    # ``from hybridkv_sglang.policy.compressor import POLICIES, build_policy`` working.
-    if attr in ("POLICIES", "build_policy"):
-        from hybridkv_sglang.policy import registry
-
-        return getattr(registry, attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

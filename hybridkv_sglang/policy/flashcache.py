@@ -26,6 +26,8 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
 from hybridkv_sglang.policy.compressor import Geometry, LayerObservation
+from hybridkv_sglang.policy.hyperparameters import hyperparameter
+from hybridkv_sglang.policy.registry import register_policy
 
 
 def dct_lowpass(x: Tensor, keep: int) -> Tensor:
@@ -73,6 +75,7 @@ def outlier_scores(keys: Tensor, values: Tensor, lowpass_fraction: float) -> Ten
     return score
 
 
+@register_policy
 @dataclass(frozen=True)
 class FlashCachePolicy(SinkWindowTopPolicy):
     """Every head static with ``max(b_mean, sink + w)`` entries: sink + window, then the tokens
@@ -82,7 +85,9 @@ class FlashCachePolicy(SinkWindowTopPolicy):
 
     name: ClassVar[str] = "flashcache"
     needs_values: ClassVar[bool] = True
-    lowpass_fraction: ClassVar[float] = 0.1
+    lowpass_fraction: float = hyperparameter(
+        0.1, gt=0, le=1, doc="share of the prompt's DCT frequencies in the low-pass base KV"
+    )
 
     def observe_layer(
         self,
@@ -108,7 +113,7 @@ class FlashCachePolicy(SinkWindowTopPolicy):
         )
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         per_head = min(geo.prompt_len, max(geo.head_budget, geo.floor))
         return BudgetAllocation(

@@ -23,11 +23,13 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation
 from hybridkv_sglang.policy.baselines import StaticOnlyPolicy, uniform_allocation
 from hybridkv_sglang.policy.compressor import Geometry
+from hybridkv_sglang.policy.registry import register_policy
 
 _SIMILARITY_BLOCK = 4096
 """Evicted tokens compared at once, bounding the ``[block, kept]`` similarity matrix."""
 
 
+@register_policy
 @dataclass(frozen=True)
 class LookMPolicy(StaticOnlyPolicy):
     """Every head static with ``max(b_mean, sink + window)`` entries, text-prior selection
@@ -36,9 +38,10 @@ class LookMPolicy(StaticOnlyPolicy):
 
     name: ClassVar[str] = "lookm"
     merges_evicted: ClassVar[bool] = True
+    benchmarked: ClassVar[bool] = False  # needs compact storage; run with --policies lookm
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         return uniform_allocation(focus, min(geo.prompt_len, max(geo.head_budget, geo.floor)))
 

@@ -15,6 +15,8 @@ from torch import Tensor
 from hybridkv_sglang.policy.allocate import BudgetAllocation, water_fill
 from hybridkv_sglang.policy.baselines import SinkWindowTopPolicy
 from hybridkv_sglang.policy.compressor import Geometry
+from hybridkv_sglang.policy.hyperparameters import hyperparameter
+from hybridkv_sglang.policy.registry import register_policy
 
 
 def pyramid_budgets(
@@ -43,22 +45,28 @@ def pyramid_budgets(
     return shares.view(num_layers, num_heads) + floor
 
 
+@register_policy
 @dataclass(frozen=True)
 class PyramidKVPolicy(SinkWindowTopPolicy):
-    """Every head static; layer ``l`` keeps a budget falling linearly with ``l`` (``beta = 20``,
-    the paper's setting), same total ``B`` as uniform budgets; within a head, sink + window, then
-    the top keys by pooled window-attention score (SnapKV). No text prior.
+    """Every head static; layer ``l`` keeps a budget falling linearly with ``l``, same total ``B``
+    as uniform budgets; within a head, sink + window, then the top keys by pooled window-attention
+    score (SnapKV). No text prior.
     """
 
     name: ClassVar[str] = "pyramidkv"
-    beta: ClassVar[float] = 20.0
+    pyramid_beta: float = hyperparameter(
+        20.0,
+        ge=1,
+        doc="the last layer's share of the mean per-head budget above the floor is 1/beta, the "
+        "first layer's 2 - 1/beta (20: the paper's setting)",
+    )
 
     def allocate(
-        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor
+        self, focus: Tensor, is_dynamic: Tensor, geo: Geometry, scores: Tensor, is_text: Tensor
     ) -> BudgetAllocation:
         num_layers, num_heads = focus.shape
         budgets = pyramid_budgets(
-            num_layers, num_heads, geo.head_budget, geo.floor, geo.prompt_len, self.beta
+            num_layers, num_heads, geo.head_budget, geo.floor, geo.prompt_len, self.pyramid_beta
         )
         return BudgetAllocation(
             is_dynamic=torch.zeros_like(focus, dtype=torch.bool),

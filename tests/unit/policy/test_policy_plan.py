@@ -428,22 +428,44 @@ def test_finalize_rejects_inconsistent_observations() -> None:
         policy.finalize([], is_text)
 
 
-def test_registry_importable_from_compressor() -> None:
-    from hybridkv_sglang.policy.compressor import POLICIES as P2
-    from hybridkv_sglang.policy.compressor import build_policy as b2
+def test_every_policy_class_of_the_package_is_registered() -> None:
+    """Discovery: each concrete policy (a class naming itself) of every module is registered."""
+    import importlib
+    import inspect
+    import pkgutil
 
-    assert P2 is POLICIES and b2 is build_policy
-    assert set(POLICIES) == {
-        "hybridkv",
-        "snapkv",
-        "streaming",
-        "all_static",
-        "all_dynamic",
-        "adakv",
-        "pyramidkv",
-        "flashcache",
-        "lookm",
+    import hybridkv_sglang.policy as package
+    from hybridkv_sglang.policy import CompressionPolicy
+
+    named = {
+        cls.name: cls
+        for info in pkgutil.iter_modules(package.__path__)
+        for _, cls in inspect.getmembers(importlib.import_module(f"{package.__name__}.{info.name}"))
+        if inspect.isclass(cls) and issubclass(cls, CompressionPolicy) and "name" in cls.__dict__
     }
+    named.pop("base")
+    assert named == POLICIES and next(iter(POLICIES)) == "hybridkv"
+
+
+def test_register_policy_refuses_a_taken_or_missing_name() -> None:
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from hybridkv_sglang.policy import SnapKVPolicy, register_policy
+
+    @dataclass(frozen=True)
+    class Impostor(SnapKVPolicy):
+        name: ClassVar[str] = "snapkv"
+
+    @dataclass(frozen=True)
+    class Nameless(SnapKVPolicy):
+        pass
+
+    with pytest.raises(ValueError, match="taken by SnapKVPolicy"):
+        register_policy(Impostor)
+    with pytest.raises(TypeError, match="own `name"):
+        register_policy(Nameless)
+    assert POLICIES["snapkv"] is SnapKVPolicy
 
 
 def test_config_accepts_every_registered_policy() -> None:

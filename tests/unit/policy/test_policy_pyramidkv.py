@@ -72,7 +72,9 @@ def test_plan_keeps_sink_window_then_top_scores_per_head(budget: float) -> None:
     b_mean = uniform_head_budget(n, budget, None)
     assert not plan.has_dynamic
     assert int(plan.budgets.sum()) == layers * heads * b_mean
-    assert torch.equal(plan.budgets, pyramid_budgets(layers, heads, b_mean, 36, n, policy.beta))
+    assert torch.equal(
+        plan.budgets, pyramid_budgets(layers, heads, b_mean, 36, n, policy.pyramid_beta)
+    )
     assert int(plan.budgets[0, 0]) > int(plan.budgets[-1, 0])
     floor = sink_window_mask(n, 4, 32, "cpu")
     for layer in range(layers):
