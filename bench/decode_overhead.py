@@ -5,7 +5,8 @@ head dim 128), context ``--context`` (32K), batches ``--batches`` (1/8/32/128), 
 SGLang's decode CUDA graph runner runs it:
 
 - **outside the graph** (host work before every replay): for hybridkv the ``ForwardBatch.init_new``
-  AFTER hook ``record_pool_rows``, ``backend.select_graph_variant``, ``backend.graph_misfit`` (the
+  AFTER hook ``record_forward_batch`` (its decode-batch pool rows, ``record_pool_rows`` below),
+  ``backend.select_graph_variant``, ``backend.graph_misfit`` (the
   ``can_run_graph`` hook) and ``backend.init_forward_metadata_out_graph(fb_view)``; for stock, the
   stock ``triton`` backend's ``init_forward_metadata_out_graph(fb_view)`` (what SGLang's decode
   graph runner calls before a replay);
@@ -298,7 +299,10 @@ class Setup:
         buffers sized as ``build_folded_decode`` sizes them, but over this setup's metadata and
         left to ``init_cuda_graph_state`` to grow to the batch."""
         from hybridkv_sglang.attention.folded_decode import FoldedDecode
-        from hybridkv_sglang.runtime.backend import HybridKVAttnBackend, build_folded_decode
+        from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+        from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
+        from hybridkv_sglang.runtime.session.stats import HybridKVStats
+        from hybridkv_sglang.runtime.startup.factory import build_folded_decode
 
         key = (batch, idle, use_triton)
         if key not in self._backends:
@@ -313,7 +317,9 @@ class Setup:
                 target_programs=TARGET_PROGRAMS,
                 device="cpu",
             )
-            self._backends[key] = HybridKVAttnBackend(self.stock, config, LAYERS, folded)
+            session = SchedulerSession(config, HybridKVStats(), decode_meta=folded.meta)
+            session.backend = HybridKVAttnBackend(self.stock, session, LAYERS, folded)
+            self._backends[key] = session.backend
         return self._backends[key]
 
 
@@ -381,7 +387,7 @@ def build_setup(context: int, max_batch: int, *, validation: bool, seed: int = 0
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from hybridkv_sglang.kernels.folded_tables import PRE_LEN
-    from hybridkv_sglang.runtime.memory_accounting import pool_sizing
+    from hybridkv_sglang.runtime.startup.memory_accounting import pool_sizing
     from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
     gen = torch.Generator().manual_seed(seed)
@@ -619,11 +625,13 @@ LAYER_OBJECTS = [layer_of(i) for i in range(LAYERS)]
 # ----------------------------------------------------------------------------- one step
 def hybridkv_parts(backend: Any, setup: Setup, step: Step) -> dict[str, Callable[[], None]]:
     """hybridkv's host work before a replay, in SGLang's order."""
-    from hybridkv_sglang.runtime.graph_decode import record_pool_rows
+    from hybridkv_sglang.runtime.hooks.scheduler import record_forward_batch
 
     fb = step.forward_batch
     return {
-        "record_pool_rows": lambda: record_pool_rows(fb, step.schedule_batch, setup.model_runner),
+        "record_pool_rows": lambda: record_forward_batch(
+            fb, step.schedule_batch, setup.model_runner
+        ),
         "select_graph_variant": lambda: backend.select_graph_variant(fb),
         "graph_misfit": lambda: backend.graph_misfit(fb),
         "init_forward_metadata_out_graph": lambda: backend.init_forward_metadata_out_graph(
@@ -686,10 +694,10 @@ def reset(step: Step) -> None:
 
 def measure_batch(setup: Setup, batch: int, bar: Any) -> dict[tuple[str, str], dict]:
     """The four rows (system x batch kind) of one batch size, but their host times."""
-    from hybridkv_sglang.runtime.activation import set_active_backend
+    from hybridkv_sglang.runtime.session.current import open_session
 
     backend = setup.backend(batch)
-    set_active_backend(backend)
+    open_session(backend.session)
     backend.init_cuda_graph_state(batch, batch)  # the stock state too (same dense object)
     stock = setup.stock
     table = {
@@ -740,13 +748,13 @@ def measure_batch(setup: Setup, batch: int, bar: Any) -> dict[tuple[str, str], d
             bar.update()
         if kind == "dense":  # the same batch while no compressed request is alive anywhere
             idle = setup.backend(batch, idle=True)
-            set_active_backend(idle)
+            open_session(idle.session)
             reset(step)
             with counting() as idle_count:
                 run_parts(hybridkv_parts(idle, setup, step))
             rows["hybridkv", kind]["ops_outside_graph_idle"] = idle_count.num_ops
             rows["stock", kind]["ops_outside_graph_idle"] = rows["stock", kind]["ops_outside_graph"]
-            set_active_backend(backend)
+            open_session(backend.session)
     return rows
 
 
@@ -754,7 +762,7 @@ def time_rows(setup: Setup, rows: list[dict], repeats: int, rounds: int, bar: An
     """Every row's ``host_us``: ``rounds`` rounds spread over the batch sizes, each timing
     ``repeats // rounds`` steps of both systems alternately; a row keeps the lowest round
     median (a shared machine's load bursts last longer than a round)."""
-    from hybridkv_sglang.runtime.activation import set_active_backend
+    from hybridkv_sglang.runtime.session.current import open_session
 
     by = {(r["system"], r["batch_kind"], r["batch"]): r for r in rows}
     batches = sorted({r["batch"] for r in rows})
@@ -765,7 +773,7 @@ def time_rows(setup: Setup, rows: list[dict], repeats: int, rounds: int, bar: An
     for _ in range(rounds):
         for batch in batches:
             backend = setup.backend(batch)
-            set_active_backend(backend)
+            open_session(backend.session)
             backend.init_cuda_graph_state(batch, batch)
             for kind in KINDS:
                 step = steps[batch, kind]
@@ -785,13 +793,13 @@ def time_rows(setup: Setup, rows: list[dict], repeats: int, rounds: int, bar: An
 # ----------------------------------------------------------------------------- validation
 def validate() -> dict:
     """Small context, every kernel run: counts as recorded, outputs as the references."""
-    from hybridkv_sglang.runtime.activation import set_active_backend
+    from hybridkv_sglang.runtime.session import current
 
     assert LAUNCHES is not None
     setup = build_setup(VALIDATION_CONTEXT, VALIDATION_BATCH, validation=True, seed=1)
     batch = VALIDATION_BATCH
     backend = setup.backend(batch)
-    set_active_backend(backend)
+    current.open_session(backend.session)
     backend.init_cuda_graph_state(batch, batch)
     stock = setup.stock
     report: dict[str, Any] = {
@@ -832,7 +840,7 @@ def validate() -> dict:
     )
     # hybridkv's compressed step through the torch twins over the same metadata
     twin = setup.backend(batch, use_triton=False)
-    set_active_backend(twin)
+    current.open_session(twin.session)
     twin.init_cuda_graph_state(batch, batch)
     step = make_step(setup, setup.rows("compressed", batch))
     reset(step)
@@ -854,7 +862,7 @@ def validate() -> dict:
             "compressed_matches_torch_twins",
         )
     )
-    set_active_backend(None)
+    current.reset()
     return report
 
 
