@@ -96,7 +96,7 @@ def test_no_attention_is_read_and_values_are_required() -> None:
 
 
 def test_runtime_passes_values_only_to_policies_that_need_them() -> None:
-    from hybridkv_sglang.runtime.prefill_compression import PrefillCompression
+    from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
     from tests.unit.runtime.test_prefill_compression import LAYERS, Layer, _batch, _with
 
     k_buffers, req_to_token, requests, q = _batch()
