@@ -101,9 +101,6 @@ class HybridKVAttnBackend(AttentionBackend):
 
     # Which decode batches are sparse (host only) ---------------------------------------------
 
-    def has_live_compressed(self) -> bool:
-        return self.decode_meta is not None and self.decode_meta.live_requests > 0
-
     def batch_is_sparse(self, forward_batch: Any) -> bool:
         """Whether any request of this decode batch is compressed (host mirror lookup, once
         per batch: SGLang asks for the graph check, the variant and the metadata in turn)."""
