@@ -123,7 +123,7 @@ class _ConfigBase(BaseModel):
 
     @model_validator(mode="after")
     def _policy_accepts_values(self) -> HybridKVConfig:
-        """The policy validates its own hyper-parameters; building it once checks them all."""
+        """Building the policy runs the checks no bound states (an odd ``pool_kernel``)."""
         policy = build_policy(self.policy, **self.policy_values())
         if policy.merges_evicted and self.storage != "compact":
             raise ValueError(
@@ -255,7 +255,8 @@ def _validated(model: type[_Model], values: Any, source: str) -> _Model:
 
 
 def _describe(error: Any) -> str:
-    """One pydantic error as "field: message" (a range error keeps its own wording)."""
+    """One pydantic error as "field: message" (a range error keeps its own wording, which
+    already starts with the field)."""
     message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
     where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {message}" if where else message
+    return f"{where}: {message}" if where and not message.startswith(f"{where} ") else message

@@ -18,6 +18,7 @@ from hybridkv_sglang.policy import (
 from hybridkv_sglang.policy.classify import (
     dynamic_fraction_cap,
 )
+from hybridkv_sglang.policy.hyperparameters import declared_hyperparameters
 
 L, HKV, G, D = 3, 4, 2, 16
 CHEAP = {"bound_channels": 4, "bound_precision": "uint8"}
@@ -477,6 +478,29 @@ def test_config_accepts_every_registered_policy() -> None:
     for name, cls in POLICIES.items():
         storage = "compact" if cls.merges_evicted else "in_place"
         assert HybridKVConfig(policy=name, storage=storage).policy == name
+
+
+def test_config_fields_and_request_settings_follow_the_declarations() -> None:
+    """One config field per declared hyper-parameter (default, description, range check with
+    the policy's own message); a request may set exactly the per-request ones."""
+    from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError, RequestSettings
+    from hybridkv_sglang.policy.registry import all_hyperparameters
+
+    declared = all_hyperparameters()
+    per_request = {name for name, (d, _) in declared.items() if d.spec.per_request}
+    assert per_request == {"budget", "budget_tokens"}
+    assert set(RequestSettings.model_fields) == {"enabled", *per_request}
+    for name, (d, owners) in declared.items():
+        info = HybridKVConfig.model_fields[name]
+        assert info.default == d.default and d.spec.doc in (info.description or "")
+        if d.spec.ge is not None and isinstance(d.spec.ge, int):
+            with pytest.raises(HybridKVConfigError, match=f"{name} must be"):
+                HybridKVConfig.validated({"policy": owners[0], name: d.spec.ge - 1}, "test")
+    assert HybridKVConfig.model_fields["pyramid_beta"].description.startswith("pyramidkv only:")
+    for name, cls in POLICIES.items():
+        storage = "compact" if cls.merges_evicted else "in_place"
+        values = HybridKVConfig(policy=name, storage=storage).policy_values()
+        assert set(values) == set(declared_hyperparameters(cls))
 
 
 def test_policy_package_does_not_import_sglang() -> None:
