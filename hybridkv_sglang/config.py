@@ -9,6 +9,7 @@ runtime turns it into plain values.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -23,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from hybridkv_sglang.kernels.host_staging import MAX_STAGE_SLOTS
 from hybridkv_sglang.policy import POLICIES, build_policy
 from hybridkv_sglang.policy.classify import dynamic_fraction_cap
 from hybridkv_sglang.policy.hyperparameters import declared_hyperparameters
@@ -76,6 +78,13 @@ class _ConfigBase(BaseModel):
         description="compact mode: pinned host buffer (MiB) holding dynamic heads' prompt KV; "
         "0 keeps dynamic heads' KV on the device",
     )
+    staging_slack: float = Field(
+        1.0,
+        description="compact mode with a host tier: staging slots per dynamic head beyond one "
+        "step's selected chunks, as a multiple of them (1.0: room for two steps' chunks, so a "
+        "chunk selected again soon is not copied again). Each slot holds chunk_size KV entries "
+        "on the device, counted in what the request holds",
+    )
 
     decode_kernel: DecodeKernel = Field(
         "auto",
@@ -107,7 +116,7 @@ class _ConfigBase(BaseModel):
         "hold, a smaller pool may serve some requests dense",
     )
 
-    @field_validator("min_prompt_tokens", "host_tier_mib")
+    @field_validator("min_prompt_tokens", "host_tier_mib", "staging_slack")
     @classmethod
     def _non_negative(cls, v: float, info: Any) -> float:
         if v < 0:
@@ -131,7 +140,20 @@ class _ConfigBase(BaseModel):
                 f"storage can hold (the prefix slots are shared with the radix cache); set "
                 f"storage='compact', got {self.storage!r}"
             )
+        slots = self.max_stage_slots()
+        if slots > MAX_STAGE_SLOTS:
+            raise ValueError(
+                f"staging_slack: (1 + staging_slack) x top_k_chunks = {slots} staging slots per "
+                f"dynamic head, more than the staging kernel holds ({MAX_STAGE_SLOTS}); lower "
+                f"staging_slack or top_k_chunks, or set host_tier_mib 0"
+            )
         return self
+
+    def max_stage_slots(self) -> int:
+        """Staging slots of a host-tier dynamic head at most (0 without a host tier)."""
+        if self.storage != "compact" or self.host_tier_mib <= 0:
+            return 0
+        return math.ceil((1 + self.staging_slack) * self.top_k_chunks)
 
     def most_dynamic_fraction(self) -> float:
         """The largest share of dynamic heads a request at the server's budget can have (sizes

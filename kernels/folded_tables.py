@@ -12,7 +12,10 @@ all ``D`` channels in the KV dtype, ``channels = arange(D)``, ``offset = 0``, ``
 the same path), and their retrieval scratch: ``ceil(NUM_CHUNKS / CANDIDATE_BLOCK) * NUM_SEL``
 candidates (``chunk_scores`` float32 and ``chunk_ids`` int32 from ``CAND_START``) and the
 ``NUM_SEL`` chunks selected (``chunk_top`` int32 from ``TOP_START``), what
-:meth:`hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes` charges. A row lists, in
+:meth:`hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes` charges. A ``compact`` dynamic
+row whose chunks live on the host tier also has ``STAGE_SLOTS`` staging slots (their chunks and
+ages from ``STAGE_START``) and the host chunk of each retrievable chunk (from ``HOST_START``):
+``kernels.host_staging`` fills the slots on the device each step. A row lists, in
 order::
 
     fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
@@ -72,6 +75,9 @@ ROW_FIELDS = (
     "PARAM_ROW",
     "CAND_START",
     "TOP_START",
+    "STAGE_START",
+    "STAGE_SLOTS",
+    "HOST_START",
 )
 (
     FIXED_START,
@@ -88,6 +94,9 @@ ROW_FIELDS = (
     PARAM_ROW,
     CAND_START,
     TOP_START,
+    STAGE_START,
+    STAGE_SLOTS,
+    HOST_START,
 ) = range(len(ROW_FIELDS))
 NF = len(ROW_FIELDS)
 

@@ -3,8 +3,10 @@
 Per step, :meth:`FoldedDecode.begin_step` computes every layer's ``kv_indptr`` and KV split
 counts in one launch from SGLang's ``req_pool_indices`` and ``seq_lens`` and the per-request
 metadata (:class:`~hybridkv_sglang.storage.decode_metadata.DecodeMetadata`). Per layer,
-:meth:`FoldedDecode.attend` retrieves the dynamic rows' chunks, fills the layer's
-``kv_indices`` into one buffer that every layer reuses, and attends. Nothing reads the device
+:meth:`FoldedDecode.attend` retrieves the dynamic rows' chunks, stages ``compact`` host-tier
+rows' chunks into their device slots (:mod:`hybridkv_sglang.kernels.host_staging`, with a host
+tier only), fills the layer's ``kv_indices`` into one buffer that every layer reuses, and
+attends. Nothing reads the device
 from the host, so the same calls run inside a captured decode graph.
 
 Kernels: SGLang's own Triton decode kernel (``decode_attention_fwd``, the stock ``triton``
@@ -25,6 +27,9 @@ from torch import Tensor
 
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.folded_tables import (
+    HOST_START,
+    STAGE_SLOTS,
+    STAGE_START,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -32,6 +37,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     folded_lengths,
     folded_lengths_ref,
 )
+from hybridkv_sglang.kernels.host_staging import stage_host_chunks, stage_host_chunks_ref
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
 
 
@@ -54,6 +60,8 @@ class FoldedShape:
     """Retrievable chunks of the longest dynamic row (the context length over ``chunk_size``)."""
     max_selected: int
     """Chunks a dynamic row retrieves per step in a graph (more: the batch decodes eagerly)."""
+    max_stage_slots: int = 0
+    """Staging slots of a host-tier dynamic row (0: no host tier)."""
 
 
 class FoldedDecode:
@@ -79,6 +87,10 @@ class FoldedDecode:
         self._fill: Callable[..., None] = (
             fill_folded_indices if use_triton else fill_folded_indices_ref
         )
+        self._stage: Callable[..., None] = (
+            stage_host_chunks if use_triton else stage_host_chunks_ref
+        )
+        self._host_tier: tuple[Tensor, Tensor] | None = None
         self._req_pool_indices: Tensor | None = None
         self._seq_lens: Tensor | None = None
         self._indices: Tensor = self.kv_indices
@@ -184,6 +196,45 @@ class FoldedDecode:
             max_selected=self._retrieval[1],
         )
 
+    def attach_host_tier(self, host_k: Tensor, host_v: Tensor) -> None:
+        """``compact`` storage's host tier (``[chunks, C, D]`` K and V, pinned on CUDA): every
+        step then stages its host-tier rows' selected chunks on the device."""
+        if self.shape.max_stage_slots <= 0:
+            raise ValueError("a host tier needs max_stage_slots > 0 in the decode shape")
+        self._host_tier = (host_k, host_v)
+
+    def stage(self, layer: int, k_buffer: Tensor, v_buffer: Tensor) -> None:
+        """Host-tier rows of ``layer`` (after :meth:`retrieve`): the selected chunks into their
+        staging slots, copied from the host tier where a slot does not hold them yet, and
+        ``chunk_top`` pointed at the slots. One launch; nothing read back."""
+        if self._host_tier is None:
+            return
+        assert self._req_pool_indices is not None, "begin_step first"
+        meta = self.meta
+        host_k, host_v = self._host_tier
+        self._stage(
+            self._req_pool_indices,
+            meta.slot_of_row,
+            meta.row_meta,
+            layer,
+            meta.chunk_top,
+            meta.staged,
+            meta.stage_age,
+            meta.host_chunk_ids,
+            meta.fixed_values,
+            host_k,
+            host_v,
+            k_buffer.view(-1, k_buffer.shape[-1]),
+            v_buffer.view(-1, v_buffer.shape[-1]),
+            meta.moves,
+            chunk_size=self.shape.chunk_size,
+            stage_start_field=STAGE_START,
+            stage_slots_field=STAGE_SLOTS,
+            host_start_field=HOST_START,
+            max_slots=self.shape.max_stage_slots,
+            max_selected=min(self._retrieval[1], self.shape.max_stage_slots),  # NUM_SEL <= slots
+        )
+
     def fill(self, layer: int, req_to_token: Tensor) -> None:
         """``layer``'s ``kv_indices`` (after :meth:`retrieve`)."""
         assert self._req_pool_indices is not None and self._seq_lens is not None
@@ -212,6 +263,7 @@ class FoldedDecode:
         sm_scale: float,
     ) -> Tensor:
         """``q_rows [B * H_kv, G, D]`` (after :meth:`retrieve`) -> ``[B * H_kv, G, D_v]``."""
+        self.stage(layer, k_buffer, v_buffer)
         self.fill(layer, req_to_token)
         return self.attention(layer, q_rows, k_buffer, v_buffer, sm_scale)
 

@@ -67,7 +67,6 @@ class HybridKVAttnBackend(AttentionBackend):
         """This forward's decode runs over the folded tables (else: the dense backend)."""
         self._selected_variant = DENSE
         """The decode-graph variant SGLang chose for the batch it is about to replay."""
-        self._host_tier_rows: list[int] = []
         self._last_rows_cpu: Any = None
         self._last_rows = np.zeros(0, dtype=np.int64)
         """Host pool rows of the batch ``_last_rows_cpu`` came with (see batch_is_sparse)."""
@@ -127,16 +126,13 @@ class HybridKVAttnBackend(AttentionBackend):
         assert self.decode_meta is not None
         rows = self._last_rows
         reason = None
-        if self.decode_meta.host_tier_rows(rows):
-            reason = "a compact request with dynamic heads on the host tier"
-        else:
-            entries = self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch))
-            retrieval = self.decode_meta.retrieval_bounds(rows)
-            if not self.folded.fits(len(rows), entries, retrieval):
-                reason = (
-                    f"{len(rows)} requests, {entries} table entries or (chunks, top-k) "
-                    f"{retrieval} exceed the graph's buffers"
-                )
+        entries = self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch))
+        retrieval = self.decode_meta.retrieval_bounds(rows)
+        if not self.folded.fits(len(rows), entries, retrieval):
+            reason = (
+                f"{len(rows)} requests, {entries} table entries or (chunks, top-k) "
+                f"{retrieval} exceed the graph's buffers"
+            )
         if reason is not None:
             self.stats.count("graph_fallbacks")
             logger.debug("hybridkv: decode batch runs eagerly: %s", reason)
@@ -153,7 +149,6 @@ class HybridKVAttnBackend(AttentionBackend):
         self.prefill_compression = None
         self.middle_chunks = []
         self._sparse_step = False
-        self._host_tier_rows = []
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         self._begin_forward()
@@ -162,7 +157,6 @@ class HybridKVAttnBackend(AttentionBackend):
             assert self.decode_meta is not None
             rows = self._last_rows
             self._sparse_step = True
-            self._host_tier_rows = self.decode_meta.host_tier_rows(rows)
             self.folded.begin_step(
                 forward_batch.req_pool_indices,
                 forward_batch.seq_lens,
@@ -245,8 +239,6 @@ class HybridKVAttnBackend(AttentionBackend):
         group = layer.tp_q_head_num // heads
         q_rows = q.reshape(-1, heads * group, dim).reshape(-1, group, dim)
         self.folded.retrieve(layer.layer_id, q_rows)
-        if self._host_tier_rows:
-            self._stage_host_chunks(layer.layer_id)
         out = self.folded.attend(
             layer.layer_id,
             q_rows,
@@ -256,14 +248,6 @@ class HybridKVAttnBackend(AttentionBackend):
             layer.scaling,
         )
         return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-
-    def _stage_host_chunks(self, layer: int) -> None:
-        """Eager only: bring the host-tier requests' chosen chunks into their staging slots
-        (reads this layer's chunk ids back: which chunks move is a host decision)."""
-        storage = self.session.compact_storage
-        assert storage is not None and storage.stager is not None and self.decode_meta is not None
-        for pool_row in self._host_tier_rows:
-            self.decode_meta.stage_host_chunks(pool_row, layer, storage.stager)
 
     # Hook points ---------------------------------------------------------------------------
 

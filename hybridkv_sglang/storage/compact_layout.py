@@ -7,10 +7,11 @@ entries are laid out row after row:
 
 - a static head's kept positions, in kept order (its row reads them all);
 - a dynamic head's *region*. On the device tier: the whole prompt ``[0, N)``, entry offset =
-  position. On the host tier: ``[prefix | n_sel staging chunks | window]``: the resident prefix
-  ``[0, prefix_end)``, ``n_sel = min(k, num_chunks)`` chunk-sized staging slots that decode fills
-  from the host copy, then the window ``[tail_start, N)``; the retrievable chunks live on the
-  host (chunk-major), one host chunk per (layer, head, chunk).
+  position. On the host tier: ``[prefix | S staging chunks | window]``: the resident prefix
+  ``[0, prefix_end)``, ``S`` chunk-sized staging slots that decode fills from the host copy
+  (:func:`staging_slots`: one step's ``n_sel = min(k, num_chunks)`` plus a slack, so chunks
+  selected again soon are still there), then the window ``[tail_start, N)``; the retrievable
+  chunks live on the host (chunk-major), one host chunk per (layer, head, chunk).
 
 Decode reads a row as region offsets mapped through the region (``CHUNK_BASE`` in the decode
 records of :mod:`hybridkv_sglang.kernels.folded_tables`), so a compact row lists the same KV as
@@ -20,6 +21,7 @@ Everything here is pure torch; the runtime does the allocation and the copies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,33 +47,38 @@ class CompactShape:
         return -(-widest // self.num_kv_heads)
 
 
-def dynamic_row_locals(rows: DynamicRowLayout, top_k: int, on_host: bool) -> tuple[int, int, int]:
+def staging_slots(rows: DynamicRowLayout, top_k: int, slack: float) -> int:
+    """Staging slots of a host-tier dynamic head: one step's selection and ``slack`` times
+    more (at most every retrievable chunk), so a chunk selected again within a few steps is
+    read from its slot instead of crossing the bus again."""
+    selected = rows.num_selected(top_k)
+    return min(rows.num_chunks, math.ceil(selected * (1 + slack)))
+
+
+def dynamic_row_locals(rows: DynamicRowLayout, staging: int | None) -> tuple[int, int, int]:
     """``(prefix_len, window_start, window_end)`` of a dynamic head's row in region offsets.
 
-    A row reads ``[0, prefix_len)``, then its chunks (chunk ``c`` at offsets ``[c*C, (c+1)*C)``:
+    ``staging``: the host tier's staging slots per head (``None``: the device tier). A row
+    reads ``[0, prefix_len)``, then its chunks (chunk ``c`` at offsets ``[c*C, (c+1)*C)``:
     prompt chunks on the device tier, staging slot ``j`` as chunk ``first_chunk + j`` on the
     host tier), then ``[window_start, window_end)``; ``window_end`` is the region's length.
     """
-    if not on_host:
+    if staging is None:
         return rows.prefix_end, rows.tail_start, rows.prompt_len
-    start = rows.prefix_end + rows.num_selected(top_k) * rows.chunk_size
+    start = rows.prefix_end + staging * rows.chunk_size
     return rows.prefix_end, start, start + rows.prompt_len - rows.tail_start
 
 
-def dynamic_region_length(rows: DynamicRowLayout, top_k: int, on_host: bool) -> int:
-    """Compact entries of one dynamic head's region."""
-    return dynamic_row_locals(rows, top_k, on_host)[2]
-
-
-def compact_shape(layout: CompressedLayout, on_host: bool) -> CompactShape:
-    """How many entries (per layer) and host chunks ``layout`` needs in compact storage."""
+def compact_shape(layout: CompressedLayout, staging: int | None) -> CompactShape:
+    """How many entries (per layer) and host chunks ``layout`` needs in compact storage
+    (``staging``: staging slots per host-tier dynamic head, ``None`` on the device tier)."""
     rows = layout.dynamic_rows
-    region = dynamic_region_length(rows, layout.top_k_chunks, on_host)
+    region = dynamic_row_locals(rows, staging)[2]
     entries, chunks = [], 0
     for lay in layout.layers:
         n_dyn = int(lay.dynamic_heads.numel())
         entries.append(lay.static_kept.nnz + n_dyn * region)
-        if on_host:
+        if staging is not None:
             chunks += n_dyn * rows.num_chunks
     return CompactShape(layout.num_kv_heads, tuple(entries), chunks)
 
@@ -86,14 +93,11 @@ class CompactLayerLayout:
             region (see the module docstring).
         host_chunks: ``[n_d, num_chunks]`` int64 CPU, host-tier chunk of retrievable chunk
             ``j`` of each dynamic head; ``None`` on the device tier.
-        staged: ``[n_d, n_sel]`` int64 CPU, the chunk id held by each staging slot (``-1``
-            empty); updated in place by staging, ``None`` on the device tier.
     """
 
     static_entries: PositionsCSR
     dynamic_regions: Tensor
     host_chunks: Tensor | None
-    staged: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class CompactLayout:
     host_chunk_ids: Tensor
     """``[M]`` int64 CPU, host chunks owned (freed at release)."""
     layers: tuple[CompactLayerLayout, ...]
+    staging_slots: int = 0
+    """Staging slots per host-tier dynamic head (0: the device tier)."""
 
     @property
     def on_host(self) -> bool:
@@ -132,18 +138,22 @@ def build_compact_layout(
     prompt_slots: Tensor,
     slots: Tensor,
     host_chunk_ids: Tensor | None,
+    staging: int | None = None,
 ) -> tuple[CompactLayout, CompactCopies]:
     """Lay ``plan`` out over ``slots`` (and host chunks) and list the copies that fill it.
 
     Args:
         plan: the request's ``in_place`` layout (positions in its row).
         prompt_slots: ``[N]`` int64 device, the slots of the prompt (``req_to_token[row, :N]``).
-        slots: ``[S]`` int64 device, ``S >= compact_shape(plan, ...).num_slots``.
+        slots: ``[S]`` int64 device, ``S >= compact_shape(plan, staging).num_slots``.
         host_chunk_ids: ``[M]`` int64 CPU from the host tier, ``M = compact_shape(...).host_chunks``
             or ``None`` for the device tier.
+        staging: staging slots per dynamic head on the host tier (with ``host_chunk_ids``).
     """
     on_host = host_chunk_ids is not None
-    shape = compact_shape(plan, on_host)
+    if on_host != (staging is not None):
+        raise ValueError("host_chunk_ids and staging go together (the host tier)")
+    shape = compact_shape(plan, staging)
     if slots.numel() < shape.num_slots:
         raise ValueError(f"slots: expected at least {shape.num_slots}, got {slots.numel()}")
     heads = plan.num_kv_heads
@@ -152,9 +162,8 @@ def build_compact_layout(
     entry_of = entry_of.reshape(-1)
     prompt_folded = prompt_slots.to(torch.int64).unsqueeze(1) * heads  # + head
     rows = plan.dynamic_rows
-    region_len = dynamic_region_length(rows, plan.top_k_chunks, on_host)
-    region_src = _region_source_positions(rows, plan.top_k_chunks, on_host, device)
-    n_sel = rows.num_selected(plan.top_k_chunks)
+    region_len = dynamic_row_locals(rows, staging)[2]
+    region_src = _region_source_positions(rows, staging, device)
     chunk_positions = torch.arange(rows.first_chunk, rows.end_chunk, device=device).unsqueeze(
         1
     ) * rows.chunk_size + torch.arange(rows.chunk_size, device=device)
@@ -178,12 +187,11 @@ def build_compact_layout(
         dst_dyn = regions[:, copy_at]
         entry_src.append(torch.cat([src_static, src_dyn.reshape(-1)]))
         entry_dst.append(torch.cat([dst_static, dst_dyn.reshape(-1)]))
-        host_chunks = staged = None
+        host_chunks = None
         if on_host:
             count = n_dyn * rows.num_chunks
             host_chunks = host_ids[host_used : host_used + count].reshape(n_dyn, rows.num_chunks)
             host_used += count
-            staged = torch.full((n_dyn, n_sel), -1, dtype=torch.int64)
             src = prompt_folded[chunk_positions].squeeze(-1)  # [num_chunks, C]
             chunk_src.append(
                 (src.unsqueeze(0) + dyn_heads.view(-1, 1, 1)).reshape(-1, rows.chunk_size)
@@ -192,19 +200,19 @@ def build_compact_layout(
         else:
             chunk_src.append(torch.empty(0, rows.chunk_size, dtype=torch.int64, device=device))
             chunk_dst.append(torch.empty(0, dtype=torch.int64))
-        layers.append(CompactLayerLayout(static_entries, regions, host_chunks, staged))
-    layout = CompactLayout(plan, slots, host_ids, tuple(layers))
+        layers.append(CompactLayerLayout(static_entries, regions, host_chunks))
+    layout = CompactLayout(plan, slots, host_ids, tuple(layers), staging or 0)
     copies = CompactCopies(tuple(entry_src), tuple(entry_dst), tuple(chunk_src), tuple(chunk_dst))
     return layout, copies
 
 
 def _region_source_positions(
-    rows: DynamicRowLayout, top_k: int, on_host: bool, device: torch.device
+    rows: DynamicRowLayout, staging: int | None, device: torch.device
 ) -> Tensor:
     """``[W]`` prompt position copied into each region offset; ``-1`` for staging slots."""
-    if not on_host:
+    if staging is None:
         return torch.arange(rows.prompt_len, device=device)
-    prefix, window_start, _ = dynamic_row_locals(rows, top_k, on_host)
+    prefix, window_start, _ = dynamic_row_locals(rows, staging)
     return torch.cat(
         [
             torch.arange(prefix, device=device),

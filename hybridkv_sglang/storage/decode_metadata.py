@@ -37,6 +37,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     DIRECT,
     FIRST_CHUNK,
     FIXED_START,
+    HOST_START,
     NF,
     NUM_CHUNKS,
     NUM_SEL,
@@ -44,6 +45,8 @@ from hybridkv_sglang.kernels.folded_tables import (
     POST_LEN,
     POST_START,
     PRE_LEN,
+    STAGE_SLOTS,
+    STAGE_START,
     TAIL_START,
     TOP_START,
 )
@@ -56,7 +59,11 @@ from hybridkv_sglang.policy.byte_cost import (
 )
 from hybridkv_sglang.storage.compact_layout import CompactLayout, dynamic_row_locals
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.host_tier import ChunkStager
+
+STAGE_SLOT_BYTES = 8
+"""A host-tier staging slot's state on the device: the chunk it holds and its age (int32 each)."""
+HOST_ID_BYTES = 4
+"""A host-tier row's host chunk id per retrievable chunk (int32)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,9 @@ class RequestRows:
     """``[L, H_kv, NF]`` int32 CPU; ``FIXED_START``/``POST_START``/``CHUNK_BASE`` index
     :attr:`fixed_values`, ``BOUNDS_START`` indexes :attr:`kmin`, ``PARAM_ROW``
     :attr:`bound_channels` and :attr:`bound_affine`, ``CAND_START`` and ``TOP_START`` the
-    request's :attr:`candidate_slots` and :attr:`top_slots` (scratch: no values to write)."""
+    request's :attr:`candidate_slots` and :attr:`top_slots` (scratch: no values to write),
+    ``STAGE_START`` its :attr:`stage_slots` (host-tier staging state, written empty) and
+    ``HOST_START`` :attr:`host_chunk_ids`."""
     fixed_values: Tensor
     """``[F]`` int32 device."""
     kmin: Tensor
@@ -79,6 +88,25 @@ class RequestRows:
     """``[P, 2, r]`` float32 device: each column's offset (``[:, 0]``) and scale (``[:, 1]``)."""
     prompt_len: int
     chunk_size: int
+    host_chunk_ids: Tensor | None = None
+    """``[M]`` int32 device: the host-tier chunk of each retrievable chunk of each host-tier
+    dynamic row, row after row (``None``: no row on the host tier)."""
+
+    @property
+    def device_bytes(self) -> int:
+        """What the request's rows take in the pools: fixed values, chunk bounds and their
+        parameters, retrieval scratch, staging state and host chunk ids (records aside)."""
+        tensors = (self.fixed_values, self.kmin, self.kmax, self.bound_channels, self.bound_affine)
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        scratch = CANDIDATE_BYTES * self.candidate_slots + SELECTED_BYTES * self.top_slots
+        host_ids = 0 if self.host_chunk_ids is None else self.host_chunk_ids.numel()
+        return held + scratch + STAGE_SLOT_BYTES * self.stage_slots + HOST_ID_BYTES * host_ids
+
+    @property
+    def stage_slots(self) -> int:
+        """Staging slots of the request's host-tier dynamic rows (the end of their ranges)."""
+        m = self.meta.to(torch.int64)
+        return int((m[..., STAGE_START] + m[..., STAGE_SLOTS]).max()) if m.numel() else 0
 
     @property
     def prompt_entries(self) -> int:
@@ -113,7 +141,9 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
     kmaxs: list[Tensor] = []
     channels: list[Tensor] = []
     affines: list[Tensor] = []
-    used = bounds = candidates = tops = 0
+    used = bounds = candidates = tops = stages = 0
+    host_ids: list[Tensor] = []
+    staging = 0 if compact is None else compact.staging_slots
     n_sel = dyn.num_selected(plan.top_k_chunks)
     row_candidates, row_tops = scratch_slots(dyn.num_chunks, n_sel)
     for layer, lay in enumerate(plan.layers):
@@ -148,9 +178,13 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
                 used += dyn.prefix_end
                 continue
             region = stored.dynamic_regions[j]
-            _, window_start, window_end = dynamic_row_locals(
-                dyn, plan.top_k_chunks, stored.host_chunks is not None
-            )
+            on_host = stored.host_chunks is not None
+            _, window_start, window_end = dynamic_row_locals(dyn, staging if on_host else None)
+            if on_host:
+                row[STAGE_START], row[STAGE_SLOTS] = stages, staging
+                row[HOST_START] = sum(t.numel() for t in host_ids)
+                host_ids.append(stored.host_chunks[j])
+                stages += staging
             values.append(region)
             row[POST_START], row[POST_LEN] = used + window_start, window_end - window_start
             row[CHUNK_BASE], row[TAIL_START], row[DIRECT] = used, plan.prompt_len, 1
@@ -177,6 +211,7 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
         torch.stack(affines).to(device=device, dtype=torch.float32),
         plan.prompt_len,
         dyn.chunk_size,
+        torch.cat(host_ids).to(device=device, dtype=torch.int32) if host_ids else None,
     )
 
 
@@ -239,6 +274,8 @@ class _Held:
     params: tuple[int, int]
     candidates: tuple[int, int]
     tops: tuple[int, int]
+    stages: tuple[int, int]
+    host_ids: tuple[int, int]
 
 
 class DecodeMetadata:
@@ -265,6 +302,8 @@ class DecodeMetadata:
         top_capacity: int,
         bound_dtype: torch.dtype,
         device: torch.device | str,
+        stage_capacity: int = 0,
+        host_id_capacity: int = 0,
     ) -> None:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -285,8 +324,16 @@ class DecodeMetadata:
         self.chunk_scores = torch.zeros(candidates, dtype=torch.float32, device=device)
         self.chunk_ids = torch.zeros(candidates, dtype=torch.int32, device=device)
         self.chunk_top = torch.zeros(max(top_capacity, 1), dtype=torch.int32, device=device)
-        self.on_host_tier = np.zeros(pool_rows, dtype=np.bool_)
-        """Host mirror: pool rows whose dynamic heads are staged from the host tier."""
+        stages = max(stage_capacity, 1)
+        self.staged = torch.full((stages,), -1, dtype=torch.int32, device=device)
+        """Host-tier rows: the chunk each staging slot holds (-1: empty)."""
+        self.stage_age = torch.zeros(stages, dtype=torch.int32, device=device)
+        """Host-tier rows: steps since each staging slot was last read."""
+        self.host_chunk_ids = torch.zeros(
+            max(host_id_capacity, 1), dtype=torch.int32, device=device
+        )
+        self.moves = torch.zeros(max_requests, 2, dtype=torch.int64, device=device)
+        """Per request slot: host-tier chunks moved and chunks selected, over its decode."""
         self.prompt_entries = np.zeros(pool_rows, dtype=np.int64)
         """Host mirror: each compressed row's prompt-part table entries (widest layer)."""
         self.prompt_lens = np.zeros(pool_rows, dtype=np.int64)
@@ -302,10 +349,10 @@ class DecodeMetadata:
         self._params = RangeAllocator(param_capacity)
         self._candidates = RangeAllocator(candidate_capacity)
         self._tops = RangeAllocator(top_capacity)
+        self._stages = RangeAllocator(stage_capacity)
+        self._host_ids = RangeAllocator(host_id_capacity)
         self._held: dict[int, _Held] = {}
         self._pending_clear: list[int] = []
-        self._host_tier: dict[int, tuple[CompactLayout, Tensor]] = {}
-        """Pool rows whose dynamic heads live on the host tier: layout and host row records."""
 
     @property
     def nbytes(self) -> int:
@@ -320,6 +367,10 @@ class DecodeMetadata:
             self.chunk_scores,
             self.chunk_ids,
             self.chunk_top,
+            self.staged,
+            self.stage_age,
+            self.host_chunk_ids,
+            self.moves,
         )
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -345,9 +396,13 @@ class DecodeMetadata:
                 "candidate_slots": self._candidates.capacity,
                 "free_top_slots": self._tops.free_size,
                 "top_slots": self._tops.capacity,
+                "free_stage_slots": self._stages.free_size,
+                "stage_slots": self._stages.capacity,
+                "free_host_chunk_ids": self._host_ids.free_size,
+                "host_chunk_ids": self._host_ids.capacity,
             }
 
-    def add(self, pool_row: int, rows: RequestRows, host_tier: CompactLayout | None = None) -> bool:
+    def add(self, pool_row: int, rows: RequestRows) -> bool:
         """Write ``rows`` for ``pool_row`` (replacing what it held); ``False`` when the pools
         are full (the request is then served dense). Device writes go on the current stream:
         call on the forward stream."""
@@ -359,16 +414,25 @@ class DecodeMetadata:
                 f"chunk bounds: expected {self.kmin.dtype} [chunks, {width}] (the server's), got "
                 f"{rows.kmin.dtype} {tuple(rows.kmin.shape)}"
             )
-        candidates, tops = rows.candidate_slots, rows.top_slots
-        sizes = (fixed, bounds, params, candidates, tops)
-        arenas = (self._fixed, self._bounds, self._params, self._candidates, self._tops)
+        candidates, tops, stages = rows.candidate_slots, rows.top_slots, rows.stage_slots
+        host_ids = 0 if rows.host_chunk_ids is None else rows.host_chunk_ids.numel()
+        sizes = (fixed, bounds, params, candidates, tops, stages, host_ids)
+        arenas = (
+            self._fixed,
+            self._bounds,
+            self._params,
+            self._candidates,
+            self._tops,
+            self._stages,
+            self._host_ids,
+        )
         with self._lock:
             if not self._free_slots:
                 return False
             starts = _alloc_all(arenas, sizes)
             if starts is None:
                 return False
-            fixed_at, bounds_at, params_at, candidates_at, tops_at = starts
+            fixed_at, bounds_at, params_at, candidates_at, tops_at, stages_at, host_at = starts
             slot = self._free_slots.pop()
             old = self._held.pop(pool_row, None)
             self._held[pool_row] = _Held(
@@ -378,6 +442,8 @@ class DecodeMetadata:
                 (params_at, params),
                 (candidates_at, candidates),
                 (tops_at, tops),
+                (stages_at, stages),
+                (host_at, host_ids),
             )
             if old is not None:
                 self._give_back(old)
@@ -392,6 +458,8 @@ class DecodeMetadata:
             (PARAM_ROW, params_at),
             (CAND_START, candidates_at),
             (TOP_START, tops_at),
+            (STAGE_START, stages_at),
+            (HOST_START, host_at),
         ):
             meta[..., field] += shift
         self.row_meta[slot].copy_(meta, non_blocking=True)
@@ -402,13 +470,13 @@ class DecodeMetadata:
         if params:
             self.bound_channels[params_at : params_at + params].copy_(rows.bound_channels)
             self.bound_affine[params_at : params_at + params].copy_(rows.bound_affine)
+        if stages:
+            self.staged[stages_at : stages_at + stages].fill_(-1)
+            self.stage_age[stages_at : stages_at + stages].zero_()
+        if host_ids:
+            self.host_chunk_ids[host_at : host_at + host_ids].copy_(rows.host_chunk_ids)
+        self.moves[slot].zero_()
         self.slot_of_row[pool_row] = slot
-        with self._lock:
-            if host_tier is not None:
-                self._host_tier[pool_row] = (host_tier, meta)
-            else:
-                self._host_tier.pop(pool_row, None)
-        self.on_host_tier[pool_row] = host_tier is not None
         self.prompt_entries[pool_row] = rows.prompt_entries
         self.prompt_lens[pool_row] = rows.prompt_len
         self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
@@ -422,9 +490,7 @@ class DecodeMetadata:
             if held is None:
                 return
             self._give_back(held)
-            self._host_tier.pop(pool_row, None)
             self._pending_clear.append(pool_row)
-            self.on_host_tier[pool_row] = False
             self.prompt_entries[pool_row] = 0
             self.prompt_lens[pool_row] = 0
             self.num_chunks[pool_row] = 0
@@ -469,6 +535,8 @@ class DecodeMetadata:
         self._params.free(*held.params)
         self._candidates.free(*held.candidates)
         self._tops.free(*held.tops)
+        self._stages.free(*held.stages)
+        self._host_ids.free(*held.host_ids)
 
     @property
     def compressed_rows(self) -> np.ndarray:
@@ -489,26 +557,15 @@ class DecodeMetadata:
         tail = seq_lens - self.prompt_lens[pool_rows]
         return int((prompt + self.num_kv_heads * tail).sum())
 
-    def host_tier_rows(self, pool_rows: np.ndarray) -> list[int]:
-        """Host only: the rows of this batch whose dynamic heads are staged from the host."""
-        return pool_rows[self.on_host_tier[pool_rows]].tolist()
-
-    def stage_host_chunks(self, pool_row: int, layer: int, stager: ChunkStager) -> None:
-        """After :func:`chunk_retrieval` of ``layer``: stage a host-tier request's chosen
-        chunks and point its rows' ``chunk_top`` at the staging slots (reads the chosen ids
-        back: eager decode only)."""
-        layout, meta = self._host_tier[pool_row]
-        compact = layout.layers[layer]
-        heads = layout.plan.layers[layer].dynamic_heads
-        if heads.numel() == 0:
-            return
-        dyn = layout.plan.dynamic_rows
-        n_sel = dyn.num_selected(layout.plan.top_k_chunks)
-        starts = meta[layer, heads, TOP_START].to(torch.int64)
-        where = (starts[:, None] + torch.arange(n_sel)).to(self.device)
-        chosen = self.chunk_top[where].to(torch.int64) + dyn.first_chunk
-        region_chunk = stager.stage(layer, compact, dyn, chosen)
-        self.chunk_top[where] = (region_chunk - dyn.first_chunk).to(torch.int32)
+    def host_tier_moves(self, pool_row: int) -> tuple[int, int]:
+        """``(moved, selected)`` host-tier chunks of the request on ``pool_row`` so far (one
+        read from the device: once per request, at its release)."""
+        with self._lock:
+            held = self._held.get(pool_row)
+        if held is None or held.stages[1] == 0:
+            return 0, 0
+        moved, selected = self.moves[held.slot].tolist()
+        return int(moved), int(selected)
 
 
 @dataclass(frozen=True)
@@ -530,6 +587,9 @@ class PoolSizing:
     most ``dynamic entries / row_entries`` of them (shorter prompts stay dense)."""
     top_k_chunks: int
     """``k``, the most chunks a dynamic row selects (its scratch grows with it)."""
+    staging_slack: float | None = None
+    """Host tier: staging slots per dynamic row beyond one step's selection, as a multiple of
+    it (``None``: no host tier, no staging state)."""
 
     @classmethod
     def of(
@@ -545,6 +605,7 @@ class PoolSizing:
         uint8_bounds: bool,
         min_prompt_tokens: int,
         top_k_chunks: int,
+        staging_slack: float | None = None,
     ) -> PoolSizing:
         """In place every prompt stays in the pool; with compact storage, whose requests hand
         their prompts back to the tree, they hold up to ``1 / budget`` prompts per pool entry
@@ -559,6 +620,7 @@ class PoolSizing:
             uint8_bounds,
             max(min_prompt_tokens, chunk_size),
             top_k_chunks,
+            staging_slack if storage == "compact" else None,
         )
 
     def bound_width(self, head_dim: int) -> int:
@@ -592,6 +654,18 @@ class PoolSizing:
             self.top_k_chunks * self.param_rows(prompt_entries), self.bound_chunks(prompt_entries)
         )
 
+    def stage_slots(self, prompt_entries: int) -> int:
+        """Host-tier staging slots: ``min(n, ceil((1 + slack) k))`` per row, so at most one
+        per chunk and ``(1 + slack) k + 1`` per row."""
+        if self.staging_slack is None:
+            return 0
+        per_row = math.ceil((1 + self.staging_slack) * self.top_k_chunks)
+        return min(per_row * self.param_rows(prompt_entries), self.bound_chunks(prompt_entries))
+
+    def host_chunk_ids(self, prompt_entries: int) -> int:
+        """Host-tier rows' host chunk ids: one per retrievable chunk."""
+        return 0 if self.staging_slack is None else self.bound_chunks(prompt_entries)
+
     def bytes_per_entry(self, head_dim: int, kv_bytes: int) -> float:
         """Device bytes reserved per KV pool entry: a fixed value, and per dynamic prompt entry
         its share of a chunk's ``2 r`` bounds, of a parameter row (channel id, offset and scale
@@ -606,6 +680,9 @@ class PoolSizing:
         tops = min(k / rows, 1 / c)
         scratch = CANDIDATE_BYTES * candidates + SELECTED_BYTES * tops
         dynamic = chunk / c + params / rows + scratch
+        if self.staging_slack is not None:
+            stages = min(math.ceil((1 + self.staging_slack) * k) / rows, 1 / c)
+            dynamic += STAGE_SLOT_BYTES * stages + HOST_ID_BYTES / c
         return 4 * self.fixed_fraction + dynamic * self.bound_fraction
 
     def bytes_per_token(

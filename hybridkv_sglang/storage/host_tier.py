@@ -1,22 +1,16 @@
 """Host tier of ``compact`` storage: dynamic heads' prompt KV, chunk-major, in (pinned) host memory.
 
 One host chunk holds the K and V of ``C`` consecutive prompt positions of one (layer, kv head).
-Decode stages the chunks a dynamic head selects into its staging slots on the device, moving
-only chunks that slot set does not already hold. Pinned memory needs CUDA; elsewhere the buffer
-is ordinary memory and the copies are plain copies.
+Decode stages the chunks a dynamic head selects into its staging slots on the device
+(:mod:`hybridkv_sglang.kernels.host_staging`, inside the decode graph), reading only chunks the
+slots do not already hold straight from this buffer: pinned memory is addressable from the GPU.
+Pinned memory needs CUDA; elsewhere the buffer is ordinary memory.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
-
-from hybridkv_sglang.storage.page_tables import DynamicRowLayout
-
-if TYPE_CHECKING:
-    from hybridkv_sglang.storage.compact_layout import CompactLayerLayout
 
 
 class HostTier:
@@ -43,6 +37,11 @@ class HostTier:
         """A tier of about ``mib`` MiB."""
         chunk_bytes = chunk_size * (k_dim + v_dim) * torch.empty((), dtype=dtype).element_size()
         return cls(int(mib * 2**20) // chunk_bytes, chunk_size, k_dim, v_dim, dtype, pin)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """K and V bytes of one host chunk."""
+        return self.k[0].numel() * self.k.element_size() + self.v[0].numel() * self.v.element_size()
 
     @property
     def capacity(self) -> int:
@@ -72,80 +71,3 @@ class HostTier:
             return
         self.k[ids] = k_entries.cpu()
         self.v[ids] = v_entries.cpu()
-
-    def stage(self, ids: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``[m, C, D]`` K and V of host chunks ``ids`` on ``device`` (non-blocking from pinned)."""
-        k, v = self.k[ids], self.v[ids]
-        if device.type == "cpu":
-            return k, v
-        return (
-            k.pin_memory().to(device, non_blocking=True),
-            v.pin_memory().to(device, non_blocking=True),
-        )
-
-
-def assign_staging_slots(staged: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
-    """Place this step's chunks into staging slots, keeping chunks that are already staged.
-
-    Args:
-        staged: ``[R, n]`` int64 CPU, chunk held by each slot (``-1`` empty); updated in place.
-        selected: ``[R, n]`` int64 CPU, this step's distinct chunk ids per row, by score.
-
-    Returns:
-        ``(slot_of, missing)``: ``[R, n]`` the slot each selected chunk is read from, and
-        ``[R, n]`` bool, True where the chunk must be copied into its slot this step.
-    """
-    if selected.shape[1] == 0:
-        return selected.clone(), torch.zeros_like(selected, dtype=torch.bool)
-    match = selected.unsqueeze(2) == staged.unsqueeze(1)  # [R, sel, slot]
-    hit = match.any(dim=2)
-    slot_of = match.to(torch.int64).argmax(dim=2)
-    slot_kept = match.any(dim=1)
-    free_slots = torch.sort(slot_kept.to(torch.int8), dim=1, stable=True).indices
-    miss_rank = torch.cumsum(~hit, dim=1) - 1
-    slot_of = torch.where(hit, slot_of, free_slots.gather(1, miss_rank.clamp(min=0)))
-    missing = ~hit
-    staged.scatter_(1, slot_of, selected)
-    return slot_of, missing
-
-
-class ChunkStager:
-    """Per decode step and layer: bring host-tier chunks into compact requests' staging slots."""
-
-    def __init__(self, tier: HostTier, k_buffers: list[Tensor], v_buffers: list[Tensor]) -> None:
-        """``k_buffers[l]`` / ``v_buffers[l]``: layer ``l``'s pool ``[slots, H_kv, D]``."""
-        self.tier = tier
-        self.k_buffers = k_buffers
-        self.v_buffers = v_buffers
-        self.moved_chunks = 0
-        self.reused_chunks = 0
-
-    def stage(
-        self, layer: int, compact: CompactLayerLayout, rows: DynamicRowLayout, chunks: Tensor
-    ) -> Tensor:
-        """Make ``chunks`` (``[n_d, n_sel]`` absolute ids, device) resident in staging slots.
-
-        Returns, per selected chunk, the region chunk it is read from (staging slot ``j`` is
-        region chunk ``first_chunk + j``). Reads this step's chunk ids back to the host: which
-        chunks move is a host decision.
-        """
-        assert compact.staged is not None and compact.host_chunks is not None
-        device = chunks.device
-        selected = chunks.cpu()
-        slot_of, missing = assign_staging_slots(compact.staged, selected)
-        region_chunk = rows.first_chunk + slot_of
-        row, pick = missing.nonzero(as_tuple=True)
-        moved = int(row.numel())
-        self.moved_chunks += moved
-        self.reused_chunks += int(selected.numel()) - moved
-        if moved:
-            size = rows.chunk_size
-            host_ids = compact.host_chunks[row, selected[row, pick] - rows.first_chunk]
-            k, v = self.tier.stage(host_ids, device)
-            offsets = region_chunk[row, pick].unsqueeze(1) * size + torch.arange(size)
-            dst = compact.dynamic_regions[row.to(device).unsqueeze(1), offsets.to(device)]
-            dst = dst.reshape(-1)
-            k_buffer, v_buffer = self.k_buffers[layer], self.v_buffers[layer]
-            k_buffer.view(-1, k_buffer.shape[-1])[dst] = k.reshape(-1, k_buffer.shape[-1])
-            v_buffer.view(-1, v_buffer.shape[-1])[dst] = v.reshape(-1, v_buffer.shape[-1])
-        return region_chunk.to(device)

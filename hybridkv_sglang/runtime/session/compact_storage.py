@@ -33,10 +33,15 @@ from hybridkv_sglang.storage.compact_layout import (
     CompactLayout,
     build_compact_layout,
     compact_shape,
+    staging_slots,
 )
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
-from hybridkv_sglang.storage.host_tier import ChunkStager, HostTier
+from hybridkv_sglang.storage.decode_metadata import (
+    STAGE_SLOT_BYTES,
+    DecodeMetadata,
+    request_rows,
+)
+from hybridkv_sglang.storage.host_tier import HostTier
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,13 @@ class Compaction:
     host_chunks: int
     dynamic_tier: str
     host_tier_full: bool
+    device_bytes: int
+    """What the request holds on the device now: its compact slots (every layer's K and V)
+    and its decode metadata."""
+    host_bytes: int
+    """Its chunks on the host tier."""
+    staging_bytes: int
+    """Host tier: its staging slots' state, which every decode step reads beyond the plan."""
 
 
 class CompactStorage:
@@ -63,23 +75,21 @@ class CompactStorage:
         num_layers: int,
         host_tier: HostTier | None,
         decode_meta: DecodeMetadata,
+        staging_slack: float = 1.0,
     ) -> None:
         self.kv_pool = kv_pool
         self.host_tier = host_tier
         self.num_layers = num_layers
+        self.staging_slack = staging_slack
         self.forward_stream: Any = None
         self.decode_meta = decode_meta
         self._lock = threading.Lock()
         self.live_slots = 0
-        self.stager = (
-            ChunkStager(
-                host_tier,
-                [kv_pool.get_key_buffer(layer) for layer in range(num_layers)],
-                [kv_pool.get_value_buffer(layer) for layer in range(num_layers)],
-            )
-            if host_tier is not None
-            else None
+        k, v = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
+        self.slot_bytes = num_layers * (
+            k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
         )
+        """K and V bytes of one pool slot over every layer and kv head."""
 
     def compact(self, req: Any, tree_cache: Any, layout: CompressedLayout) -> Compaction | None:
         """Move ``req``'s kept KV into compact entries; ``None`` if it cannot (stays in_place)."""
@@ -88,11 +98,14 @@ class CompactStorage:
         )
         host_tier_full = False
         host_ids = None
+        staging = None
         if on_host:
-            host_ids = self.host_tier.alloc(compact_shape(layout, True).host_chunks)
+            staging = staging_slots(layout.dynamic_rows, layout.top_k_chunks, self.staging_slack)
+            host_ids = self.host_tier.alloc(compact_shape(layout, staging).host_chunks)
             host_tier_full = host_ids is None
             on_host = host_ids is not None
-        shape = compact_shape(layout, on_host)
+            staging = staging if on_host else None
+        shape = compact_shape(layout, staging)
         slots = _alloc_slots(tree_cache, shape.num_slots)
         if slots is None:
             if host_ids is not None:
@@ -102,14 +115,14 @@ class CompactStorage:
             row = req.kv.req_pool_idx
             prompt_slots = tree_cache.req_to_token_pool.req_to_token[row, : layout.prompt_len]
             compact, copies = build_compact_layout(
-                layout, prompt_slots.to(torch.int64), slots.to(torch.int64), host_ids
+                layout, prompt_slots.to(torch.int64), slots.to(torch.int64), host_ids, staging
             )
+            rows = request_rows(layout, compact)
             with self._on_forward_stream():
                 self.fill(copies)
                 if layout.merge_evicted:
                     self.merge_evicted(compact, prompt_slots.to(torch.int64))
-                host = compact if compact.on_host else None
-                if not self.decode_meta.add(row, request_rows(layout, compact), host_tier=host):
+                if not self.decode_meta.add(row, rows):
                     raise RuntimeError("the decode metadata pools are full")
         except Exception:
             tree_cache.token_to_kv_pool_allocator.free(slots)
@@ -129,6 +142,9 @@ class CompactStorage:
             host_chunks=int(compact.host_chunk_ids.numel()),
             dynamic_tier="host" if on_host else "device",
             host_tier_full=host_tier_full,
+            device_bytes=int(slots.numel()) * self.slot_bytes + rows.device_bytes,
+            host_bytes=0 if not on_host else int(host_ids.numel()) * self.host_tier.chunk_bytes,
+            staging_bytes=STAGE_SLOT_BYTES * rows.stage_slots,
         )
 
     def release(self, layout: CompactLayout, tree_cache: Any) -> None:

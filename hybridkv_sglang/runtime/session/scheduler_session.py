@@ -176,8 +176,12 @@ class SchedulerSession:
         # SGLang's ``Req.is_prefill_only`` less its speculative-decoding test (hybridkv refuses
         # speculative decoding), which reads a config namespace a unit test does not publish.
         prefill_only = req.sampling_params.max_new_tokens == 0
-        self.stats.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only)
         entry = self.requests.pop(req.rid)
+        moves = (0, 0)
+        if entry is not None and entry.compact is not None and entry.compact.on_host:
+            assert self.decode_meta is not None
+            moves = self.decode_meta.host_tier_moves(entry.req_pool_idx)
+        self.stats.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only, moves)
         if entry is None:
             return
         if self.decode_meta is not None:
@@ -226,6 +230,4 @@ class SchedulerSession:
                 tier = storage.host_tier
                 memory["host_chunks_capacity"] = tier.capacity
                 memory["host_chunks_used"] = tier.capacity - tier.free_chunks
-                memory["staged_chunks"] = storage.stager.moved_chunks
-                memory["reused_staged_chunks"] = storage.stager.reused_chunks
         return memory

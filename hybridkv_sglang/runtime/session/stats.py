@@ -56,7 +56,8 @@ class RequestStats:
     index_fraction: float = 0.0
     device_fraction: float = 1.0
     """Prompt bytes the request holds on the device in its storage mode (in place: the dense
-    prefix and the index; compact: its compact entries and the index)."""
+    prefix and the index, as planned; compact: its compact slots, every layer's K and V, and its
+    decode metadata, staging state included, as taken)."""
     host_fraction: float = 0.0
     """Prompt bytes on the host tier (compact storage, dynamic heads)."""
     budget_fraction: float = 1.0
@@ -68,6 +69,10 @@ class RequestStats:
     host_chunks: int = 0
     dynamic_tier: str | None = None
     host_tier_full: bool = False
+    staged_chunks_selected: int = 0
+    """Host tier: chunks the dynamic heads selected over the request's decode steps."""
+    staged_chunks_moved: int = 0
+    """Of those, chunks copied from the host (not already in a staging slot)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,9 +116,16 @@ class HybridKVStats:
                 self._recent.popitem(last=False)
             self._unreleased[rid] = stats
 
-    def record_release(self, rid: str, decode_steps: int, prefill_only: bool) -> None:
+    def record_release(
+        self,
+        rid: str,
+        decode_steps: int,
+        prefill_only: bool,
+        host_tier_moves: tuple[int, int] = (0, 0),
+    ) -> None:
         """At each release of a request's KV: count its last prefill end, with the decode steps
-        it took (counted once, not per step); a prefill-only request's record is dropped."""
+        it took and its host-tier ``(moved, selected)`` chunks (counted once, not per step); a
+        prefill-only request's record is dropped."""
         with self._lock:
             record = self._unreleased.pop(rid, None)
             if record is None:
@@ -123,6 +135,7 @@ class HybridKVStats:
                     del self._recent[rid]
                 return
             record.decode_steps = decode_steps
+            record.staged_chunks_moved, record.staged_chunks_selected = host_tier_moves
             self._count(record)
 
     def _count(self, record: RequestStats) -> None:
@@ -137,6 +150,8 @@ class HybridKVStats:
             totals["read_bytes_per_step"] += record.read_bytes_per_step
             totals["prompt_bytes"] += record.prompt_bytes
             totals["index_bytes"] += record.index_bytes
+            totals["staged_chunks_selected"] += record.staged_chunks_selected
+            totals["staged_chunks_moved"] += record.staged_chunks_moved
             if record.over_budget:
                 totals["over_budget_requests"] += 1
         else:
@@ -169,9 +184,13 @@ class HybridKVStats:
                 self._totals["host_tier_full"] += 1
             if record is not None:
                 record.storage = "compact"
-                record.device_fraction = record.extra.get("device_fraction_compact", 1.0)
-                if done.dynamic_tier == "host":
-                    record.host_fraction = record.extra.get("host_fraction_compact", 0.0)
+                dense = max(record.prompt_bytes, 1)
+                record.device_fraction = done.device_bytes / dense
+                record.host_fraction = done.host_bytes / dense
+                record.read_bytes_per_step += done.staging_bytes
+                record.index_bytes += done.staging_bytes
+                record.read_fraction = record.read_bytes_per_step / dense
+                record.index_fraction = record.index_bytes / dense
                 record.compact_slots = done.slots
                 record.host_chunks = done.host_chunks
                 record.dynamic_tier = done.dynamic_tier

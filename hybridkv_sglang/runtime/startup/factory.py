@@ -55,6 +55,8 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         if config.storage == "compact" and folded is not None
         else None
     )
+    if storage is not None and storage.host_tier is not None:
+        folded.attach_host_tier(storage.host_tier.k, storage.host_tier.v)
     logger.info(
         "hybridkv: wrapping %s over %d layers with %s",
         type(dense).__name__,
@@ -99,6 +101,8 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         top_capacity=sizing.top_slots(entries_per_layer * layers),
         bound_dtype=sizing.bound_dtype(key.dtype),
         device=key.device,
+        stage_capacity=sizing.stage_slots(entries_per_layer * layers),
+        host_id_capacity=sizing.host_chunk_ids(entries_per_layer * layers),
     )
     shape = FoldedShape(
         num_layers=layers,
@@ -112,6 +116,7 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         chunk_size=config.chunk_size,
         max_chunks=-(-req_to_token.shape[1] // config.chunk_size),
         max_selected=config.top_k_chunks,
+        max_stage_slots=config.max_stage_slots(),
     )
     use_triton = config.decode_kernel == "triton" or (
         config.decode_kernel == "auto" and key.is_cuda
@@ -151,4 +156,4 @@ def create_compact_storage(
             host_tier.capacity,
             config.host_tier_mib,
         )
-    return CompactStorage(kv_pool, num_layers, host_tier, decode_meta)
+    return CompactStorage(kv_pool, num_layers, host_tier, decode_meta, config.staging_slack)

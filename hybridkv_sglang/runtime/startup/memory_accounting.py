@@ -37,6 +37,7 @@ def pool_sizing(config: HybridKVConfig) -> PoolSizing:
         uint8_bounds=config.bound_precision == "uint8",
         min_prompt_tokens=config.min_prompt_tokens,
         top_k_chunks=config.top_k_chunks,
+        staging_slack=config.staging_slack if config.host_tier_mib > 0 else None,
     )
 
 

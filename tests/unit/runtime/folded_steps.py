@@ -3,8 +3,6 @@ tests that compare it with an independent statement of what each row reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
@@ -12,7 +10,7 @@ from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.storage.compact_layout import CompactLayout
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
-from hybridkv_sglang.storage.host_tier import ChunkStager
+from hybridkv_sglang.storage.host_tier import HostTier
 
 
 def folded_for(
@@ -26,9 +24,11 @@ def folded_for(
     chunk: int,
     use_triton: bool = False,
     table_entries: int = 1 << 14,
+    host_tier: HostTier | None = None,
 ) -> FoldedDecode:
     """Pools holding ``layouts`` (pool row -> layout) and the step buffers over them (bounds
-    arena of the layouts' bound width and dtype)."""
+    arena of the layouts' bound width and dtype); compact layouts on ``host_tier`` stage their
+    chunks from it."""
     bounds = [
         lay.chunk_kmin
         for layout in layouts.values()
@@ -48,12 +48,15 @@ def folded_for(
         top_capacity=1 << 10,
         bound_dtype=bounds[0].dtype if bounds else torch.float32,
         device="cpu",
+        stage_capacity=1 << 10,
+        host_id_capacity=1 << 12,
     )
+    stage_slots = 0
     for row, layout in layouts.items():
         compact = layout if isinstance(layout, CompactLayout) else None
         plan = layout if compact is None else compact.plan
-        host = compact if compact is not None and compact.on_host else None
-        assert meta.add(row, request_rows(plan, compact), host_tier=host)
+        stage_slots = max(stage_slots, 0 if compact is None else compact.staging_slots)
+        assert meta.add(row, request_rows(plan, compact))
     shape = FoldedShape(
         num_layers=layers,
         num_kv_heads=heads,
@@ -66,8 +69,12 @@ def folded_for(
         chunk_size=chunk,
         max_chunks=64,
         max_selected=16,
+        max_stage_slots=max(stage_slots, 1),
     )
-    return FoldedDecode(meta, shape, use_triton=use_triton, target_programs=16, device="cpu")
+    folded = FoldedDecode(meta, shape, use_triton=use_triton, target_programs=16, device="cpu")
+    if host_tier is not None:
+        folded.attach_host_tier(host_tier.k, host_tier.v)
+    return folded
 
 
 def decode_layer(
@@ -78,15 +85,9 @@ def decode_layer(
     v_buffer: Tensor,
     req_to_token: Tensor,
     sm_scale: float,
-    *,
-    stager: ChunkStager | None = None,
-    host_rows: Iterable[int] = (),
 ) -> Tensor:
     """One layer of a step whose :meth:`FoldedDecode.begin_step` already ran."""
     folded.retrieve(layer, q)
-    for row in host_rows:
-        assert stager is not None
-        folded.meta.stage_host_chunks(row, layer, stager)
     return folded.attend(layer, q, k_buffer, v_buffer, req_to_token, sm_scale)
 
 

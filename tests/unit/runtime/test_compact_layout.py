@@ -11,9 +11,13 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from hybridkv_sglang.policy import average_merge
 from hybridkv_sglang.runtime.session.compact_storage import CompactStorage
-from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
+from hybridkv_sglang.storage.compact_layout import (
+    build_compact_layout,
+    compact_shape,
+    staging_slots,
+)
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.host_tier import HostTier, assign_staging_slots
+from hybridkv_sglang.storage.host_tier import HostTier
 from tests.unit.runtime.folded_steps import decode_layer, folded_for
 from tests.unit.runtime.test_decode_layout import (
     BOUNDS,
@@ -56,8 +60,9 @@ def _request_rows(allocator, prompt_lens, tail):
     return req_to_token
 
 
-def _outputs(layouts, pool, req_to_token, seq_lens, queries, stager=None, use_triton=False):
-    """Every step's every layer through the device pipeline (pool rows 1..B)."""
+def _outputs(layouts, pool, req_to_token, seq_lens, queries, host_tier=None, use_triton=False):
+    """Every step's every layer through the device pipeline (pool rows 1..B), and the decode
+    it ran."""
     compressed = {b + 1: lay for b, lay in enumerate(layouts) if lay is not None}
     folded = folded_for(
         compressed,
@@ -68,9 +73,9 @@ def _outputs(layouts, pool, req_to_token, seq_lens, queries, stager=None, use_tr
         dim=DIM,
         chunk=CHUNK,
         use_triton=use_triton,
+        host_tier=host_tier,
     )
     rows = torch.arange(1, len(layouts) + 1)
-    host_rows = [r for r, lay in compressed.items() if getattr(lay, "on_host", False)]
     outs = []
     for step_queries in queries:
         folded.begin_step(rows, torch.tensor(seq_lens))
@@ -85,18 +90,16 @@ def _outputs(layouts, pool, req_to_token, seq_lens, queries, stager=None, use_tr
                     v,
                     req_to_token,
                     SM_SCALE,
-                    stager=stager,
-                    host_rows=host_rows,
                 )
             )
-    return outs
+    return outs, folded
 
 
 @pytest.mark.parametrize("use_triton", KERNELS)
-@pytest.mark.parametrize("on_host", [False, True])
+@pytest.mark.parametrize(("on_host", "slack"), [(False, 0.0), (True, 0.0), (True, 1.0)])
 @pytest.mark.parametrize(("seed", "bounds"), list(enumerate(BOUNDS[:2])))
 def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
-    seed, bounds, on_host, use_triton
+    seed, bounds, on_host, slack, use_triton
 ):
     pool, allocator = _real_pool(seed)
     prompt_lens, tail = [150, 203, 97], 5
@@ -116,18 +119,21 @@ def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
         [torch.randn(3 * HEADS, GROUP, DIM, generator=gen) for _ in range(LAYERS)] for _ in range(3)
     ]
     queries.insert(2, queries[1])  # a repeated query: its chunks are staged already
-    expected = _outputs(in_place, pool, req_to_token, seq_lens, queries, use_triton=use_triton)
+    expected, _ = _outputs(in_place, pool, req_to_token, seq_lens, queries, use_triton=use_triton)
 
     tier = HostTier(400, CHUNK, DIM, DIM, torch.float32, pin_memory=False) if on_host else None
     storage = CompactStorage(pool, LAYERS, tier, decode_meta=None)
     compact = [None]
     for b in (1, 2):
         layout, n = in_place[b], prompt_lens[b]
-        shape = compact_shape(layout, on_host)
+        staging = (
+            staging_slots(layout.dynamic_rows, layout.top_k_chunks, slack) if on_host else None
+        )
+        shape = compact_shape(layout, staging)
         host_ids = tier.alloc(shape.host_chunks) if on_host else None
         slots = allocator.alloc(shape.num_slots)
         built, copies = build_compact_layout(
-            layout, req_to_token[b + 1, :n].to(torch.int64), slots, host_ids
+            layout, req_to_token[b + 1, :n].to(torch.int64), slots, host_ids, staging
         )
         storage.fill(copies)
         compact.append(built)
@@ -137,14 +143,14 @@ def test_compact_rows_equal_in_place_rows_after_the_prefix_is_overwritten(
         for layer in range(LAYERS):
             pool.get_key_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
             pool.get_value_buffer(layer)[prompt] = torch.randn(n, HEADS, DIM, generator=gen)
-    got = _outputs(
-        compact, pool, req_to_token, seq_lens, queries, stager=storage.stager, use_triton=use_triton
+    got, folded = _outputs(
+        compact, pool, req_to_token, seq_lens, queries, host_tier=tier, use_triton=use_triton
     )
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     if on_host:
-        assert storage.stager.moved_chunks > 0
-        assert storage.stager.reused_chunks > 0  # the repeated step reuses staged chunks
+        moved, selected = folded.meta.moves.sum(dim=0).tolist()
+        assert 0 < moved < selected  # the repeated step reuses staged chunks
         held = sum(c.host_chunk_ids.numel() for c in compact[1:])
         assert tier.free_chunks == tier.capacity - held
         for c in compact[1:]:
@@ -158,21 +164,9 @@ def test_compact_layout_needs_about_the_budget_in_slots():
     keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
     plan = _plan("hybridkv", req_to_token[1], keys, 400, 3, budget=0.1)
     layout = CompressedLayout.from_plan(plan, "cpu")
-    shape = compact_shape(layout, on_host=True)
+    shape = compact_shape(layout, staging_slots(layout.dynamic_rows, layout.top_k_chunks, 0.0))
     assert shape.num_slots <= 0.2 * 400
-    assert compact_shape(layout, on_host=False).num_slots >= shape.num_slots
-
-
-def test_staging_moves_only_chunks_not_already_staged():
-    staged = torch.full((2, 3), -1, dtype=torch.int64)
-    slot_of, missing = assign_staging_slots(staged, torch.tensor([[5, 7, 9], [1, 2, 3]]))
-    assert missing.all()
-    assert sorted(staged[0].tolist()) == [5, 7, 9]
-    slot_of, missing = assign_staging_slots(staged, torch.tensor([[9, 4, 5], [3, 2, 1]]))
-    assert missing.tolist() == [[False, True, False], [False, False, False]]
-    for r, chunks in enumerate([[9, 4, 5], [3, 2, 1]]):
-        assert staged[r, slot_of[r]].tolist() == chunks
-    assert staged[0].tolist().count(7) == 0
+    assert compact_shape(layout, None).num_slots >= shape.num_slots
 
 
 def test_host_tier_is_all_or_nothing_and_sized_in_mib():

@@ -12,6 +12,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner_utils.capture_mode import _set_capture_attention_variant
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
@@ -23,10 +24,17 @@ from hybridkv_sglang.runtime.hooks.scheduler import (
 )
 from hybridkv_sglang.runtime.prefill.compression import PrefillOutcome
 from hybridkv_sglang.runtime.prefill.requests import PrefillEnd
+from hybridkv_sglang.runtime.session.compact_storage import CompactStorage
 from hybridkv_sglang.runtime.session.current import open_session
 from hybridkv_sglang.runtime.session.scheduler_session import SchedulerSession
 from hybridkv_sglang.runtime.session.stats import HybridKVStats
+from hybridkv_sglang.storage.compact_layout import (
+    build_compact_layout,
+    compact_shape,
+    staging_slots,
+)
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
+from hybridkv_sglang.storage.host_tier import HostTier
 from tests.unit.runtime.folded_steps import folded_for
 from tests.unit.runtime.test_compact_layout import CHUNK, _real_pool, _request_rows
 from tests.unit.runtime.test_decode_layout import BOUNDS, DIM, GROUP, HEADS, LAYERS, SM_SCALE, _plan
@@ -60,9 +68,28 @@ class _Dense(AttentionBackend):
         return torch.zeros(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 
-@pytest.fixture
-def served():
-    """A backend with two compressed requests (pool rows 2 and 3) among four."""
+def _on_host_tier(layouts, pool, allocator, req_to_token) -> tuple[dict, HostTier]:
+    """The layouts moved to compact storage with their dynamic heads on a host tier."""
+    tier = HostTier(400, CHUNK, DIM, DIM, torch.float32, pin_memory=False)
+    storage = CompactStorage(pool, LAYERS, tier, decode_meta=None)
+    compact = {}
+    for row, layout in layouts.items():
+        staging = staging_slots(layout.dynamic_rows, layout.top_k_chunks, 1.0)
+        shape = compact_shape(layout, staging)
+        prompt = req_to_token[row, : layout.prompt_len].to(torch.int64)
+        slots = allocator.alloc(shape.num_slots).to(torch.int64)
+        built, copies = build_compact_layout(
+            layout, prompt, slots, tier.alloc(shape.host_chunks), staging
+        )
+        storage.fill(copies)
+        compact[row] = built
+    return compact, tier
+
+
+@pytest.fixture(params=["in_place", "host_tier"])
+def served(request: pytest.FixtureRequest):
+    """A backend with two compressed requests (pool rows 2 and 3) among four, in place or in
+    compact storage with their dynamic heads on a host tier."""
     pool, allocator = _real_pool(seed=4)
     req_to_token = _request_rows(allocator, PROMPTS, TAIL)
     keys = torch.stack([pool.get_key_buffer(layer) for layer in range(LAYERS)])
@@ -73,6 +100,10 @@ def served():
     }
     layouts = {row: CompressedLayout.from_plan(p, "cpu") for row, p in plans.items()}
     assert bool(plans[3].is_dynamic.all())
+    tier = None
+    if request.param == "host_tier":
+        layouts, tier = _on_host_tier(layouts, pool, allocator, req_to_token)
+        assert all(layout.on_host for layout in layouts.values())
     folded = folded_for(
         layouts,
         pool_rows=req_to_token.shape[0],
@@ -81,6 +112,8 @@ def served():
         group=GROUP,
         dim=DIM,
         chunk=CHUNK,
+        use_triton=True,
+        host_tier=tier,
     )
     config = HybridKVConfig(window=8, sink=4, chunk_size=CHUNK, top_k_chunks=3)
     session = SchedulerSession(config, HybridKVStats(), decode_meta=folded.meta)
@@ -123,25 +156,58 @@ def _step(backend, forward_batch, queries) -> list[torch.Tensor]:
     ]
 
 
+class _HostReads(TorchDispatchMode):
+    """Records every aten op outside Triton kernels that reads the device from the host,
+    syncs, or allocates host memory for a copy."""
+
+    FORBIDDEN = frozenset({"_local_scalar_dense", "item", "nonzero", "_pin_memory", "tolist"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN or (name == "_to_copy" and "device" in (kwargs or {})):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_read_check_sees_a_sync():
+    with _HostReads() as reads:
+        torch.tensor([0, 3]).nonzero()
+        torch.tensor(2.0).item()
+    assert reads.seen == ["nonzero", "_local_scalar_dense"]
+
+
 def test_captured_hybridkv_variant_attends_like_the_eager_step(served):
     backend, _ = served
     rows = [1, 2, 3, 4]
     gen = torch.Generator().manual_seed(9)
-    queries = [torch.randn(GRAPH_BS, HEADS * GROUP * DIM, generator=gen) for _ in range(LAYERS)]
-    eager_batch = _forward_batch(rows)
-    backend.init_forward_metadata(eager_batch)
-    eager = _step(backend, eager_batch, [q[: len(rows)] for q in queries])
-    view = _forward_batch(rows, pad_to=GRAPH_BS)
-    _set_capture_attention_variant(SPARSE)
-    try:
-        backend.init_forward_metadata_out_graph(view, in_capture=True)
-    finally:
-        _set_capture_attention_variant(None)
-    backend.init_forward_metadata_in_graph(view)  # captured: it runs inside the graph
-    graph = _step(backend, view, queries)
-    for a, b in zip(graph, eager, strict=True):
-        torch.testing.assert_close(a[: len(rows)], b, rtol=0, atol=0)
+    runner = SimpleNamespace(attn_backend=backend)
+    assert limit_graph_to_fit(True, runner, _forward_batch(rows)) is True  # host tier included
+    for _ in range(2):  # the second step finds chunks staged by the first
+        queries = [torch.randn(GRAPH_BS, HEADS * GROUP * DIM, generator=gen) for _ in range(LAYERS)]
+        eager_batch = _forward_batch(rows)
+        backend.init_forward_metadata(eager_batch)
+        eager = _step(backend, eager_batch, [q[: len(rows)] for q in queries])
+        view = _forward_batch(rows, pad_to=GRAPH_BS)
+        _set_capture_attention_variant(SPARSE)
+        try:
+            backend.init_forward_metadata_out_graph(view, in_capture=True)
+        finally:
+            _set_capture_attention_variant(None)
+        with _HostReads() as reads:
+            backend.init_forward_metadata_in_graph(view)  # captured: runs inside the graph
+            graph = _step(backend, view, queries)
+        assert reads.seen == []
+        for a, b in zip(graph, eager, strict=True):
+            torch.testing.assert_close(a[: len(rows)], b, rtol=0, atol=0)
     assert backend.dense.calls == ["graph_state"]  # nothing of the dense backend ran
+    assert backend.stats.snapshot()["totals"].get("graph_fallbacks", 0) == 0
+    moved, selected = backend.decode_meta.moves.sum(dim=0).tolist()
+    if backend.folded._host_tier is not None:
+        assert 0 < moved < selected
 
 
 def test_replays_pick_the_variant_from_the_batch(served):

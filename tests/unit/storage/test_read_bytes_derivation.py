@@ -25,7 +25,11 @@ from hybridkv_sglang.kernels.folded_tables import (
 )
 from hybridkv_sglang.policy import CompressionPlan, build_policy
 from hybridkv_sglang.policy.byte_cost import CANDIDATE_BLOCK
-from hybridkv_sglang.storage.compact_layout import build_compact_layout, compact_shape
+from hybridkv_sglang.storage.compact_layout import (
+    build_compact_layout,
+    compact_shape,
+    staging_slots,
+)
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows, request_rows
 
@@ -74,6 +78,8 @@ def _pools(rows: RequestRows) -> DecodeMetadata:
         top_capacity=rows.top_slots,
         bound_dtype=rows.kmin.dtype,
         device="cpu",
+        stage_capacity=rows.stage_slots,
+        host_id_capacity=0 if rows.host_chunk_ids is None else rows.host_chunk_ids.numel(),
     )
 
 
@@ -131,14 +137,22 @@ def test_in_place_rows_read_the_plans_bytes(budget, top_k, dtype):
     _check(request_rows(CompressedLayout.from_plan(plan, "cpu")), plan, dtype)
 
 
-@pytest.mark.parametrize("on_host", [False, True])
-def test_compact_rows_read_the_plans_bytes(on_host):
+@pytest.mark.parametrize("staging_slack", [None, 0.0, 1.0])
+def test_compact_rows_read_the_plans_bytes(staging_slack):
     """Compact entries over stand-in slots (the prompt at slots ``[0, N)``, the request's own
-    after them); on the host tier, dynamic rows read staging slots instead of prompt chunks."""
+    after them); on the host tier, dynamic rows read staging slots instead of prompt chunks
+    (their staging state is the request's beyond the plan: 8 bytes per slot)."""
     plan = _plan(0.1, 8, torch.float32)
     layout = CompressedLayout.from_plan(plan, "cpu")
-    shape = compact_shape(layout, on_host)
+    rows = layout.dynamic_rows
+    staging = None
+    if staging_slack is not None:
+        staging = staging_slots(rows, layout.top_k_chunks, staging_slack)
+    shape = compact_shape(layout, staging)
     slots = torch.arange(N, N + shape.num_slots)
-    host = torch.arange(shape.host_chunks) if on_host else None
-    compact, _ = build_compact_layout(layout, torch.arange(N), slots, host)
-    _check(request_rows(layout, compact), plan, torch.float32)
+    host = torch.arange(shape.host_chunks) if staging is not None else None
+    compact, _ = build_compact_layout(layout, torch.arange(N), slots, host, staging)
+    request = request_rows(layout, compact)
+    _check(request, plan, torch.float32)
+    dynamic_rows = int((request.meta[..., NUM_SEL] > 0).sum())
+    assert request.stage_slots == (0 if staging is None else dynamic_rows * staging)
