@@ -37,7 +37,9 @@ if "--dry-run" in sys.argv:  # Triton fixes interpreter mode when it is first im
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
+import dataclasses
 import json
+import math
 import platform
 import re
 import statistics
@@ -58,10 +60,13 @@ from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
+    HOST_START,
     NF,
     NUM_CHUNKS,
     NUM_SEL,
     PARAM_ROW,
+    STAGE_SLOTS,
+    STAGE_START,
     TOP_START,
     chunk_retrieval,
     chunk_retrieval_ref,
@@ -71,7 +76,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     folded_lengths_ref,
 )
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
-from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
@@ -79,6 +84,13 @@ GROUP = Q_HEADS // KV_HEADS
 SCALE = HEAD_DIM**-0.5
 CHUNK, TOP_K, BUDGET = 16, 8, 0.1
 MAX_KV_SPLITS = 64
+STAGING_SLACK = 1.0
+"""Host-tier rows: staging slots beyond one step's chunks (the config default)."""
+HOST_CHUNKS = 4096
+"""Pinned host-tier chunks of the host-tier case (read through unified addressing)."""
+HOST_SHAPES = [(8, 32768), (32, 32768)]
+DEFAULT_MISS_RATE = 0.3
+"""Share of a step's chunks copied from the host when no measured rate is committed."""
 FULL_SHAPES = [(1, 32768), (8, 32768), (32, 32768), (1, 131072), (8, 131072)]
 DRY_SHAPES = [(1, 256), (2, 256)]
 BOUND_CHANNELS, BOUND_PRECISION = 16, "uint8"
@@ -158,13 +170,28 @@ class Step:
     """
 
     def __init__(
-        self, batch: int, context: int, layers: int, device: str, dtype: torch.dtype, index: Index
+        self,
+        batch: int,
+        context: int,
+        layers: int,
+        device: str,
+        dtype: torch.dtype,
+        index: Index,
+        miss_rate: float | None = None,
+        kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
+        """``miss_rate``: dynamic heads stage their chunks from a pinned host tier (compact
+        storage), a ``miss_rate`` share of each step's chunks copied from it. ``kv``: another
+        step's K and V to read (two steps over one cache fit a device that holds one)."""
         gen = torch.Generator(device=device).manual_seed(batch * 7 + context)
         self.batch, self.context, self.layers = batch, context, layers
         shape = (batch, KV_HEADS, context, HEAD_DIM)
-        self.keys = [torch.randn(*shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.randn(*shape, dtype=dtype, device=device) for _ in range(layers)]
+        if kv is None:
+            kv = (
+                [torch.randn(*shape, dtype=dtype, device=device) for _ in range(layers)],
+                [torch.randn(*shape, dtype=dtype, device=device) for _ in range(layers)],
+            )
+        self.keys, self.values = kv
         self.q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
         rows = [
             synthetic_rows(
@@ -183,6 +210,9 @@ class Step:
             )
             for b in range(batch)
         ]
+        self.host_tier: tuple[torch.Tensor, torch.Tensor] | None = None
+        if miss_rate is not None:
+            rows = [_on_host_tier(r, STAGING_SLACK) for r in rows]
         self.meta = DecodeMetadata(
             layers,
             KV_HEADS,
@@ -196,9 +226,22 @@ class Step:
             top_capacity=sum(r.top_slots for r in rows),
             bound_dtype=index[1],
             device=device,
+            stage_capacity=sum(r.stage_slots for r in rows),
+            host_id_capacity=sum(
+                0 if r.host_chunk_ids is None else r.host_chunk_ids.numel() for r in rows
+            ),
         )
         for b, r in enumerate(rows):
             assert self.meta.add(b + 1, r)
+        self.evict = torch.zeros(0, dtype=torch.int64, device=device)
+        if miss_rate is not None:
+            self.host_tier = tuple(
+                torch.randn(HOST_CHUNKS, CHUNK, HEAD_DIM, dtype=dtype).pin_memory()
+                if device == "cuda"
+                else torch.randn(HOST_CHUNKS, CHUNK, HEAD_DIM, dtype=dtype)
+                for _ in range(2)
+            )
+            self.evict = _evicted_slots(self.meta.row_meta, miss_rate)
         self.read_fraction = sum(r.prompt_entries for r in rows) / (batch * KV_HEADS * context)
         self.table_entries = max(r.prompt_entries for r in rows) * batch
         self.req_pool_indices = torch.arange(1, batch + 1, device=device)
@@ -221,11 +264,14 @@ class Step:
                 chunk_size=CHUNK,
                 max_chunks=context // CHUNK,
                 max_selected=TOP_K,
+                max_stage_slots=0 if miss_rate is None else math.ceil((1 + STAGING_SLACK) * TOP_K),
             ),
             use_triton=True,
             target_programs=16 * cores,
             device=device,
         )
+        if self.host_tier is not None:
+            self.folded.attach_host_tier(*self.host_tier)
         # stock's per-step index build: one row per request over req_to_token (H_kv = 1 rows)
         self.stock_meta = torch.zeros(1, 1, 1, NF, dtype=torch.int32, device=device)
         self.stock_slots = torch.full((batch + 1,), -1, dtype=torch.int32, device=device)
@@ -236,8 +282,12 @@ class Step:
         self.pool_rows_host = np.arange(1, batch + 1)
 
     def hybridkv(self) -> list[torch.Tensor]:
-        """The hybridkv step: every layer's table and attention (what the graph holds)."""
+        """The hybridkv step: every layer's table and attention (what the graph holds); with a
+        host tier, the measured share of last step's staged chunks is forgotten first, so that
+        share moves again."""
         folded = self.folded
+        if self.evict.numel():
+            self.meta.staged.index_fill_(0, self.evict, -1)
         folded.begin_step(self.req_pool_indices, self.seq_lens)
         q_rows = self.q.view(-1, GROUP, HEAD_DIM)
         outs = []
@@ -310,6 +360,38 @@ class Step:
     def host_lookup(self) -> bool:
         """What the host does per step before either graph: the variant lookup."""
         return self.meta.batch_has_compressed(self.pool_rows_host)
+
+
+def _on_host_tier(rows: RequestRows, slack: float) -> RequestRows:
+    """``rows`` as compact storage lays a host-tier request out: each dynamic row stages its
+    chunks into ``ceil((1 + slack) k)`` slots (its first chunks' entries stand in for them),
+    from host chunks spread over :data:`HOST_CHUNKS` (timing needs the reads, not distinct
+    data)."""
+    meta = rows.meta.clone()
+    dynamic = meta[..., NUM_SEL] > 0
+    n_sel, chunks = meta[..., NUM_SEL], meta[..., NUM_CHUNKS]
+    slots = torch.minimum(chunks, torch.ceil((1 + slack) * n_sel.float()).to(torch.int32))
+    slots = torch.where(dynamic, slots, 0)
+    meta[..., STAGE_SLOTS] = slots
+    meta[..., STAGE_START] = (torch.cumsum(slots.reshape(-1), 0) - slots.reshape(-1)).view_as(slots)
+    held = torch.where(dynamic, chunks, 0)
+    meta[..., HOST_START] = (torch.cumsum(held.reshape(-1), 0) - held.reshape(-1)).view_as(held)
+    total = int(held.sum())
+    host_ids = torch.arange(total, dtype=torch.int32, device=rows.fixed_values.device) % HOST_CHUNKS
+    return dataclasses.replace(rows, meta=meta, host_chunk_ids=host_ids)
+
+
+def _evicted_slots(row_meta: torch.Tensor, miss_rate: float) -> torch.Tensor:
+    """The ``staged`` entries to forget each step: the first ``ceil(miss_rate n)`` slots of every
+    host-tier row (a steady step fills them, lowest first, with its ``n`` chunks)."""
+    m = row_meta.reshape(-1, row_meta.shape[-1]).to(torch.int64).cpu()
+    m = m[m[:, STAGE_SLOTS] > 0]
+    count = torch.ceil(miss_rate * m[:, NUM_SEL].double()).to(torch.int64)
+    starts = torch.repeat_interleave(m[:, STAGE_START], count)
+    offsets = torch.arange(int(count.sum())) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count
+    )
+    return (starts + offsets).to(row_meta.device)
 
 
 class Runner:
@@ -543,12 +625,88 @@ def speed(
     return rows
 
 
+def measured_miss_rate() -> float:
+    """Steady-state share of a step's chunks copied from the host at 10 % with the default
+    staging slack, as ``bench/host_tier_traffic.py`` measured it (else a default)."""
+    path = RESULTS / "host_tier_traffic.json"
+    if not path.exists():
+        return DEFAULT_MISS_RATE
+    for row in json.loads(path.read_text())["rows"]:
+        if row["default"] and row["budget"] == BUDGET and row["mean_selected_chunks_per_step"]:
+            return row["mean_moved_chunks_per_step"] / row["mean_selected_chunks_per_step"]
+    return DEFAULT_MISS_RATE
+
+
+def host_tier(
+    device: str, dtype: torch.dtype, small: bool, repeats: int, index: Index, miss_rate: float
+) -> list[dict[str, Any]]:
+    """``compact`` requests whose dynamic heads stage ``miss_rate`` of their chunks from a pinned
+    host tier each step: captured in a CUDA graph (host tier included), equal to the eager
+    step, and timed beside the same requests in place and beside dense."""
+    shapes = DRY_SHAPES[-1:] if small else HOST_SHAPES
+    layers = 2 if small else 28
+    rows = []
+    for batch, context in tqdm(shapes, desc="host tier"):
+        in_place = Step(batch, context, layers, device, dtype, index)
+        kv = (in_place.keys, in_place.values)
+        staged = Step(batch, context, layers, device, dtype, index, miss_rate=miss_rate, kv=kv)
+        staged.hybridkv()  # the first step fills every slot
+        eager = [t.clone() for t in staged.hybridkv()]
+        runner = Runner(staged.hybridkv, device)
+        replayed = [t.clone() for t in runner()]
+        moves_before = staged.meta.moves.sum(dim=0)
+        steps = 3
+        for _ in range(steps):
+            runner()
+        moved, selected = ((staged.meta.moves.sum(dim=0) - moves_before) / steps).tolist()
+        dense, sparse = Runner(in_place.dense, device), Runner(in_place.hybridkv, device)
+        timed = time_runners(
+            [(dense, lambda: None), (sparse, in_place.host_lookup), (runner, staged.host_lookup)],
+            device,
+            repeats,
+        )
+        (dense_ms, _), (in_place_ms, _), (host_ms, host_host_ms) = timed
+        chunk_bytes = 2 * CHUNK * HEAD_DIM * torch.empty((), dtype=dtype).element_size()
+        rows.append(
+            {
+                "batch": batch,
+                "context": context,
+                "layers": layers,
+                "budget": BUDGET,
+                "staging_slack": STAGING_SLACK,
+                "miss_rate": miss_rate,
+                "moved_chunks_per_step": moved,
+                "selected_chunks_per_step": selected,
+                "h2d_bytes_per_step": moved * chunk_bytes,
+                "dense_ms": dense_ms,
+                "in_place_ms": in_place_ms,
+                "host_tier_ms": host_ms,
+                "host_tier_host_ms": host_host_ms,
+                "host_tier_over_in_place": host_ms / in_place_ms,
+                "speedup": dense_ms / host_ms,
+                "graph_captured": runner.graph is not None,
+                "rel_err_graph": max(_rel_err(a, b) for a, b in zip(replayed, eager, strict=True)),
+            }
+        )
+        del in_place, staged, runner, dense, sparse
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 GOALS = {(8, 32768): 3.0, (32, 32768): 5.0, (1, 131072): 1.4}
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """The issue's targets, table build included."""
+def goals(rows: list[dict[str, Any]], host_rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """The issues' targets, table build included."""
     out = {}
+    for r in host_rows:
+        at = f"batch {r['batch']}, {r['context']}"
+        out[f"compact host-tier step <= 1.3x in place at {at}"] = (
+            r["host_tier_over_in_place"] <= 1.3
+        )
+        if r["batch"] == 32:
+            out[f"compact host-tier step >= 2x dense at {at}"] = r["speedup"] >= 2.0
     for r in rows:
         want = GOALS.get((r["batch"], r["context"]))
         if want is not None:
@@ -595,6 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bound-precision", choices=("kv", "uint8"), default=BOUND_PRECISION, help="bounds dtype"
     )
+    parser.add_argument(
+        "--miss-rate",
+        type=float,
+        default=measured_miss_rate(),
+        help="host-tier case: share of a step's chunks copied from the host (default: measured "
+        "by bench/host_tier_traffic.py at 10 %%)",
+    )
     args = parser.parse_args(argv)
     if args.plot is not None:
         payload = json.loads(args.plot.read_text())
@@ -615,9 +780,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     checks = check_kernels(device, dtype, args.dry_run)
     checks += check_tables(device, dtype, args.dry_run, index)
+    repeats = 2 if args.dry_run else args.repeats
+    rows = speed(device, dtype, args.dry_run, repeats, index)
+    host_rows = host_tier(device, dtype, args.dry_run, repeats, index, args.miss_rate)
+    checks += [
+        {
+            "check": f"captured compact host-tier step vs the eager step (batch {r['batch']})",
+            "graph_captured": r["graph_captured"],
+            "rel_err_graph": r["rel_err_graph"],
+        }
+        for r in host_rows
+    ]
     for check in checks:
         check["passed"] = passed(check, dtype)
-    rows = speed(device, dtype, args.dry_run, 2 if args.dry_run else args.repeats, index)
     name = device_name(device)
     payload = {
         "benchmark": "gpu_check",
@@ -634,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - started,
         "checks": checks,
         "speed": rows,
-        "goals": goals(rows),
+        "host_tier": host_rows,
+        "goals": goals(rows, host_rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"gpu_check_{name}.json"
