@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -557,15 +558,40 @@ class DecodeMetadata:
         tail = seq_lens - self.prompt_lens[pool_rows]
         return int((prompt + self.num_kv_heads * tail).sum())
 
-    def host_tier_moves(self, pool_row: int) -> tuple[int, int]:
-        """``(moved, selected)`` host-tier chunks of the request on ``pool_row`` so far (one
-        read from the device: once per request, at its release)."""
+    def host_tier_moves(self, pool_row: int) -> PendingMoves | None:
+        """The request on ``pool_row``'s host-tier ``(moved, selected)`` chunk counters, copied
+        to the host without waiting (the step that wrote them may still run; a later add on
+        the same slot clears them after this copy, in stream order). ``None``: no host tier."""
         with self._lock:
             held = self._held.get(pool_row)
         if held is None or held.stages[1] == 0:
-            return 0, 0
-        moved, selected = self.moves[held.slot].tolist()
-        return int(moved), int(selected)
+            return None
+        on_cuda = self.device.type == "cuda"
+        counts = torch.empty(2, dtype=torch.int64, pin_memory=on_cuda)
+        counts.copy_(self.moves[held.slot], non_blocking=on_cuda)
+        done = None
+        if on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return PendingMoves(counts, done)
+
+
+@dataclass(frozen=True)
+class PendingMoves:
+    """A request's host-tier counters on their way to the host."""
+
+    counts: Tensor
+    """``[2]`` int64 host: chunks moved, chunks selected (valid once :attr:`done` is)."""
+    done: Any
+    """The CUDA event after the copy (``None``: the copy is complete)."""
+
+    def ready(self, wait: bool) -> bool:
+        if self.done is None:
+            return True
+        if wait:
+            self.done.synchronize()
+            return True
+        return bool(self.done.query())
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from hybridkv_sglang.runtime.session.compressed_requests import (
 from hybridkv_sglang.runtime.session.extend_batches import ExtendBatches
 from hybridkv_sglang.runtime.session.stats import HybridKVStats
 from hybridkv_sglang.runtime.session.window_queries import WindowQueryTails
-from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, request_rows
+from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, PendingMoves, request_rows
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class SchedulerSession:
         self.requests = CompressedRequests()
         self.window_tails = WindowQueryTails(config.window)
         self.extend_batches = ExtendBatches()
+        self._pending_moves: list[tuple[str, PendingMoves]] = []
+        """Released host-tier requests whose move counters are still on their way to the host
+        (read without waiting, so a release never stalls the overlap scheduler)."""
         self.backend: Any = None
         """The process's ``hybridkv`` attention backend (the decode-graph hooks ask it)."""
 
@@ -177,13 +180,15 @@ class SchedulerSession:
         # speculative decoding), which reads a config namespace a unit test does not publish.
         prefill_only = req.sampling_params.max_new_tokens == 0
         entry = self.requests.pop(req.rid)
-        moves = (0, 0)
-        if entry is not None and entry.compact is not None and entry.compact.on_host:
-            assert self.decode_meta is not None
-            moves = self.decode_meta.host_tier_moves(entry.req_pool_idx)
-        self.stats.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only, moves)
+        self.stats.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only)
         if entry is None:
             return
+        if entry.compact is not None and entry.compact.on_host:
+            assert self.decode_meta is not None
+            pending = self.decode_meta.host_tier_moves(entry.req_pool_idx)
+            if pending is not None:
+                self._pending_moves.append((req.rid, pending))
+        self._count_host_tier_moves(wait=False)
         if self.decode_meta is not None:
             self.decode_meta.release(entry.req_pool_idx)
         if entry.compact is not None:
@@ -203,8 +208,20 @@ class SchedulerSession:
         """KV slots compact entries hold now (SGLang's memory check counts them as owned)."""
         return 0 if self.compact_storage is None else self.compact_storage.live_slots
 
+    def _count_host_tier_moves(self, wait: bool) -> None:
+        """Count the released requests' host-tier moves whose copies arrived (all: ``wait``)."""
+        waiting = []
+        for rid, pending in self._pending_moves:
+            if pending.ready(wait):
+                moved, selected = pending.counts.tolist()
+                self.stats.record_host_tier_moves(rid, moved, selected)
+            else:
+                waiting.append((rid, pending))
+        self._pending_moves = waiting
+
     def snapshot(self, scheduler: Any = None) -> dict[str, Any]:
         """The stats snapshot ``/server_info`` shows, with SGLang's pool counts beside ours."""
+        self._count_host_tier_moves(wait=True)
         return self.stats.snapshot(
             live_compressed=len(self.requests), memory=self.memory(scheduler)
         )

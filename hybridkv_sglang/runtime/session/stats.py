@@ -116,16 +116,9 @@ class HybridKVStats:
                 self._recent.popitem(last=False)
             self._unreleased[rid] = stats
 
-    def record_release(
-        self,
-        rid: str,
-        decode_steps: int,
-        prefill_only: bool,
-        host_tier_moves: tuple[int, int] = (0, 0),
-    ) -> None:
+    def record_release(self, rid: str, decode_steps: int, prefill_only: bool) -> None:
         """At each release of a request's KV: count its last prefill end, with the decode steps
-        it took and its host-tier ``(moved, selected)`` chunks (counted once, not per step); a
-        prefill-only request's record is dropped."""
+        it took (counted once, not per step); a prefill-only request's record is dropped."""
         with self._lock:
             record = self._unreleased.pop(rid, None)
             if record is None:
@@ -135,8 +128,18 @@ class HybridKVStats:
                     del self._recent[rid]
                 return
             record.decode_steps = decode_steps
-            record.staged_chunks_moved, record.staged_chunks_selected = host_tier_moves
             self._count(record)
+
+    def record_host_tier_moves(self, rid: str, moved: int, selected: int) -> None:
+        """A released host-tier request's chunks selected and copied over its decode (they reach
+        the host after its release)."""
+        with self._lock:
+            self._totals["staged_chunks_selected"] += selected
+            self._totals["staged_chunks_moved"] += moved
+            record = self._recent.get(rid)
+            if record is not None:
+                record.staged_chunks_selected = selected
+                record.staged_chunks_moved = moved
 
     def _count(self, record: RequestStats) -> None:
         """Totals and Prometheus series for one released record (the caller holds the lock)."""
@@ -150,8 +153,6 @@ class HybridKVStats:
             totals["read_bytes_per_step"] += record.read_bytes_per_step
             totals["prompt_bytes"] += record.prompt_bytes
             totals["index_bytes"] += record.index_bytes
-            totals["staged_chunks_selected"] += record.staged_chunks_selected
-            totals["staged_chunks_moved"] += record.staged_chunks_moved
             if record.over_budget:
                 totals["over_budget_requests"] += 1
         else:

@@ -202,7 +202,7 @@ def test_lookm_compaction_merges_each_heads_evicted_kv_into_its_kept_entries():
                 v[prompt[gone], head],
             )
     storage = CompactStorage(pool, LAYERS, None, decode_meta=None)
-    slots = allocator.alloc(compact_shape(layout, False).num_slots)
+    slots = allocator.alloc(compact_shape(layout, None).num_slots)
     built, copies = build_compact_layout(layout, prompt, slots, None)
     storage.fill(copies)
     storage.merge_evicted(built, prompt)

@@ -71,6 +71,33 @@ def test_a_request_is_visible_at_prefill_end_and_counted_once_at_release(stats, 
     assert _sample(registry, "sglang:hybridkv_compressed_requests_total") == 1
 
 
+def test_a_compacted_record_holds_what_compaction_took(stats):
+    """Device bytes as taken (slots and metadata), staging state read each step, host moves
+    counted when their counters reach the host (after the release)."""
+    stats.record_prefill_end(_record("c"))
+    done = SimpleNamespace(
+        slots=40,
+        host_chunks=9,
+        dynamic_tier="host",
+        host_tier_full=False,
+        device_bytes=150 * ENTRY_BYTES,
+        host_bytes=600 * ENTRY_BYTES,
+        staging_bytes=64,
+    )
+    stats.record_compaction("c", done, None)
+    stats.record_release("c", decode_steps=8, prefill_only=False)
+    stats.record_host_tier_moves("c", moved=12, selected=80)
+    seen = stats.snapshot()
+    record = seen["requests"]["c"]
+    assert record["storage"] == "compact"
+    assert record["device_fraction"] == pytest.approx(150 / 1200)
+    assert record["host_fraction"] == pytest.approx(600 / 1200)
+    assert record["read_bytes_per_step"] == 120 * ENTRY_BYTES + 64
+    assert record["staged_chunks_moved"] == 12 and record["staged_chunks_selected"] == 80
+    assert seen["totals"]["staged_chunks_moved"] == 12
+    assert seen["totals"]["read_bytes_per_step"] == 120 * ENTRY_BYTES + 64
+
+
 def test_a_prefill_only_request_leaves_no_record_and_no_count(stats, registry):
     """The prefix-caching request SGLang sends ahead of an ``n > 1`` request's samples."""
     stats.record_prefill_end(_record("warmup"))
@@ -92,7 +119,15 @@ def test_a_retracted_request_counts_each_prefill_end(stats):
 
 
 def test_prometheus_series_agree_with_the_totals(stats, registry):
-    compaction = SimpleNamespace(slots=64, host_chunks=0, dynamic_tier="device", host_tier_full=0)
+    compaction = SimpleNamespace(
+        slots=64,
+        host_chunks=0,
+        dynamic_tier="device",
+        host_tier_full=0,
+        device_bytes=130 * ENTRY_BYTES,
+        host_bytes=0,
+        staging_bytes=0,
+    )
     for rid in ("in_place", "compact", "not_compacted"):
         stats.record_prefill_end(_record(rid))
     stats.record_compaction("compact", compaction, None)
