@@ -10,8 +10,9 @@ kernel). The first step moves every selected chunk (the slots start empty), so i
 apart; the rest is the steady state. Host-to-device bytes are chunks x ``chunk_size`` x the pool's
 K+V bytes per entry, as a fraction of the request's dense prompt KV bytes.
 
-Accuracy is prefix match (the answer, then anything); ``same_as_in_place`` counts questions
-whose whole reply equals the ``in_place`` server's at the same budget (the same plan).
+Accuracy: the reply starts with the answer (normalized as the quality task does; what follows
+is the forced continuation); ``same_as_in_place`` counts questions whose whole reply equals the
+``in_place`` server's at the same budget (the same plan).
 
 The PCIe projection scales the steady-state fraction to Qwen2.5-VL-7B's dense prompt KV at 32K
 context (28 layers, 4 kv heads, D 128, bf16: 1.88 GB a request) at batch 8 and 32, over PCIe 5.0
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality import message_list, tile_cases  # noqa: E402
 from hybridkv_sglang.config import HybridKVConfig  # noqa: E402
 from hybridkv_sglang.report import merged_snapshot  # noqa: E402
-from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, is_correct  # noqa: E402
+from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, normalize  # noqa: E402
 from hybridkv_sglang.testing.server import launch_server  # noqa: E402
 
 MODEL = ROOT / "bench" / "quality_model"
@@ -126,6 +127,11 @@ def traffic(record: dict[str, Any], chunk_size: int, entry_bytes: int) -> dict[s
     }
 
 
+def answered(reply: str, answers: list[str]) -> bool:
+    """The reply opens with one of the answers (the rest is the forced continuation)."""
+    return any(normalize(reply).startswith(normalize(answer)) for answer in answers)
+
+
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -133,7 +139,7 @@ def mean(values: list[float]) -> float | None:
 def summarize(
     budget: float, slack: float | None, run: dict, reference: dict, cases: list, chunk: int
 ) -> dict[str, Any]:
-    correct = [is_correct(run["replies"][c.case_id], c.turns[0].answers, "prefix") for c in cases]
+    correct = [answered(run["replies"][c.case_id], c.turns[0].answers) for c in cases]
     same = [run["replies"][c.case_id] == reference["replies"][c.case_id] for c in cases]
     flows = [
         t
@@ -251,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     runs = [(b, s) for b in args.budgets for s in [None, *args.slacks]]
     reference: dict[float, dict] = {}
+    replies: dict[str, dict[str, str]] = {}
     for budget, slack in tqdm(runs, desc="servers", unit="server"):
         fields = {"storage": "compact", "staging_slack": slack} if slack is not None else {}
         config = HybridKVConfig(**common, budget=budget, **fields)
         tag = f"b{budget:g}-" + ("in_place" if slack is None else f"slack{slack:g}")
         run = run_server(config, cases, args, tag)
+        replies[tag] = run["replies"]
         if slack is None:
             reference[budget] = run
         rows.append(summarize(budget, slack, run, reference[budget], cases, chunk))
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "reads is checked op by op in tests/unit/runtime/test_graph_replay.py",
         "rows": rows,
         "pcie_projection": pcie_projection(rows),
+        "replies": replies,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
