@@ -79,6 +79,9 @@ from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entrie
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CROSSOVER_TABLE = (
+    Path(__file__).resolve().parents[1] / "hybridkv_sglang/runtime/decode/crossover.json"
+)
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 GROUP = Q_HEADS // KV_HEADS
 SCALE = HEAD_DIM**-0.5
@@ -694,6 +697,28 @@ def host_tier(
     return rows
 
 
+def crossover_points(rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Per context, the smallest measured batch whose hybridkv step beat dense (batches between
+    two measured ones count as the larger: the runtime decodes dense below it)."""
+    points = []
+    for context in sorted({r["context"] for r in rows}):
+        runs = sorted((r["batch"], r["speedup"]) for r in rows if r["context"] == context)
+        faster = [batch for batch, speedup in runs if speedup >= 1.0]
+        points.append([context, faster[0] if faster else runs[-1][0] + 1])
+    return points
+
+
+def update_crossover(results: Path) -> None:
+    """Merge a device check's crossover into the runtime's table (``crossover.json``)."""
+    payload = json.loads(results.read_text())
+    if payload.get("dry_run"):
+        raise SystemExit(f"{results}: a dry run measures no device")
+    table = json.loads(CROSSOVER_TABLE.read_text())
+    table[payload["device"]] = crossover_points(payload["speed"])
+    CROSSOVER_TABLE.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"{payload['device']}: {table[payload['device']]} -> {CROSSOVER_TABLE}")
+
+
 GOALS = {(8, 32768): 3.0, (32, 32768): 5.0, (1, 131072): 1.4}
 
 
@@ -748,6 +773,13 @@ def main(argv: list[str] | None = None) -> int:
         "--plot", type=Path, default=None, help="only draw the PNG of an existing results JSON"
     )
     parser.add_argument(
+        "--update-crossover",
+        type=Path,
+        default=None,
+        help="only merge an existing results JSON's dense/sparse crossover into the runtime's "
+        "table (hybridkv_sglang/runtime/decode/crossover.json)",
+    )
+    parser.add_argument(
         "--bound-channels", type=int, default=BOUND_CHANNELS, help="key channels a bound covers"
     )
     parser.add_argument(
@@ -761,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         "by bench/host_tier_traffic.py at 10 %%)",
     )
     args = parser.parse_args(argv)
+    if args.update_crossover is not None:
+        update_crossover(args.update_crossover)
+        return 0
     if args.plot is not None:
         payload = json.loads(args.plot.read_text())
         plot(payload["speed"], payload["device"], args.plot.with_suffix(".png"))
@@ -810,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "speed": rows,
         "host_tier": host_rows,
+        "crossover": crossover_points(rows),
         "goals": goals(rows, host_rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

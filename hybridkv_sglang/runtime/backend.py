@@ -20,6 +20,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from hybridkv_sglang.attention.folded_decode import FoldedDecode
 from hybridkv_sglang.config import HybridKVConfig, HybridKVConfigError
 from hybridkv_sglang.policy import CompressionPolicy, build_policy
+from hybridkv_sglang.runtime.decode.crossover import Crossover
 from hybridkv_sglang.runtime.decode.graph_variants import (
     DENSE,
     SPARSE,
@@ -49,6 +50,7 @@ class HybridKVAttnBackend(AttentionBackend):
         session: SchedulerSession,
         num_layers: int,
         folded: FoldedDecode | None = None,
+        crossover: Crossover | None = None,
     ) -> None:
         super().__init__()
         self.dense = dense
@@ -71,6 +73,9 @@ class HybridKVAttnBackend(AttentionBackend):
         self._last_rows = np.zeros(0, dtype=np.int64)
         """Host pool rows of the batch ``_last_rows_cpu`` came with (see batch_is_sparse)."""
         self._last_sparse = False
+        self._last_crossover = False
+        """The last batch holds compressed requests but decodes dense: below the crossover."""
+        self.crossover = crossover or Crossover()
         self._on_cuda = torch.cuda.is_available()
         self._delegate_base_api()
 
@@ -108,9 +113,26 @@ class HybridKVAttnBackend(AttentionBackend):
             return False
         if rows_cpu is not self._last_rows_cpu:
             self._last_rows_cpu = rows_cpu
-            self._last_rows = batch_pool_rows(forward_batch)
-            self._last_sparse = self.decode_meta.batch_has_compressed(self._last_rows)
+            rows = self._last_rows = batch_pool_rows(forward_batch)
+            compressed = self.decode_meta.batch_has_compressed(rows)
+            self._last_crossover = compressed and self._dense_is_faster(forward_batch, rows)
+            self._last_sparse = compressed and not self._last_crossover
         return self._last_sparse
+
+    def _dense_is_faster(self, forward_batch: Any, rows: Any) -> bool:
+        """Below the device's crossover a batch of in-place requests decodes dense (host only:
+        batch size and the host's sequence lengths)."""
+        if len(rows) >= self.crossover.largest_min_batch:
+            return False
+        if self.decode_meta.compact_rows[rows].any():
+            return False
+        context = int(_host_seq_lens(forward_batch).max())
+        return self.crossover.prefers_dense(len(rows), context)
+
+    def _count_dense_step(self) -> None:
+        self.stats.count("dense_decode_steps")
+        if self._last_crossover:
+            self.stats.count("dense_crossover_steps")
 
     def select_graph_variant(self, forward_batch: Any) -> str:
         """SGLang's variant choice before a replay (remembered for the replay's metadata)."""
@@ -166,7 +188,7 @@ class HybridKVAttnBackend(AttentionBackend):
             self.stats.count("sparse_decode_steps")
             return
         if mode.is_decode():
-            self.stats.count("dense_decode_steps")
+            self._count_dense_step()
         self.dense.init_forward_metadata(forward_batch)
         if mode == ForwardMode.EXTEND:
             self._on_extend_metadata(forward_batch)
@@ -197,7 +219,7 @@ class HybridKVAttnBackend(AttentionBackend):
         variant = capture_variant() if in_capture else self._selected_variant
         if self.folded is None or variant != SPARSE:
             if not in_capture:
-                self.stats.count("dense_decode_steps")
+                self._count_dense_step()
             return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
         self._sparse_step = True
         if not in_capture:

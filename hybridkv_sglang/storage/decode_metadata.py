@@ -343,6 +343,9 @@ class DecodeMetadata:
         """Host mirror: each row's most retrievable chunks of a dynamic row (0: none)."""
         self.num_selected = np.zeros(pool_rows, dtype=np.int64)
         """Host mirror: each row's most chunks retrieved per step by a dynamic row."""
+        self.compact_rows = np.zeros(pool_rows, dtype=np.bool_)
+        """Host mirror: rows whose request reads compact entries (no dense prefix to fall back
+        on)."""
         self._lock = threading.Lock()
         self._free_slots = list(range(max_requests - 1, -1, -1))
         self._fixed = RangeAllocator(fixed_capacity)
@@ -482,6 +485,7 @@ class DecodeMetadata:
         self.prompt_lens[pool_row] = rows.prompt_len
         self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
         self.num_selected[pool_row] = int(rows.meta[..., NUM_SEL].max())
+        self.compact_rows[pool_row] = bool(rows.meta[..., DIRECT].any())
         return True
 
     def release(self, pool_row: int) -> None:
@@ -496,6 +500,7 @@ class DecodeMetadata:
             self.prompt_lens[pool_row] = 0
             self.num_chunks[pool_row] = 0
             self.num_selected[pool_row] = 0
+            self.compact_rows[pool_row] = False
 
     def table_bounds(self, pool_row: int) -> tuple[int, int, int]:
         """Host mirror: a row's prompt-part table entries, most chunks and most selected chunks

@@ -81,6 +81,11 @@ class HybridKVMetrics:
             "Decode forward passes, over the compressed tables (sparse) or the dense backend.",
             ("path",),
         )
+        crossover_steps = counter(
+            "dense_crossover_steps",
+            "Decode batches holding compressed in-place requests that ran dense: below the "
+            "device's crossover the dense step is faster (also counted in decode_steps).",
+        )
         graph_fallbacks = counter(
             "graph_fallbacks",
             "Decode batches with compressed requests that ran eagerly: the graph buffers were "
@@ -96,6 +101,7 @@ class HybridKVMetrics:
             "sparse_decode_steps": decode_steps.labels(**self.labels, path="sparse"),
             "dense_decode_steps": decode_steps.labels(**self.labels, path="dense"),
             "graph_fallbacks": graph_fallbacks.labels(**self.labels),
+            "dense_crossover_steps": crossover_steps.labels(**self.labels),
         }
 
     def count(self, name: str, n: int) -> None:

@@ -17,6 +17,7 @@ from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+from hybridkv_sglang.runtime.decode.crossover import Crossover
 from hybridkv_sglang.runtime.hooks.installation import verify_hooks
 from hybridkv_sglang.runtime.prefill.tensor_parallel import AttentionTP
 from hybridkv_sglang.runtime.session.compact_storage import CompactStorage
@@ -70,7 +71,11 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
         compact_storage=storage,
         tp=AttentionTP.of_model_runner(model_runner),
     )
-    backend = HybridKVAttnBackend(dense, session, num_layers, folded)
+    device = torch.device(model_runner.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    crossover = Crossover.for_device(device.type, name)
+    logger.info("hybridkv: dense below the crossover %s (%s)", crossover.points, name or device)
+    backend = HybridKVAttnBackend(dense, session, num_layers, folded, crossover)
     session.backend = backend
     open_session(session)
     return backend

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybridkv_sglang.config import HybridKVConfig
 from hybridkv_sglang.runtime.backend import HybridKVAttnBackend
+from hybridkv_sglang.runtime.decode.crossover import Crossover
 from hybridkv_sglang.runtime.decode.graph_variants import DENSE, SPARSE
 from hybridkv_sglang.runtime.hooks.scheduler import (
     limit_graph_to_fit,
@@ -269,3 +270,28 @@ def test_a_request_whose_records_fail_is_served_dense(served):
     assert backend.decode_meta.usage()["requests"] == 2  # the others are untouched
     record = backend.stats.snapshot()["requests"]["r-broken"]
     assert not record["compressed"] and record["dense_reason"] == "compression_error"
+
+
+def test_small_in_place_batches_decode_dense_below_the_crossover(served):
+    """Below the device's crossover a batch of in-place requests replays the dense graph
+    (stock speed, full-cache answers), counted; compact requests cannot fall back."""
+    backend, _ = served
+    backend.crossover = Crossover(((4096, 3), (1 << 20, 2)))
+    compact = bool(backend.decode_meta.compact_rows[[2, 3]].any())
+    batch = _forward_batch([2, 3])  # the graph's batch: its size is what the step costs
+    assert backend.select_graph_variant(batch) == (SPARSE if compact else DENSE)
+    backend.init_forward_metadata_out_graph(batch)
+    totals = backend.stats.snapshot()["totals"]
+    assert totals.get("dense_crossover_steps", 0) == (0 if compact else 1)
+    assert backend.select_graph_variant(_forward_batch([1, 2, 3])) == SPARSE  # at the crossover
+
+
+@pytest.mark.parametrize(
+    ("batch", "context", "dense"),
+    [(1, 1000, True), (7, 32768, True), (8, 32768, False), (4, 200_000, True), (9, 10, False)],
+)
+def test_the_crossover_table_of_a_measured_device(batch, context, dense):
+    h200 = Crossover.for_device("cuda", "NVIDIA H200")
+    assert h200.prefers_dense(batch, context) is dense
+    assert Crossover.for_device("cuda", "an unknown GPU").prefers_dense(batch, context) is dense
+    assert not Crossover.for_device("cpu", None).prefers_dense(batch, context)
