@@ -435,6 +435,7 @@ def build_configs(args: argparse.Namespace) -> list[EvalConfig]:
         "window": args.window,
         **model_settings(args),
         "min_prompt_tokens": args.min_prompt_tokens,
+        "dense_below_crossover": False,  # answers of the compressed cache at every batch size
         **extra,
     }
     variants = {**VARIANTS, **dict(parse_variant(v) for v in args.variant)}

@@ -92,6 +92,13 @@ class _ConfigBase(BaseModel):
         "kernel and the table kernels; no host plan, CUDA-graph safe), torch (the reference "
         "twins; the CPU path) or auto (triton on GPUs, torch on CPU)",
     )
+    dense_below_crossover: bool = Field(
+        True,
+        description="on GPUs, a decode batch of in-place requests smaller than the device's "
+        "measured crossover (runtime/decode/crossover.json; batch 8 on unknown GPUs) replays "
+        "the wrapped backend's dense graph, which is faster there (full-cache answers); false "
+        "decodes compressed requests sparse at every batch size (to measure answers)",
+    )
     decode_max_kv_splits: int = Field(
         64,
         ge=1,

@@ -73,7 +73,9 @@ def create_hybridkv_backend(model_runner: Any) -> HybridKVAttnBackend:
     )
     device = torch.device(model_runner.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    crossover = Crossover.for_device(device.type, name)
+    crossover = Crossover()  # sparse at every batch size
+    if config.dense_below_crossover:
+        crossover = Crossover.for_device(device.type, name)
     logger.info("hybridkv: dense below the crossover %s (%s)", crossover.points, name or device)
     backend = HybridKVAttnBackend(dense, session, num_layers, folded, crossover)
     session.backend = backend
