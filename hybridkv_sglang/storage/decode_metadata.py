@@ -738,9 +738,10 @@ def reserve_fraction(
     min_prompt_tokens: int = 256,
     fixed_fraction: float = 1.0,
     top_k_chunks: int = 8,
+    staging_slack: float | None = 1.0,
 ) -> float:
     """The decode metadata's reserve over the KV pool's own bytes, per token, at these shapes
-    and settings (the defaults are the config's)."""
+    and settings (the defaults are the config's; ``staging_slack=None``: no host tier)."""
     sizing = PoolSizing.of(
         fixed_fraction,
         max_dynamic_fraction,
@@ -752,6 +753,7 @@ def reserve_fraction(
         uint8_bounds=uint8_bounds,
         min_prompt_tokens=min_prompt_tokens,
         top_k_chunks=top_k_chunks,
+        staging_slack=staging_slack,
     )
     kv = 2 * head_dim * kv_bytes * num_layers * num_kv_heads
     return sizing.bytes_per_token(num_layers, num_kv_heads, head_dim, kv_bytes) / kv

@@ -25,6 +25,10 @@ CODES = {"bound_channels": 16, "bound_precision": "uint8"}
 SCRATCH = 8 * (8 / (32 * 16) + 8 / 256) + 4 * 8 / 256
 """Retrieval scratch per dynamic prompt entry at k = 8, chunks of 16, rows of 256 entries or
 more: 8-byte candidates, k per 32 chunks and k per row; 4-byte selected ids, k per row."""
+STAGING = 8 * min(16 / 256, 1 / 16) + 4 / 16
+"""Compact with a host tier, per dynamic prompt entry: 8 bytes of state per staging slot (2k =
+16 slots per row at the default slack 1, at most one per chunk) and a 4-byte host chunk id per
+chunk."""
 
 
 @pytest.mark.parametrize(
@@ -52,7 +56,8 @@ def test_pools_add_their_bytes_per_kv_token(
     with get_parallel().override(attn_tp_size=1), caplog.at_level("INFO"):
         got = add_decode_metadata_bytes(kv_bytes, None, _kvc("hybridkv"), 28)
         stock = add_decode_metadata_bytes(kv_bytes, None, _kvc("flashinfer"), 28)
-    bound = (chunk_bytes / 16 + param_bytes / 256 + SCRATCH) * bound_fraction
+    staging = STAGING if config.storage == "compact" else 0.0
+    bound = (chunk_bytes / 16 + param_bytes / 256 + SCRATCH + staging) * bound_fraction
     assert got - kv_bytes == pytest.approx(4 * 28 * (4 + bound), abs=1)
     assert stock == kv_bytes
     percent = 100 * (got - kv_bytes) / kv_bytes

@@ -246,10 +246,11 @@ def test_sized_scratch_holds_every_request_the_bounds_hold(top_k):
         assert rows * min(top_k, chunks_per_row) <= sizing.top_slots(entries)
 
 
-@pytest.mark.parametrize(("storage", "most"), [("in_place", 0.012), ("compact", 0.045)])
+@pytest.mark.parametrize(("storage", "most"), [("in_place", 0.012), ("compact", 0.048)])
 def test_codes_over_16_channels_reserve_under_5_percent_at_7b_shapes(storage, most):
     """Qwen2.5-VL-7B (28 layers, 4 kv heads, D 128, bf16) at budget 0.1, chunks of 16, half
-    the heads dynamic, k = 8: 1.1 % in place, 4.0 % compact (plain bounds: 4.5 % and 38.4 %)."""
+    the heads dynamic, k = 8: 1.1 % in place, 4.7 % compact with the host tier's staging state
+    (plain bounds: 4.5 % and 39.1 %)."""
     shapes = {"num_layers": 28, "num_kv_heads": 4, "head_dim": 128, "kv_bytes": 2}
     common = {"chunk_size": 16, "max_dynamic_fraction": 0.5, "storage": storage, "budget": 0.1}
     codes = reserve_fraction(**shapes, bound_channels=16, uint8_bounds=True, **common)
