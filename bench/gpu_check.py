@@ -236,7 +236,7 @@ class Step:
         )
         for b, r in enumerate(rows):
             assert self.meta.add(b + 1, r)
-        self.evict = torch.zeros(0, dtype=torch.int64, device=device)
+        self.evict_top = self.evict_base = torch.zeros(0, dtype=torch.int64, device=device)
         if miss_rate is not None:
             self.host_tier = tuple(
                 torch.randn(HOST_CHUNKS, CHUNK, HEAD_DIM, dtype=dtype).pin_memory()
@@ -244,7 +244,7 @@ class Step:
                 else torch.randn(HOST_CHUNKS, CHUNK, HEAD_DIM, dtype=dtype)
                 for _ in range(2)
             )
-            self.evict = _evicted_slots(self.meta.row_meta, miss_rate)
+            self.evict_top, self.evict_base = _evicted_slots(self.meta.row_meta, miss_rate)
         self.read_fraction = sum(r.prompt_entries for r in rows) / (batch * KV_HEADS * context)
         self.table_entries = max(r.prompt_entries for r in rows) * batch
         self.req_pool_indices = torch.arange(1, batch + 1, device=device)
@@ -289,8 +289,9 @@ class Step:
         host tier, the measured share of last step's staged chunks is forgotten first, so that
         share moves again."""
         folded = self.folded
-        if self.evict.numel():
-            self.meta.staged.index_fill_(0, self.evict, -1)
+        if self.evict_top.numel():
+            slots = self.meta.chunk_top[self.evict_top].to(torch.int64) + self.evict_base
+            self.meta.staged.index_fill_(0, slots, -1)
         folded.begin_step(self.req_pool_indices, self.seq_lens)
         q_rows = self.q.view(-1, GROUP, HEAD_DIM)
         outs = []
@@ -384,17 +385,20 @@ def _on_host_tier(rows: RequestRows, slack: float) -> RequestRows:
     return dataclasses.replace(rows, meta=meta, host_chunk_ids=host_ids)
 
 
-def _evicted_slots(row_meta: torch.Tensor, miss_rate: float) -> torch.Tensor:
-    """The ``staged`` entries to forget each step: the first ``ceil(miss_rate n)`` slots of every
-    host-tier row (a steady step fills them, lowest first, with its ``n`` chunks)."""
+def _evicted_slots(row_meta: torch.Tensor, miss_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the staging slots to forget each step are: ``chunk_top`` positions of the first
+    ``ceil(miss_rate n)`` selections of every host-tier row (after staging they hold the slot
+    each chunk was read from) and the row's ``STAGE_START``. The queries are fixed, so the same
+    chunks are selected next step and exactly those miss."""
     m = row_meta.reshape(-1, row_meta.shape[-1]).to(torch.int64).cpu()
     m = m[m[:, STAGE_SLOTS] > 0]
     count = torch.ceil(miss_rate * m[:, NUM_SEL].double()).to(torch.int64)
-    starts = torch.repeat_interleave(m[:, STAGE_START], count)
     offsets = torch.arange(int(count.sum())) - torch.repeat_interleave(
         torch.cumsum(count, 0) - count, count
     )
-    return (starts + offsets).to(row_meta.device)
+    tops = torch.repeat_interleave(m[:, TOP_START], count) + offsets
+    bases = torch.repeat_interleave(m[:, STAGE_START], count)
+    return tops.to(row_meta.device), bases.to(row_meta.device)
 
 
 class Runner:
@@ -647,7 +651,7 @@ def host_tier(
     host tier each step: captured in a CUDA graph (host tier included), equal to the eager
     step, and timed beside the same requests in place and beside dense."""
     shapes = DRY_SHAPES[-1:] if small else HOST_SHAPES
-    layers = 2 if small else 28
+    layers = 1 if small else 28
     rows = []
     for batch, context in tqdm(shapes, desc="host tier"):
         in_place = Step(batch, context, layers, device, dtype, index)
@@ -658,7 +662,7 @@ def host_tier(
         runner = Runner(staged.hybridkv, device)
         replayed = [t.clone() for t in runner()]
         moves_before = staged.meta.moves.sum(dim=0)
-        steps = 3
+        steps = 1 if small else 3
         for _ in range(steps):
             runner()
         moved, selected = ((staged.meta.moves.sum(dim=0) - moves_before) / steps).tolist()

@@ -20,15 +20,20 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
     assert result["dry_run"] is True
     names = [c["check"] for c in result["checks"]]
-    assert len(names) == 8 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert len(names) == 9 and all(c["passed"] for c in result["checks"]), result["checks"]
     assert any("captured hybridkv step" in n for n in names)
+    assert any("captured compact host-tier step" in n for n in names)
+    (host,) = result["host_tier"]
+    assert host["graph_captured"] is False and host["host_tier_ms"] > 0  # eager on CPU
+    assert 0 < host["moved_chunks_per_step"] < host["selected_chunks_per_step"]
+    assert [context for context, _ in result["crossover"]] == [256]
     # retrieval over the timed index (8-bit codes over 16 channels) and over plain bounds
     assert [n for n in names if n.startswith("chunk_retrieval")] == [
         "chunk_retrieval compiled vs ref, 16 channels of torch.uint8 bounds",

@@ -217,7 +217,7 @@ def test_twins_list_each_row_by_definition():
             if slot < 0:
                 want = [tokens[p] * heads + h for p in range(seq)]
             else:
-                m = batch.row_meta[slot, layer, h].tolist()
+                m = batch.row_meta[slot, layer, h, : TOP_START + 1].tolist()
                 fixed = batch.fixed_values.tolist()
                 start, pre, pstart, post, tail, nsel, _, first, _, cbase, direct, _, _, at = m
                 want = [v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]]
