@@ -8,9 +8,9 @@ them from the host tier into the KV pool, and rewrites the row's ``chunk_top`` t
 numbers, so :func:`fill_folded_indices` reads staging slot ``s`` (a ``DIRECT`` row) as chunk
 ``s``: entries ``fixed_values[CHUNK_BASE + (FIRST_CHUNK + s) * C + i]``.
 
-Each row record (``row_meta``, see :mod:`hybridkv_sglang.kernels.folded_tables`) gains three
-fields, named by :data:`STAGING_ROW_FIELDS` and passed as column indices until they join
-``ROW_FIELDS``: ``STAGE_START`` (the row's range of the ``staged`` / ``stage_age`` arenas),
+Each row record (``row_meta``, see :mod:`hybridkv_sglang.kernels.folded_tables`) has three
+staging fields, :data:`STAGING_ROW_FIELDS` (the last of ``ROW_FIELDS``; their columns are
+passed in, so the kernel reads any record layout): ``STAGE_START`` (the row's range of the ``staged`` / ``stage_age`` arenas),
 ``STAGE_SLOTS`` (``S``, its staging slots; 0: not a host-tier row) and ``HOST_START`` (its range
 of ``host_chunk_ids``, one host chunk per relative chunk ``[0, NUM_CHUNKS)``). A row of ``n =
 NUM_SEL <= S`` selected chunks:
