@@ -10,7 +10,7 @@ numbers, so :func:`fill_folded_indices` reads staging slot ``s`` (a ``DIRECT`` r
 
 Each row record (``row_meta``, see :mod:`hybridkv_sglang.kernels.folded_tables`) has three
 staging fields, :data:`STAGING_ROW_FIELDS` (the last of ``ROW_FIELDS``; their columns are
-passed in, so the kernel reads any record layout): ``STAGE_START`` (the row's range of the ``staged`` / ``stage_age`` arenas),
+passed in): ``STAGE_START`` (the row's range of the ``staged`` / ``stage_age`` arenas),
 ``STAGE_SLOTS`` (``S``, its staging slots; 0: not a host-tier row) and ``HOST_START`` (its range
 of ``host_chunk_ids``, one host chunk per relative chunk ``[0, NUM_CHUNKS)``). A row of ``n =
 NUM_SEL <= S`` selected chunks:
