@@ -230,9 +230,7 @@ class Step:
             bound_dtype=index[1],
             device=device,
             stage_capacity=sum(r.stage_slots for r in rows),
-            host_id_capacity=sum(
-                0 if r.host_chunk_ids is None else r.host_chunk_ids.numel() for r in rows
-            ),
+            host_id_capacity=sum(r.host_chunk_ids.numel() for r in rows),
         )
         for b, r in enumerate(rows):
             assert self.meta.add(b + 1, r)

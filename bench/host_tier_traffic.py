@@ -36,13 +36,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import requests
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import message_list, tile_cases  # noqa: E402
+from bench.quality import chat, message_list, tile_cases  # noqa: E402
 from hybridkv_sglang.config import HybridKVConfig  # noqa: E402
 from hybridkv_sglang.report import merged_snapshot  # noqa: E402
 from hybridkv_sglang.testing.quality_task import TILE_MODEL_SETTINGS, normalize  # noqa: E402
@@ -58,17 +57,9 @@ DEFAULT_SLACK = HybridKVConfig().staging_slack
 
 
 def ask(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid: str) -> str:
-    payload = {
-        "model": "default",
-        "messages": messages,
-        "temperature": 0.0,
-        "max_tokens": max_new_tokens,
-        "ignore_eos": True,
-        "rid": rid,
-    }
-    response = requests.post(f"{base_url}/v1/chat/completions", json=payload, timeout=1800)
-    response.raise_for_status()
-    return response.json()["choices"][0]["message"]["content"] or ""
+    """The reply, ``max_new_tokens`` long whatever the model's end of turn."""
+    body = chat(base_url, messages, max_new_tokens, rid, ignore_eos=True)
+    return body["choices"][0]["message"]["content"] or ""
 
 
 def run_server(config: HybridKVConfig, cases: list, args: argparse.Namespace, tag: str) -> dict:

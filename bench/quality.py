@@ -603,7 +603,10 @@ class StatsCollector:
         self.records.update(snapshot.get("requests", {}))
 
 
-def chat(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid: str) -> Any:
+def chat(
+    base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid: str, **extra: Any
+) -> Any:
+    """One greedy chat completion with its tokens' logprobs (``extra``: more request fields)."""
     payload = {
         "model": "default",
         "messages": messages,
@@ -611,6 +614,7 @@ def chat(base_url: str, messages: list[dict[str, Any]], max_new_tokens: int, rid
         "max_tokens": max_new_tokens,
         "logprobs": True,
         "rid": rid,
+        **extra,
     }
     response = requests.post(
         f"{base_url}/v1/chat/completions", json=payload, timeout=REQUEST_TIMEOUT_S

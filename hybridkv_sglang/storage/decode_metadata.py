@@ -22,6 +22,7 @@ the forward stream, after every forward already queued has read it (pitfalls 5 a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -89,9 +90,11 @@ class RequestRows:
     """``[P, 2, r]`` float32 device: each column's offset (``[:, 0]``) and scale (``[:, 1]``)."""
     prompt_len: int
     chunk_size: int
-    host_chunk_ids: Tensor | None = None
+    host_chunk_ids: Tensor = dataclasses.field(
+        default_factory=lambda: torch.empty(0, dtype=torch.int32)
+    )
     """``[M]`` int32 device: the host-tier chunk of each retrievable chunk of each host-tier
-    dynamic row, row after row (``None``: no row on the host tier)."""
+    dynamic row, row after row (empty: no row on the host tier)."""
 
     @property
     def device_bytes(self) -> int:
@@ -100,8 +103,8 @@ class RequestRows:
         tensors = (self.fixed_values, self.kmin, self.kmax, self.bound_channels, self.bound_affine)
         held = sum(t.numel() * t.element_size() for t in tensors)
         scratch = CANDIDATE_BYTES * self.candidate_slots + SELECTED_BYTES * self.top_slots
-        host_ids = 0 if self.host_chunk_ids is None else self.host_chunk_ids.numel()
-        return held + scratch + STAGE_SLOT_BYTES * self.stage_slots + HOST_ID_BYTES * host_ids
+        host_ids = HOST_ID_BYTES * self.host_chunk_ids.numel()
+        return held + scratch + STAGE_SLOT_BYTES * self.stage_slots + host_ids
 
     @property
     def stage_slots(self) -> int:
@@ -142,7 +145,7 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
     kmaxs: list[Tensor] = []
     channels: list[Tensor] = []
     affines: list[Tensor] = []
-    used = bounds = candidates = tops = stages = 0
+    used = bounds = candidates = tops = stages = host_at = 0
     host_ids: list[Tensor] = []
     staging = 0 if compact is None else compact.staging_slots
     n_sel = dyn.num_selected(plan.top_k_chunks)
@@ -182,10 +185,10 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
             on_host = stored.host_chunks is not None
             _, window_start, window_end = dynamic_row_locals(dyn, staging if on_host else None)
             if on_host:
-                row[STAGE_START], row[STAGE_SLOTS] = stages, staging
-                row[HOST_START] = sum(t.numel() for t in host_ids)
+                row[STAGE_START], row[STAGE_SLOTS], row[HOST_START] = stages, staging, host_at
                 host_ids.append(stored.host_chunks[j])
                 stages += staging
+                host_at += dyn.num_chunks
             values.append(region)
             row[POST_START], row[POST_LEN] = used + window_start, window_end - window_start
             row[CHUNK_BASE], row[TAIL_START], row[DIRECT] = used, plan.prompt_len, 1
@@ -212,7 +215,9 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
         torch.stack(affines).to(device=device, dtype=torch.float32),
         plan.prompt_len,
         dyn.chunk_size,
-        torch.cat(host_ids).to(device=device, dtype=torch.int32) if host_ids else None,
+        torch.cat(host_ids).to(device=device, dtype=torch.int32)
+        if host_ids
+        else torch.empty(0, dtype=torch.int32, device=device),
     )
 
 
@@ -419,7 +424,7 @@ class DecodeMetadata:
                 f"{rows.kmin.dtype} {tuple(rows.kmin.shape)}"
             )
         candidates, tops, stages = rows.candidate_slots, rows.top_slots, rows.stage_slots
-        host_ids = 0 if rows.host_chunk_ids is None else rows.host_chunk_ids.numel()
+        host_ids = rows.host_chunk_ids.numel()
         sizes = (fixed, bounds, params, candidates, tops, stages, host_ids)
         arenas = (
             self._fixed,

@@ -28,6 +28,7 @@ import torch
 
 from hybridkv_sglang.kernels.gather_entries import gather_entries_auto
 from hybridkv_sglang.policy.lookm import average_merge
+from hybridkv_sglang.runtime.session.stats import kv_entry_bytes
 from hybridkv_sglang.storage.compact_layout import (
     CompactCopies,
     CompactLayout,
@@ -85,10 +86,8 @@ class CompactStorage:
         self.decode_meta = decode_meta
         self._lock = threading.Lock()
         self.live_slots = 0
-        k, v = kv_pool.get_key_buffer(0), kv_pool.get_value_buffer(0)
-        self.slot_bytes = num_layers * (
-            k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
-        )
+        heads = kv_pool.get_key_buffer(0).shape[1]
+        self.slot_bytes = num_layers * heads * kv_entry_bytes(kv_pool)
         """K and V bytes of one pool slot over every layer and kv head."""
 
     def compact(self, req: Any, tree_cache: Any, layout: CompressedLayout) -> Compaction | None:
@@ -133,17 +132,18 @@ class CompactStorage:
         tree_cache.unlock(req.lock)
         req.lock = None
         req.skip_radix_cache_insert = True
+        taken, host_chunks = int(slots.numel()), int(compact.host_chunk_ids.numel())
         with self._lock:
-            self.live_slots += int(slots.numel())
+            self.live_slots += taken
         return Compaction(
             layout=compact,
             saved_skip_insert=saved_flag,
-            slots=int(slots.numel()),
-            host_chunks=int(compact.host_chunk_ids.numel()),
+            slots=taken,
+            host_chunks=host_chunks,
             dynamic_tier="host" if on_host else "device",
             host_tier_full=host_tier_full,
-            device_bytes=int(slots.numel()) * self.slot_bytes + rows.device_bytes,
-            host_bytes=0 if not on_host else int(host_ids.numel()) * self.host_tier.chunk_bytes,
+            device_bytes=taken * self.slot_bytes + rows.device_bytes,
+            host_bytes=host_chunks * self.host_tier.chunk_bytes if on_host else 0,
             staging_bytes=STAGE_SLOT_BYTES * rows.stage_slots,
         )
 

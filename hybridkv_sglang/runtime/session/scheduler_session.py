@@ -183,14 +183,12 @@ class SchedulerSession:
         self.stats.record_release(req.rid, max(len(req.output_ids) - 1, 0), prefill_only)
         if entry is None:
             return
-        if entry.compact is not None and entry.compact.on_host:
-            assert self.decode_meta is not None
-            pending = self.decode_meta.host_tier_moves(entry.req_pool_idx)
+        if self.decode_meta is not None:
+            pending = self.decode_meta.host_tier_moves(entry.req_pool_idx)  # None: no host tier
             if pending is not None:
                 self._pending_moves.append((req.rid, pending))
-        self._count_host_tier_moves(wait=False)
-        if self.decode_meta is not None:
             self.decode_meta.release(entry.req_pool_idx)
+        self._count_host_tier_moves(wait=False)
         if entry.compact is not None:
             assert self.compact_storage is not None
             self.compact_storage.release(entry.compact, tree_cache)

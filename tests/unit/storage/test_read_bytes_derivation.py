@@ -79,7 +79,7 @@ def _pools(rows: RequestRows) -> DecodeMetadata:
         bound_dtype=rows.kmin.dtype,
         device="cpu",
         stage_capacity=rows.stage_slots,
-        host_id_capacity=0 if rows.host_chunk_ids is None else rows.host_chunk_ids.numel(),
+        host_id_capacity=rows.host_chunk_ids.numel(),
     )
 
 
