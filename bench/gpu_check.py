@@ -56,7 +56,6 @@ from torch.nn.functional import scaled_dot_product_attention
 from tqdm import tqdm
 
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
@@ -76,6 +75,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     folded_lengths_ref,
 )
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
+from hybridkv_sglang.kernels.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata, RequestRows
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -103,15 +103,9 @@ class _ConfigBase(BaseModel):
         64,
         ge=1,
         le=256,
-        description="most KV splits of one folded row; rows get splits in proportion to their "
-        "length so that a step launches about 16 programs per GPU core",
-    )
-    decode_table_entries: int | None = Field(
-        None,
-        ge=1,
-        description="folded entries one layer's decode table may hold in CUDA graphs (int64 "
-        "each); default 2 x the largest graph batch x the context length, twice SGLang's own "
-        "index buffer; a batch needing more decodes without a graph",
+        description="most KV splits of one folded row when many rows run (raised to a fair share "
+        "when few do, at most 256); rows get splits in proportion to their length so that a "
+        "step launches about 16 programs per GPU core",
     )
     decode_metadata_fraction: float = Field(
         1.0,

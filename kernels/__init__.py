@@ -22,21 +22,24 @@ Ops:
 - ``chunk_topk``: Quest chunk scores ``[R, C_max]`` for dynamic heads + top-k chunk ids.
 - ``gather_entries``: copy kept KV entries into compact entries (folded view).
 - ``folded_tables``: one decode step's folded tables built on the device from per-request row
-  records: ``folded_lengths`` (every layer's ``kv_indptr`` and KV split counts),
-  ``chunk_retrieval`` (each dynamic row's top chunks by the Quest bound) and
-  ``fill_folded_indices`` (one layer's ``kv_indices``).
+  records: ``folded_lengths`` (every layer's split offsets: each row's KV splits) and
+  ``chunk_retrieval`` (each dynamic row's top chunks by the Quest bound).
+- ``folded_attention``: one layer's decode attention over those rows, each row's entries derived
+  from its record inside the kernel (no index buffer); ``folded_entries_ref`` lists them.
+- ``sparse_decode``: ``sparse_decode_reference``, attention over explicit entry lists (the
+  twin's attention).
 """
 
 from .chunk_topk import chunk_topk, chunk_topk_auto, chunk_topk_ref
+from .folded_attention import folded_attention, folded_attention_ref, folded_entries_ref
 from .folded_tables import (
     chunk_retrieval,
     chunk_retrieval_ref,
-    fill_folded_indices,
-    fill_folded_indices_ref,
     folded_lengths,
     folded_lengths_ref,
 )
 from .gather_entries import gather_entries, gather_entries_auto, gather_entries_ref
+from .sparse_decode import sparse_decode_reference
 
 __all__ = [
     "chunk_retrieval",
@@ -44,11 +47,13 @@ __all__ = [
     "chunk_topk",
     "chunk_topk_auto",
     "chunk_topk_ref",
-    "fill_folded_indices",
-    "fill_folded_indices_ref",
+    "folded_attention",
+    "folded_attention_ref",
+    "folded_entries_ref",
     "folded_lengths",
     "folded_lengths_ref",
     "gather_entries",
     "gather_entries_auto",
     "gather_entries_ref",
+    "sparse_decode_reference",
 ]

@@ -29,15 +29,15 @@ descending Quest score) gives values ``(FIRST_CHUNK + c) * C + i``, mapped throu
 ``fixed[CHUNK_BASE + ...]`` when ``DIRECT``. Requests whose pool row maps to no slot
 (``slot_of_row[row] == -1``: dense, or graph padding) read ``[0, seq_len)``.
 
-Three kernels, each with a torch twin of the same contract:
+Two kernels, each with a torch twin of the same contract (the attention, which reads the rows,
+is :mod:`hybridkv_sglang.kernels.folded_attention`):
 
-- :func:`folded_lengths`: every layer's ``kv_indptr`` and KV split counts in one launch;
+- :func:`folded_lengths`: every layer's split offsets (each row's KV splits) in one launch;
 - :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
   top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
   ``NUM_SEL``, at the row's own stride, then per row the best of those; other rows exit at
   once), written into the row's own ranges of the candidate and ``chunk_top`` arenas, so
-  scratch is sized by each row's chunks and selection, never by the batch's largest;
-- :func:`fill_folded_indices`: per layer, the ``kv_indices``.
+  scratch is sized by each row's chunks and selection, never by the batch's largest.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ from ._common import require_triton_device
 
 __all__ = [
     "CANDIDATE_BLOCK",
+    "MAX_ROW_SPLITS",
     "ROW_FIELDS",
     "chunk_retrieval",
     "chunk_retrieval_ref",
-    "fill_folded_indices",
-    "fill_folded_indices_ref",
     "folded_lengths",
     "folded_lengths_ref",
+    "row_split_cap",
+    "split_capacity",
 ]
 
 ROW_FIELDS = (
@@ -107,6 +108,9 @@ CANDIDATE_BLOCK = 32
 _MIN_SPLIT_ENTRIES = 64
 """A KV split reads at least this many entries (fewer splits on short rows)."""
 
+MAX_ROW_SPLITS = 256
+"""Most splits of one row, however few rows a batch has."""
+
 
 # ----------------------------------------------------------------------------- shared twin parts
 def _batch_rows(
@@ -134,24 +138,22 @@ def _row_lengths(meta: Tensor, seq: Tensor, chunk_size: int) -> Tensor:
     )
 
 
-# ----------------------------------------------------------------------------- 1. lengths
+# ----------------------------------------------------------------------------- 1. split offsets
 @triton.jit
-def _folded_lengths_kernel(
+def _split_offsets_kernel(
     req_pool_ptr,
     seq_lens_ptr,
     slot_of_row_ptr,
     meta_ptr,
-    indptr_ptr,
-    splits_ptr,
+    split_indptr_ptr,
     num_rows,
     num_layers,
-    stride_indptr,
-    stride_splits,
+    stride_split,
     target_programs,
+    max_row_splits,
     H: tl.constexpr,
     NF_: tl.constexpr,
     C: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -171,19 +173,32 @@ def _folded_lengths_kernel(
     nsel = tl.load(meta_ptr + base + 5, mask=comp, other=0)
     length = tl.where(comp, pre + nsel * C + post + seq - tail, seq)
     length = tl.where(valid, length, 0)
-    csum = tl.cumsum(length, axis=0)
     total = tl.maximum(tl.sum(length, axis=0), 1)
-    row_indptr = indptr_ptr + layer * stride_indptr
-    tl.store(row_indptr + 1 + r, csum, mask=valid)
-    tl.store(row_indptr + r, 0, mask=r == 0)
     share = (length.to(tl.int64) * target_programs + total - 1) // total
     splits = tl.minimum(share, (length + MIN_SPLIT - 1) // MIN_SPLIT)
-    splits = tl.minimum(tl.maximum(splits, 1), MAX_SPLITS).to(tl.int32)
-    tl.store(splits_ptr + layer * stride_splits + r, splits, mask=valid)
+    splits = tl.minimum(tl.maximum(splits, 1), max_row_splits).to(tl.int32)
+    splits = tl.where(valid, splits, 0)
+    row_offsets = split_indptr_ptr + layer * stride_split
+    tl.store(row_offsets + 1 + r, tl.cumsum(splits, axis=0), mask=valid)
+    tl.store(row_offsets + r, 0, mask=r == 0)
 
 
-def _check_lengths_args(
-    req_pool_indices: Tensor, seq_lens: Tensor, row_meta: Tensor, kv_indptr: Tensor, splits: Tensor
+def row_split_cap(rows: int, target_programs: int, max_kv_splits: int) -> int:
+    """Most splits one row of a batch of ``rows`` rows may take: ``max_kv_splits`` when many
+    rows run, raised to a fair share of ``target_programs`` when few do (so that batch 1
+    fills the GPU), at most :data:`MAX_ROW_SPLITS`. Host only: the grid of a graph batch."""
+    return min(MAX_ROW_SPLITS, max(max_kv_splits, -(-target_programs // max(rows, 1))))
+
+
+def split_capacity(max_rows: int, target_programs: int) -> int:
+    """Scratch slots that any step's splits fit in: a row takes at most
+    ``ceil(length * target_programs / total)`` splits, so all rows at most
+    ``target_programs + rows``."""
+    return target_programs + max_rows
+
+
+def _check_split_args(
+    req_pool_indices: Tensor, seq_lens: Tensor, row_meta: Tensor, split_indptr: Tensor
 ) -> None:
     if row_meta.dim() != 4 or row_meta.shape[3] != NF or row_meta.dtype != torch.int32:
         raise ValueError(
@@ -197,10 +212,16 @@ def _check_lengths_args(
             f"seq_lens: expected {req_pool_indices.numel()} values (one per request), got "
             f"{seq_lens.numel()}"
         )
-    if kv_indptr.shape[0] != layers or kv_indptr.shape[1] < rows + 1:
-        raise ValueError(f"kv_indptr: expected [{layers}, >= {rows + 1}], got {kv_indptr.shape}")
-    if splits.shape[0] != layers or splits.shape[1] < rows:
-        raise ValueError(f"num_kv_splits: expected [{layers}, >= {rows}], got {splits.shape}")
+    if (
+        split_indptr.dim() != 2
+        or split_indptr.shape[0] != layers
+        or split_indptr.shape[1] < rows + 1
+        or split_indptr.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"split_indptr: expected int32 [{layers}, >= {rows + 1}], got {split_indptr.dtype} "
+            f"{tuple(split_indptr.shape)}"
+        )
 
 
 def folded_lengths(
@@ -208,45 +229,45 @@ def folded_lengths(
     seq_lens: Tensor,
     slot_of_row: Tensor,
     row_meta: Tensor,
-    kv_indptr: Tensor,
-    num_kv_splits: Tensor,
+    split_indptr: Tensor,
     *,
     chunk_size: int,
-    max_kv_splits: int,
+    max_row_splits: int,
     target_programs: int,
 ) -> None:
-    """Every layer's ``kv_indptr[l, : rows + 1]`` and ``num_kv_splits[l, :rows]`` (one launch).
+    """Every layer's split offsets ``split_indptr[l, : rows + 1]`` (one launch).
+
+    A row of ``n`` entries in a layer of ``N`` takes ``min(ceil(n * target_programs / N),
+    ceil(n / _MIN_SPLIT_ENTRIES))`` splits, at least 1 and at most ``max_row_splits`` (see
+    :func:`row_split_cap`): long static rows many, short dynamic rows few, about
+    ``target_programs`` in all. ``split_indptr`` is their exclusive prefix sum, each row's
+    range of the attention's split scratch (:func:`split_capacity` slots hold any step).
 
     Args:
         req_pool_indices: ``[B]`` int, each request's ``req_to_token`` row (graph padding: 0).
         seq_lens: ``[B]`` int, dense lengths (this step's token included).
         slot_of_row: ``[P]`` int32, metadata slot of each pool row, ``-1``: dense.
         row_meta: ``[S, L, H_kv, NF]`` int32 row records (see the module docstring).
-        kv_indptr: ``[L, >= B * H_kv + 1]`` int32, written.
-        num_kv_splits: ``[L, >= B * H_kv]`` int32, written: splits per row, about
-            ``target_programs`` in all, in proportion to each row's length, at most
-            ``max_kv_splits`` and at least one per ``_MIN_SPLIT_ENTRIES`` entries.
+        split_indptr: ``[L, >= B * H_kv + 1]`` int32, written.
     """
-    _check_lengths_args(req_pool_indices, seq_lens, row_meta, kv_indptr, num_kv_splits)
-    require_triton_device("folded_lengths", req_pool_indices, seq_lens, row_meta, kv_indptr)
+    _check_split_args(req_pool_indices, seq_lens, row_meta, split_indptr)
+    require_triton_device("folded_lengths", req_pool_indices, seq_lens, row_meta, split_indptr)
     layers, heads = row_meta.shape[1], row_meta.shape[2]
     rows = req_pool_indices.numel() * heads
-    _folded_lengths_kernel[(layers,)](
+    _split_offsets_kernel[(layers,)](
         req_pool_indices,
         seq_lens,
         slot_of_row,
         row_meta,
-        kv_indptr,
-        num_kv_splits,
+        split_indptr,
         rows,
         layers,
-        kv_indptr.stride(0),
-        num_kv_splits.stride(0),
+        split_indptr.stride(0),
         target_programs,
+        max_row_splits,
         H=heads,
         NF_=NF,
         C=chunk_size,
-        MAX_SPLITS=max_kv_splits,
         MIN_SPLIT=_MIN_SPLIT_ENTRIES,
         BLOCK=triton.next_power_of_2(max(rows, 2)),
     )
@@ -257,26 +278,25 @@ def folded_lengths_ref(
     seq_lens: Tensor,
     slot_of_row: Tensor,
     row_meta: Tensor,
-    kv_indptr: Tensor,
-    num_kv_splits: Tensor,
+    split_indptr: Tensor,
     *,
     chunk_size: int,
-    max_kv_splits: int,
+    max_row_splits: int,
     target_programs: int,
 ) -> None:
     """Torch twin of :func:`folded_lengths`."""
-    _check_lengths_args(req_pool_indices, seq_lens, row_meta, kv_indptr, num_kv_splits)
+    _check_split_args(req_pool_indices, seq_lens, row_meta, split_indptr)
     layers, heads = row_meta.shape[1], row_meta.shape[2]
     rows = req_pool_indices.numel() * heads
     for layer in range(layers):
         b, _, _, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, rows)
         length = _row_lengths(meta, seq_lens.to(torch.int64)[b], chunk_size)
-        kv_indptr[layer, 0] = 0
-        kv_indptr[layer, 1 : rows + 1] = torch.cumsum(length, 0).to(kv_indptr.dtype)
         total = length.sum().clamp(min=1)
         share = (length * target_programs + total - 1) // total
         splits = torch.minimum(share, (length + _MIN_SPLIT_ENTRIES - 1) // _MIN_SPLIT_ENTRIES)
-        num_kv_splits[layer, :rows] = splits.clamp(1, max_kv_splits).to(num_kv_splits.dtype)
+        split_indptr[layer, 0] = 0
+        offsets = torch.cumsum(splits.clamp(1, max_row_splits), 0)
+        split_indptr[layer, 1 : rows + 1] = offsets.to(split_indptr.dtype)
 
 
 # ----------------------------------------------------------------------------- 2. retrieval
@@ -602,177 +622,3 @@ def chunk_retrieval_ref(
         scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(dim=0)
         order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
         chunk_top[top : top + nsel] = order.to(chunk_top.dtype)
-
-
-# ----------------------------------------------------------------------------- 3. indices
-@triton.jit
-def _fill_folded_indices_kernel(
-    req_to_token_ptr,
-    stride_rt,
-    req_pool_ptr,
-    seq_lens_ptr,
-    slot_of_row_ptr,
-    meta_ptr,
-    fixed_ptr,
-    top_ptr,
-    indptr_ptr,
-    out_ptr,
-    layer,
-    num_layers,
-    H: tl.constexpr,
-    NF_: tl.constexpr,
-    C: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One program per (row, share): blocks ``share, share + shares, ...`` of the row."""
-    r = tl.program_id(0)
-    share = tl.program_id(1)
-    shares = tl.num_programs(1)
-    h = r % H
-    slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
-    comp = slot >= 0
-    pool = tl.load(req_pool_ptr + r // H).to(tl.int64)
-    seq = tl.load(seq_lens_ptr + r // H).to(tl.int64)
-    fstart = tl.load(meta_ptr + base + 0, mask=comp, other=0).to(tl.int64)
-    pre = tl.load(meta_ptr + base + 1, mask=comp, other=0).to(tl.int64)
-    pstart = tl.load(meta_ptr + base + 2, mask=comp, other=0).to(tl.int64)
-    post = tl.load(meta_ptr + base + 3, mask=comp, other=0).to(tl.int64)
-    tail = tl.load(meta_ptr + base + 4, mask=comp, other=0).to(tl.int64)
-    nch = tl.load(meta_ptr + base + 5, mask=comp, other=0).to(tl.int64) * C
-    first = tl.load(meta_ptr + base + 7, mask=comp, other=0).to(tl.int64)
-    tstart = tl.load(meta_ptr + base + 13, mask=comp, other=0).to(tl.int64)
-    cbase = tl.load(meta_ptr + base + 9, mask=comp, other=0).to(tl.int64)
-    direct_flag = tl.load(meta_ptr + base + 10, mask=comp, other=0)
-    offs = tl.arange(0, BLOCK)
-    direct = (tl.zeros([BLOCK], dtype=tl.int32) + direct_flag) != 0
-    tokens = req_to_token_ptr + pool * stride_rt
-    out = out_ptr + tl.load(indptr_ptr + r).to(tl.int64)
-    end_chunks = pre + nch
-    end_post = end_chunks + post
-    total = end_post + seq - tail
-    for j0 in range(share * BLOCK, total, shares * BLOCK):
-        j = j0 + offs
-        in_row = j < total
-        is_pre = j < pre
-        is_chunk = (j >= pre) & (j < end_chunks)
-        is_post = (j >= end_chunks) & (j < end_post)
-        is_tail = (j >= end_post) & in_row
-        jc = tl.maximum(j - pre, 0)
-        c = tl.load(top_ptr + tstart + jc // C, mask=is_chunk, other=0).to(tl.int64)
-        chunk_v = (first + c) * C + jc % C
-        pre_v = tl.load(fixed_ptr + fstart + j, mask=is_pre, other=0).to(tl.int64)
-        post_v = tl.load(fixed_ptr + pstart + j - end_chunks, mask=is_post, other=0).to(tl.int64)
-        position = tl.where(is_pre, pre_v, tl.where(is_chunk, chunk_v, tail + j - end_post))
-        positional = is_tail | ((is_pre | is_chunk) & ~direct)
-        slot_v = tl.load(tokens + position, mask=positional, other=0).to(tl.int64)
-        direct_chunk = tl.load(fixed_ptr + cbase + chunk_v, mask=is_chunk & direct, other=0)
-        entry = tl.where(is_post, post_v, tl.where(is_chunk, direct_chunk.to(tl.int64), pre_v))
-        entry = tl.where(positional, slot_v * H + h, entry)
-        tl.store(out + j, entry, mask=in_row)
-
-
-def fill_folded_indices(
-    req_to_token: Tensor,
-    req_pool_indices: Tensor,
-    seq_lens: Tensor,
-    slot_of_row: Tensor,
-    row_meta: Tensor,
-    fixed_values: Tensor,
-    chunk_top: Tensor,
-    kv_indptr: Tensor,
-    kv_indices: Tensor,
-    layer: int,
-    *,
-    chunk_size: int,
-) -> None:
-    """``layer``'s ``kv_indices`` (int64 folded entries) at the offsets of ``kv_indptr``.
-
-    Args:
-        req_to_token: ``[P, ctx]`` int32, SGLang's request-to-slot map.
-        fixed_values: ``[F]`` int32 arena; chunk_top: ``[T]`` int32 (after retrieval; a
-            dynamic row's chunks from its ``TOP_START``).
-        kv_indptr: ``[>= B * H_kv + 1]`` int32, this layer's row offsets.
-        kv_indices: ``[>= kv_indptr[rows]]`` int64, written.
-    """
-    require_triton_device("fill_folded_indices", req_to_token, kv_indices, row_meta)
-    heads = row_meta.shape[2]
-    rows = req_pool_indices.numel() * heads
-    if rows == 0:
-        return
-    _fill_folded_indices_kernel[(rows, max(1, min(32, 1024 // rows)))](
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
-        seq_lens,
-        slot_of_row,
-        row_meta,
-        fixed_values,
-        chunk_top,
-        kv_indptr,
-        kv_indices,
-        layer,
-        row_meta.shape[1],
-        H=heads,
-        NF_=NF,
-        C=chunk_size,
-        BLOCK=512,
-    )
-
-
-def fill_folded_indices_ref(
-    req_to_token: Tensor,
-    req_pool_indices: Tensor,
-    seq_lens: Tensor,
-    slot_of_row: Tensor,
-    row_meta: Tensor,
-    fixed_values: Tensor,
-    chunk_top: Tensor,
-    kv_indptr: Tensor,
-    kv_indices: Tensor,
-    layer: int,
-    *,
-    chunk_size: int,
-) -> None:
-    """Torch twin of :func:`fill_folded_indices` (vectorised over every entry of the layer)."""
-    heads = row_meta.shape[2]
-    rows = req_pool_indices.numel() * heads
-    if rows == 0:
-        return
-    b, h, _, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, rows)
-    seq = seq_lens.to(torch.int64)[b]
-    lengths = _row_lengths(meta, seq, chunk_size)
-    total = int(lengths.sum())
-    row = torch.repeat_interleave(torch.arange(rows, device=lengths.device), lengths)
-    start = kv_indptr[:rows].to(torch.int64)
-    j = torch.arange(total, device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[row]
-    m = meta[row]
-    pre, post = m[:, PRE_LEN], m[:, POST_LEN]
-    nch = m[:, NUM_SEL] * chunk_size
-    direct = m[:, DIRECT] != 0
-    in_chunks = (j >= pre) & (j < pre + nch)
-    in_post = (j >= pre + nch) & (j < pre + nch + post)
-    in_tail = j >= pre + nch + post
-    jc = (j - pre).clamp(min=0)
-    top = (
-        chunk_top.to(torch.int64)[
-            (m[:, TOP_START] + jc // chunk_size).clamp(max=max(chunk_top.numel() - 1, 0))
-        ]
-        if chunk_top.numel()
-        else jc
-    )
-    chunk_v = (m[:, FIRST_CHUNK] + top) * chunk_size + jc % chunk_size
-    fixed = fixed_values.to(torch.int64)
-    last = max(fixed.numel() - 1, 0)
-    pre_v = fixed[(m[:, FIXED_START] + j).clamp(max=last)] if fixed.numel() else j
-    post_v = fixed[(m[:, POST_START] + j - pre - nch).clamp(0, last)] if fixed.numel() else j
-    tail_v = m[:, TAIL_START] + j - pre - nch - post
-    value = torch.where(
-        in_chunks, chunk_v, torch.where(in_post, post_v, torch.where(in_tail, tail_v, pre_v))
-    )
-    pool = req_pool_indices.to(torch.int64)[b][row]
-    positional = (~direct & ~in_post) | in_tail
-    slots = req_to_token[pool, torch.where(positional, value, 0)].to(torch.int64)
-    mapped_chunk = fixed[(m[:, CHUNK_BASE] + chunk_v).clamp(0, last)] if fixed.numel() else chunk_v
-    entry = torch.where(positional, slots * heads + h[row], value)
-    entry = torch.where(direct & in_chunks, mapped_chunk, entry)
-    kv_indices[start[row] + j] = entry.to(kv_indices.dtype)

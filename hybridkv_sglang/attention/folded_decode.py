@@ -1,19 +1,18 @@
 """One decode step over the folded tables, built on the device (eager and CUDA graphs alike).
 
-Per step, :meth:`FoldedDecode.begin_step` computes every layer's ``kv_indptr`` and KV split
-counts in one launch from SGLang's ``req_pool_indices`` and ``seq_lens`` and the per-request
+Per step, :meth:`FoldedDecode.begin_step` computes every layer's split offsets (each row's KV
+splits) in one launch from SGLang's ``req_pool_indices`` and ``seq_lens`` and the per-request
 metadata (:class:`~hybridkv_sglang.storage.decode_metadata.DecodeMetadata`). Per layer,
-:meth:`FoldedDecode.attend` retrieves the dynamic rows' chunks, stages ``compact`` host-tier
+:meth:`FoldedDecode.retrieve` selects the dynamic rows' chunks, stages ``compact`` host-tier
 rows' chunks into their device slots (:mod:`hybridkv_sglang.kernels.host_staging`, with a host
-tier only), fills the layer's ``kv_indices`` into one buffer that every layer reuses, and
-attends. Nothing reads the device
-from the host, so the same calls run inside a captured decode graph.
+tier only), and :meth:`FoldedDecode.attend` attends, each row's entries derived from its record
+inside the attention kernel (no index buffer). Nothing reads the device from the host, so the
+same calls run inside a captured decode graph.
 
-Kernels: SGLang's own Triton decode kernel (``decode_attention_fwd``, the stock ``triton``
-backend's; no host plan) over the folded view ``k_buffer.view(slots * H_kv, 1, D)`` with the
-table kernels of :mod:`hybridkv_sglang.kernels.folded_tables` (``decode_kernel="triton"``, the
-default on GPUs), or their torch twins and :func:`sparse_decode_reference` (``"torch"``, the CPU
-path).
+Kernels: :mod:`hybridkv_sglang.kernels.folded_attention` (SGLang's grouped Triton decode
+arithmetic over the folded view ``k_buffer.view(slots * H_kv, D)``) with the table kernels of
+:mod:`hybridkv_sglang.kernels.folded_tables` (``decode_kernel="triton"``, the default on GPUs),
+or their torch twins (``"torch"``, the CPU path).
 """
 
 from __future__ import annotations
@@ -25,17 +24,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
+from hybridkv_sglang.kernels.folded_attention import (
+    folded_attention,
+    folded_attention_ref,
+    folded_entries_ref,
+)
 from hybridkv_sglang.kernels.folded_tables import (
     HOST_START,
     STAGE_SLOTS,
     STAGE_START,
     chunk_retrieval,
     chunk_retrieval_ref,
-    fill_folded_indices,
-    fill_folded_indices_ref,
     folded_lengths,
     folded_lengths_ref,
+    row_split_cap,
+    split_capacity,
 )
 from hybridkv_sglang.kernels.host_staging import stage_host_chunks, stage_host_chunks_ref
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
@@ -52,9 +55,8 @@ class FoldedShape:
     v_head_dim: int
     max_rows: int
     """(request, kv head) rows of the largest batch: max batch size × ``H_kv``."""
-    table_entries: int
-    """Folded entries one layer's table may hold (the buffer every layer reuses)."""
     max_kv_splits: int
+    """Most KV splits of a row when many rows run (raised when few do: ``row_split_cap``)."""
     chunk_size: int
     max_chunks: int
     """Retrievable chunks of the longest dynamic row (the context length over ``chunk_size``)."""
@@ -80,12 +82,11 @@ class FoldedDecode:
         self.shape = shape
         self.use_triton = use_triton
         self.target_programs = target_programs
-        self.kv_indices = torch.zeros(shape.table_entries, dtype=torch.int64, device=device)
         self._allocate_rows(device)
         self._lengths: Callable[..., None] = folded_lengths if use_triton else folded_lengths_ref
         self._retrieve: Callable[..., None] = chunk_retrieval if use_triton else chunk_retrieval_ref
-        self._fill: Callable[..., None] = (
-            fill_folded_indices if use_triton else fill_folded_indices_ref
+        self._attend: Callable[..., Tensor] = (
+            folded_attention if use_triton else folded_attention_ref
         )
         self._stage: Callable[..., None] = (
             stage_host_chunks if use_triton else stage_host_chunks_ref
@@ -93,84 +94,73 @@ class FoldedDecode:
         self._host_tier: tuple[Tensor, Tensor] | None = None
         self._req_pool_indices: Tensor | None = None
         self._seq_lens: Tensor | None = None
-        self._indices: Tensor = self.kv_indices
         self._retrieval = (shape.max_chunks, shape.max_selected)
+        self._row_splits = shape.max_kv_splits
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the step buffers: the tables plus the attention's split scratch."""
-        scratch = (self.attn_logits, self.attn_lse) if self.use_triton else ()
+        """Device bytes of the step buffers: the split offsets plus the attention's split
+        scratch."""
+        scratch = (self.partial_out, self.partial_lse) if self.use_triton else ()
         return self.table_bytes + sum(t.numel() * t.element_size() for t in scratch)
 
     def _allocate_rows(self, device: torch.device | str) -> None:
         shape = self.shape
         rows, layers = shape.max_rows, shape.num_layers
-        self.kv_indptr = torch.zeros(layers, rows + 1, dtype=torch.int32, device=device)
-        self.num_kv_splits = torch.ones(layers, rows, dtype=torch.int32, device=device)
-        if self.use_triton:
-            splits, dv = shape.max_kv_splits, shape.v_head_dim
-            self.attn_logits = torch.empty(
-                rows, shape.group_size, splits, dv, dtype=torch.float32, device=device
-            )
-            self.attn_lse = torch.empty(
-                rows, shape.group_size, splits, dtype=torch.float32, device=device
-            )
+        self.split_indptr = torch.zeros(layers, rows + 1, dtype=torch.int32, device=device)
+        splits = split_capacity(rows, self.target_programs) if self.use_triton else 0
+        self.partial_out = torch.empty(
+            splits, shape.group_size, shape.v_head_dim, dtype=torch.float32, device=device
+        )
+        self.partial_lse = torch.empty(splits, shape.group_size, dtype=torch.float32, device=device)
 
-    def reserve(self, table_entries: int, max_rows: int) -> None:
-        """Grow the buffers for graph batches of ``max_rows`` rows reading ``table_entries``
-        entries per layer (before any graph captures them)."""
-        device = self.kv_indices.device
-        if table_entries > self.kv_indices.numel():
-            self.kv_indices = torch.zeros(table_entries, dtype=torch.int64, device=device)
+    def reserve(self, max_rows: int) -> None:
+        """Grow the buffers for graph batches of ``max_rows`` rows (before any graph captures
+        them)."""
         if max_rows > self.shape.max_rows:
             self.shape = dataclasses.replace(self.shape, max_rows=max_rows)
-            self._allocate_rows(device)
+            self._allocate_rows(self.split_indptr.device)
 
     @property
     def table_bytes(self) -> int:
-        """Bytes of the tables themselves: row offsets, split counts, indices."""
-        tensors = (self.kv_indptr, self.num_kv_splits, self.kv_indices)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the tables themselves: every layer's split offsets (a row's entries are
+        derived from its record inside the attention, never stored)."""
+        return self.split_indptr.numel() * self.split_indptr.element_size()
 
     def begin_step(
         self,
         req_pool_indices: Tensor,
         seq_lens: Tensor,
-        table_entries: int | None = None,
         retrieval: tuple[int, int] | None = None,
     ) -> None:
-        """Every layer's row offsets and split counts for this batch (one launch).
+        """Every layer's split offsets for this batch (one launch).
 
-        Eager steps pass host bounds (graphs use the fixed ones, see :meth:`fits`):
-        ``table_entries`` of one layer (above the buffer, the step takes a buffer of its own)
-        and ``retrieval``, the batch's most ``(chunks, selected chunks)`` of a dynamic row.
+        Eager steps pass ``retrieval``, the batch's most ``(chunks, selected chunks)`` of a
+        dynamic row, as host bounds (graphs use the fixed ones, see :meth:`fits`). A row's
+        split cap follows from the batch size alone (the host knows it), so a graph captures
+        its own grid.
         """
         self._req_pool_indices = req_pool_indices
         self._seq_lens = seq_lens
-        self._indices = self.kv_indices
         self._retrieval = retrieval or (self.shape.max_chunks, self.shape.max_selected)
-        if table_entries is not None and table_entries > self.kv_indices.numel():
-            self._indices = torch.empty(
-                table_entries, dtype=torch.int64, device=self.kv_indices.device
-            )
+        rows = req_pool_indices.numel() * self.shape.num_kv_heads
+        self._row_splits = row_split_cap(rows, self.target_programs, self.shape.max_kv_splits)
         self._lengths(
             req_pool_indices,
             seq_lens,
             self.meta.slot_of_row,
             self.meta.row_meta,
-            self.kv_indptr,
-            self.num_kv_splits,
+            self.split_indptr,
             chunk_size=self.shape.chunk_size,
-            max_kv_splits=self.shape.max_kv_splits,
+            max_row_splits=self._row_splits,
             target_programs=self.target_programs,
         )
 
-    def fits(self, batch_size: int, table_entries: int, retrieval: tuple[int, int]) -> bool:
+    def fits(self, batch_size: int, retrieval: tuple[int, int]) -> bool:
         """Host only: whether the fixed buffers and grids hold this batch (graphs need it)."""
         chunks, selected = retrieval
         return (
             batch_size * self.shape.num_kv_heads <= self.shape.max_rows
-            and table_entries <= self.kv_indices.numel()
             and chunks <= self.shape.max_chunks
             and selected <= self.shape.max_selected
         )
@@ -235,11 +225,12 @@ class FoldedDecode:
             max_selected=min(self._retrieval[1], self.shape.max_stage_slots),  # NUM_SEL <= slots
         )
 
-    def fill(self, layer: int, req_to_token: Tensor) -> None:
-        """``layer``'s ``kv_indices`` (after :meth:`retrieve`)."""
+    def row_entries(self, layer: int, req_to_token: Tensor) -> tuple[Tensor, Tensor]:
+        """``(kv_indptr, kv_indices)``: the folded entries each row of ``layer`` reads this step
+        (after :meth:`retrieve`), listed by the twin's definition; for checks, not the step."""
         assert self._req_pool_indices is not None and self._seq_lens is not None
         meta = self.meta
-        self._fill(
+        return folded_entries_ref(
             req_to_token,
             self._req_pool_indices,
             self._seq_lens,
@@ -247,8 +238,6 @@ class FoldedDecode:
             meta.row_meta,
             meta.fixed_values,
             meta.chunk_top,
-            self.kv_indptr[layer],
-            self._indices,
             layer,
             chunk_size=self.shape.chunk_size,
         )
@@ -264,41 +253,24 @@ class FoldedDecode:
     ) -> Tensor:
         """``q_rows [B * H_kv, G, D]`` (after :meth:`retrieve`) -> ``[B * H_kv, G, D_v]``."""
         self.stage(layer, k_buffer, v_buffer)
-        self.fill(layer, req_to_token)
-        return self.attention(layer, q_rows, k_buffer, v_buffer, sm_scale)
-
-    def attention(
-        self, layer: int, q_rows: Tensor, k_buffer: Tensor, v_buffer: Tensor, sm_scale: float
-    ) -> Tensor:
-        """Attention over ``layer``'s filled table."""
-        indptr = self.kv_indptr[layer]
-        rows = q_rows.shape[0]
-        dim, dim_v = k_buffer.shape[-1], v_buffer.shape[-1]
-        if not self.use_triton:
-            return sparse_decode_reference(
-                q_rows,
-                k_buffer.view(-1, dim),
-                v_buffer.view(-1, dim_v),
-                indptr[: rows + 1],
-                self._indices,
-                sm_scale,
-            )
-        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-
-        out = q_rows.new_empty(rows, q_rows.shape[1], dim_v)
-        decode_attention_fwd(
+        assert self._req_pool_indices is not None and self._seq_lens is not None
+        meta = self.meta
+        return self._attend(
             q_rows,
-            k_buffer.view(-1, 1, dim),
-            v_buffer.view(-1, 1, dim_v),
-            out,
-            indptr,
-            self._indices,
-            self.attn_logits,
-            self.attn_lse,
-            self.num_kv_splits[layer],
-            self.shape.max_kv_splits,
-            sm_scale,
-            1.0,
-            1.0,
+            k_buffer.view(-1, k_buffer.shape[-1]),
+            v_buffer.view(-1, v_buffer.shape[-1]),
+            req_to_token,
+            self._req_pool_indices,
+            self._seq_lens,
+            meta.slot_of_row,
+            meta.row_meta,
+            meta.fixed_values,
+            meta.chunk_top,
+            self.split_indptr[layer],
+            self.partial_out,
+            self.partial_lse,
+            layer,
+            sm_scale=sm_scale,
+            chunk_size=self.shape.chunk_size,
+            max_row_splits=self._row_splits,
         )
-        return out

@@ -148,12 +148,10 @@ class HybridKVAttnBackend(AttentionBackend):
         assert self.decode_meta is not None
         rows = self._last_rows
         reason = None
-        entries = self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch))
         retrieval = self.decode_meta.retrieval_bounds(rows)
-        if not self.folded.fits(len(rows), entries, retrieval):
+        if not self.folded.fits(len(rows), retrieval):
             reason = (
-                f"{len(rows)} requests, {entries} table entries or (chunks, top-k) "
-                f"{retrieval} exceed the graph's buffers"
+                f"{len(rows)} requests or (chunks, top-k) {retrieval} exceed the graph's buffers"
             )
         if reason is not None:
             self.stats.count("graph_fallbacks")
@@ -182,7 +180,6 @@ class HybridKVAttnBackend(AttentionBackend):
             self.folded.begin_step(
                 forward_batch.req_pool_indices,
                 forward_batch.seq_lens,
-                self.decode_meta.table_entries(rows, _host_seq_lens(forward_batch)),
                 self.decode_meta.retrieval_bounds(rows),
             )
             self.stats.count("sparse_decode_steps")
@@ -194,20 +191,10 @@ class HybridKVAttnBackend(AttentionBackend):
             self._on_extend_metadata(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """The dense backend's graph state, and a table buffer the largest graph batch fits."""
+        """The dense backend's graph state, and step buffers the largest graph batch fits."""
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
         if self.folded is not None:
-            rows = max_bs * self.dense.token_to_kv_pool.head_num
-            self.folded.reserve(
-                self.config.decode_table_entries or self._graph_table_entries(max_bs, rows), rows
-            )
-
-    def _graph_table_entries(self, max_bs: int, rows: int) -> int:
-        """Index entries whose table (offsets and split counts of every layer included) takes
-        twice the bytes of SGLang's own decode index buffer (``max_bs x context`` int64)."""
-        context = self.dense.req_to_token_pool.req_to_token.shape[1]
-        offsets = self.num_layers * (2 * rows + 1) * 4
-        return 2 * max_bs * context - -(-offsets // 8)
+            self.folded.reserve(max_bs * self.dense.token_to_kv_pool.head_num)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False):
         """Before a decode graph's capture or replay: the ``dense`` variant does what the dense
@@ -227,7 +214,7 @@ class HybridKVAttnBackend(AttentionBackend):
         return None
 
     def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
-        """Inside the decode graph: every layer's row offsets for the ``hybridkv`` variant."""
+        """Inside the decode graph: every layer's split offsets for the ``hybridkv`` variant."""
         if not self._sparse_step:
             return self.dense.init_forward_metadata_in_graph(forward_batch)
         assert self.folded is not None

@@ -340,8 +340,6 @@ class DecodeMetadata:
         )
         self.moves = torch.zeros(max_requests, 2, dtype=torch.int64, device=device)
         """Per request slot: host-tier chunks moved and chunks selected, over its decode."""
-        self.prompt_entries = np.zeros(pool_rows, dtype=np.int64)
-        """Host mirror: each compressed row's prompt-part table entries (widest layer)."""
         self.prompt_lens = np.zeros(pool_rows, dtype=np.int64)
         """Host mirror: each compressed row's prompt length (0: the row is dense)."""
         self.num_chunks = np.zeros(pool_rows, dtype=np.int64)
@@ -486,7 +484,6 @@ class DecodeMetadata:
             self.host_chunk_ids[host_at : host_at + host_ids].copy_(rows.host_chunk_ids)
         self.moves[slot].zero_()
         self.slot_of_row[pool_row] = slot
-        self.prompt_entries[pool_row] = rows.prompt_entries
         self.prompt_lens[pool_row] = rows.prompt_len
         self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
         self.num_selected[pool_row] = int(rows.meta[..., NUM_SEL].max())
@@ -501,31 +498,23 @@ class DecodeMetadata:
                 return
             self._give_back(held)
             self._pending_clear.append(pool_row)
-            self.prompt_entries[pool_row] = 0
             self.prompt_lens[pool_row] = 0
             self.num_chunks[pool_row] = 0
             self.num_selected[pool_row] = 0
             self.compact_rows[pool_row] = False
 
-    def table_bounds(self, pool_row: int) -> tuple[int, int, int]:
-        """Host mirror: a row's prompt-part table entries, most chunks and most selected chunks
-        of a dynamic row (all 0 for a dense row)."""
-        return (
-            int(self.prompt_entries[pool_row]),
-            int(self.num_chunks[pool_row]),
-            int(self.num_selected[pool_row]),
-        )
+    def table_bounds(self, pool_row: int) -> tuple[int, int]:
+        """Host mirror: a row's most chunks and most selected chunks of a dynamic row (both 0
+        for a dense row)."""
+        return int(self.num_chunks[pool_row]), int(self.num_selected[pool_row])
 
-    def set_table_bounds(
-        self, pool_row: int, prompt_entries: int, num_chunks: int, num_selected: int
-    ) -> None:
+    def set_table_bounds(self, pool_row: int, num_chunks: int, num_selected: int) -> None:
         """Raise a compressed row's host-mirror bounds to values agreed across tensor-parallel
         ranks (the max over their heads), so every rank sizes a batch, and so picks graph or
         eager, alike. Upper bounds: the tables are built from the device records."""
         with self._lock:
             if pool_row not in self._held:
                 raise ValueError(f"pool row {pool_row} holds no compressed request")
-        self.prompt_entries[pool_row] = max(prompt_entries, int(self.prompt_entries[pool_row]))
         self.num_chunks[pool_row] = max(num_chunks, int(self.num_chunks[pool_row]))
         self.num_selected[pool_row] = max(num_selected, int(self.num_selected[pool_row]))
 
@@ -561,12 +550,6 @@ class DecodeMetadata:
     def retrieval_bounds(self, pool_rows: np.ndarray) -> tuple[int, int]:
         """Host only: the most chunks and selected chunks of any dynamic row of this batch."""
         return int(self.num_chunks[pool_rows].max()), int(self.num_selected[pool_rows].max())
-
-    def table_entries(self, pool_rows: np.ndarray, seq_lens: np.ndarray) -> int:
-        """Host only: an upper bound of one layer's table entries for this batch."""
-        prompt = self.prompt_entries[pool_rows]
-        tail = seq_lens - self.prompt_lens[pool_rows]
-        return int((prompt + self.num_kv_heads * tail).sum())
 
     def host_tier_moves(self, pool_row: int) -> PendingMoves | None:
         """The request on ``pool_row``'s host-tier ``(moved, selected)`` chunk counters, copied

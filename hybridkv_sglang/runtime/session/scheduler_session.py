@@ -128,9 +128,9 @@ class SchedulerSession:
                 continue
             self.decode_meta.set_table_bounds(row, *bounds)
 
-    def _bounds_of(self, outcome: PrefillOutcome) -> tuple[int, int, int]:
+    def _bounds_of(self, outcome: PrefillOutcome) -> tuple[int, int]:
         if outcome.layout is None:
-            return 0, 0, 0
+            return 0, 0
         assert self.decode_meta is not None
         return self.decode_meta.table_bounds(outcome.request.req_pool_idx)
 

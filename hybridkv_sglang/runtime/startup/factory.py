@@ -118,7 +118,6 @@ def build_folded_decode(config: HybridKVConfig, model_runner: Any) -> FoldedDeco
         head_dim=key.shape[-1],
         v_head_dim=value.shape[-1],
         max_rows=req_to_token.shape[0] * heads,
-        table_entries=config.decode_table_entries or req_to_token.shape[1] * heads,
         max_kv_splits=config.decode_max_kv_splits,
         chunk_size=config.chunk_size,
         max_chunks=-(-req_to_token.shape[1] // config.chunk_size),

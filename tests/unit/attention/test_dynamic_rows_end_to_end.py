@@ -58,7 +58,7 @@ def test_dynamic_rows_match_bruteforce_masked_attention(
     folded.begin_step(torch.tensor([1]), torch.tensor([seq_len]))
     scale = 1 / math.sqrt(dim)
     out = decode_layer(folded, 0, q, k_buffer, v_buffer, req_to_token, scale)
-    read = row_entries(folded, 0, heads)
+    read = row_entries(folded, 0, heads, req_to_token)
     assert [len(r) for r in read] == [lay.row_length(seq_len, k)] * heads
 
     for h in range(heads):

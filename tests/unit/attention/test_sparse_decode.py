@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridkv_sglang.attention import sparse_decode_reference
 from hybridkv_sglang.kernels._common import interpret_enabled
+from hybridkv_sglang.kernels.sparse_decode import sparse_decode_reference
 from tests.unit.attention.hand_layouts import hand_layout
 from tests.unit.runtime.folded_steps import decode_layer, folded_for
 

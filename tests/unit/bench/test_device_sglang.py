@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
+from hybridkv_sglang.kernels.sparse_decode import sparse_decode_reference
 
 ROOT = Path(__file__).resolve().parents[3]
 _spec = importlib.util.spec_from_file_location("device_sglang", ROOT / "bench" / "device_sglang.py")

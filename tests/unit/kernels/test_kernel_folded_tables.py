@@ -19,10 +19,6 @@ from hybridkv_sglang.kernels.folded_tables import (
     TOP_START,
     chunk_retrieval,
     chunk_retrieval_ref,
-    fill_folded_indices,
-    fill_folded_indices_ref,
-    folded_lengths,
-    folded_lengths_ref,
 )
 from hybridkv_sglang.policy import byte_cost
 from tests.unit.kernels.folded_meta_testlib import SCRATCH_PAD, RandomBatch, random_batch
@@ -34,25 +30,6 @@ needs_interpreter = pytest.mark.skipif(
 
 def _seed() -> torch.Generator:
     return torch.Generator().manual_seed(time.time_ns() % 100_000)
-
-
-def _lengths(batch: RandomBatch, fn, max_splits: int = 16):
-    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
-    device = batch.row_meta.device
-    indptr = torch.full((batch.num_layers, rows + 3), -7, dtype=torch.int32, device=device)
-    splits = torch.full((batch.num_layers, rows + 2), -7, dtype=torch.int32, device=device)
-    fn(
-        batch.req_pool_indices,
-        batch.seq_lens,
-        batch.slot_of_row,
-        batch.row_meta,
-        indptr,
-        splits,
-        chunk_size=batch.chunk_size,
-        max_kv_splits=max_splits,
-        target_programs=40,
-    )
-    return indptr, splits
 
 
 def _retrieve(batch: RandomBatch, fn, layer: int):
@@ -82,35 +59,6 @@ def _retrieve(batch: RandomBatch, fn, layer: int):
         assert bool((arena[:SCRATCH_PAD] == untouched).all())
         assert bool((arena[arena.numel() - SCRATCH_PAD :] == untouched).all())
     return top
-
-
-def _fill(batch: RandomBatch, fn, layer: int, indptr, top):
-    size = int(indptr[layer, -3]) + 5
-    indices = torch.full((size,), -1, dtype=torch.int64, device=batch.req_to_token.device)
-    fn(
-        batch.req_to_token,
-        batch.req_pool_indices,
-        batch.seq_lens,
-        batch.slot_of_row,
-        batch.row_meta,
-        batch.fixed_values,
-        top,
-        indptr[layer],
-        indices,
-        layer,
-        chunk_size=batch.chunk_size,
-    )
-    return indices
-
-
-@needs_interpreter
-def test_lengths_kernel_matches_twin():
-    batch = random_batch(_seed())
-    indptr, splits = _lengths(batch, folded_lengths)
-    indptr_ref, splits_ref = _lengths(batch, folded_lengths_ref)
-    assert torch.equal(indptr, indptr_ref)
-    assert torch.equal(splits, splits_ref)
-    assert bool((splits_ref[:, :-2] >= 1).all()) and bool((splits_ref <= 16).all())
 
 
 def _dynamic_rows(batch: RandomBatch, layer: int):
@@ -189,46 +137,6 @@ def _check_retrieval(batch: RandomBatch) -> None:
             assert torch.allclose(
                 scores[got].sort().values, scores[want].sort().values, rtol=0, atol=1e-5 * magnitude
             ), (layer, r)
-
-
-@needs_interpreter
-def test_fill_kernel_matches_twin():
-    batch = random_batch(_seed())
-    indptr, _ = _lengths(batch, folded_lengths_ref)
-    for layer in range(batch.num_layers):
-        top = _retrieve(batch, chunk_retrieval_ref, layer)
-        triton_out = _fill(batch, fill_folded_indices, layer, indptr, top)
-        assert torch.equal(triton_out, _fill(batch, fill_folded_indices_ref, layer, indptr, top))
-
-
-def test_twins_list_each_row_by_definition():
-    """Row by row, with plain Python over the metadata: fixed, chunks, post, tail."""
-    batch = random_batch(_seed())
-    heads, c = batch.row_meta.shape[2], batch.chunk_size
-    indptr, _ = _lengths(batch, folded_lengths_ref)
-    for layer in range(batch.num_layers):
-        top = _retrieve(batch, chunk_retrieval_ref, layer)
-        out = _fill(batch, fill_folded_indices_ref, layer, indptr, top)
-        for r in range(batch.req_pool_indices.numel() * heads):
-            b, h = divmod(r, heads)
-            pool, seq = int(batch.req_pool_indices[b]), int(batch.seq_lens[b])
-            tokens = batch.req_to_token[pool].tolist()
-            slot = int(batch.slot_of_row[pool])
-            if slot < 0:
-                want = [tokens[p] * heads + h for p in range(seq)]
-            else:
-                m = batch.row_meta[slot, layer, h, : TOP_START + 1].tolist()
-                fixed = batch.fixed_values.tolist()
-                start, pre, pstart, post, tail, nsel, _, first, _, cbase, direct, _, _, at = m
-                want = [v if direct else tokens[v] * heads + h for v in fixed[start : start + pre]]
-                for cid in top[at : at + nsel].tolist():
-                    for i in range(c):
-                        v = (first + cid) * c + i
-                        want.append(fixed[cbase + v] if direct else tokens[v] * heads + h)
-                want += fixed[pstart : pstart + post]
-                want += [tokens[p] * heads + h for p in range(tail, seq)]
-            got = out[int(indptr[layer, r]) : int(indptr[layer, r + 1])].tolist()
-            assert got == want, (layer, r)
 
 
 @pytest.mark.parametrize(("width", "codes"), [(None, False), (5, True)])

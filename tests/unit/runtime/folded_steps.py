@@ -23,7 +23,6 @@ def folded_for(
     dim: int,
     chunk: int,
     use_triton: bool = False,
-    table_entries: int = 1 << 14,
     host_tier: HostTier | None = None,
 ) -> FoldedDecode:
     """Pools holding ``layouts`` (pool row -> layout) and the step buffers over them (bounds
@@ -64,7 +63,6 @@ def folded_for(
         head_dim=dim,
         v_head_dim=dim,
         max_rows=pool_rows * heads,
-        table_entries=table_entries,
         max_kv_splits=4,
         chunk_size=chunk,
         max_chunks=64,
@@ -91,8 +89,10 @@ def decode_layer(
     return folded.attend(layer, q, k_buffer, v_buffer, req_to_token, sm_scale)
 
 
-def row_entries(folded: FoldedDecode, layer: int, rows: int) -> list[list[int]]:
-    """The entries each row of ``layer``'s table read (after :meth:`FoldedDecode.attend`)."""
-    indptr = folded.kv_indptr[layer, : rows + 1].tolist()
-    indices = folded.kv_indices
-    return [indices[indptr[r] : indptr[r + 1]].tolist() for r in range(rows)]
+def row_entries(
+    folded: FoldedDecode, layer: int, rows: int, req_to_token: Tensor
+) -> list[list[int]]:
+    """The entries each row of ``layer``'s table reads (after :meth:`FoldedDecode.retrieve`)."""
+    indptr, indices = folded.row_entries(layer, req_to_token)
+    bounds = indptr.tolist()
+    return [indices[bounds[r] : bounds[r + 1]].tolist() for r in range(rows)]

@@ -113,7 +113,7 @@ def test_layer_tables_match_masked_dense_attention(seed, bounds, use_triton):
                 expected_rows.append(row[positions] * HEADS + h)
         expected = _masked_reference(q, k_entries, v_entries, expected_rows)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        read = row_entries(folded, layer, 3 * HEADS)
+        read = row_entries(folded, layer, 3 * HEADS, req_to_token)
         assert [sorted(r) for r in read] == [sorted(r.tolist()) for r in expected_rows]
 
 

@@ -3,6 +3,7 @@ variants, the in-graph table build equal to the eager step, and eager fallbacks.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -236,7 +237,7 @@ def test_batches_the_buffers_cannot_hold_run_eagerly(served):
     backend, _ = served
     runner = SimpleNamespace(attn_backend=backend)
     assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is True
-    backend.folded.kv_indices = torch.zeros(100, dtype=torch.int64)  # far too small
+    backend.folded.shape = dataclasses.replace(backend.folded.shape, max_rows=HEADS)  # 1 request
     before = backend.stats.snapshot()["totals"].get("graph_fallbacks", 0)
     assert limit_graph_to_fit(True, runner, _forward_batch([2, 3])) is False
     assert limit_graph_to_fit(True, runner, _forward_batch([1, 4])) is True  # dense variant
@@ -256,7 +257,7 @@ def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
     assert not backend.decode_meta.compressed_rows.any()
     backend.init_forward_metadata(_forward_batch([1, 2]))  # applies the releases on the device
     assert bool((backend.decode_meta.slot_of_row == -1).all())
-    assert np.count_nonzero(backend.decode_meta.prompt_entries) == 0
+    assert np.count_nonzero(backend.decode_meta.prompt_lens) == 0
 
 
 def test_a_request_whose_records_fail_is_served_dense(served):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hybridkv_sglang.config import HybridKVConfig
-from hybridkv_sglang.kernels.folded_tables import NF, PRE_LEN, TAIL_START
+from hybridkv_sglang.kernels.folded_tables import NF, NUM_CHUNKS, PRE_LEN, TAIL_START
 from hybridkv_sglang.policy import HybridKVPolicy
 from hybridkv_sglang.policy.sharding import HeadShard
 from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
@@ -121,7 +121,7 @@ def test_a_fault_on_one_rank_is_dense_on_every_rank() -> None:
 
 def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
     """Rank ``rank``'s decode pools after its own registration: request ``a`` on both ranks
-    (rank 1's heads keep more entries), request ``b`` on rank 0 only (rank 1's pools were
+    (rank 1's record bounds more chunks), request ``b`` on rank 0 only (rank 1's pools were
     full)."""
     meta = DecodeMetadata(
         1, 1, DIM, max_requests=4, pool_rows=4, fixed_capacity=256, bound_capacity=16,
@@ -133,6 +133,7 @@ def _records(rank: int) -> tuple[list[SimpleNamespace], DecodeMetadata]:
         kept = 10 + 5 * rank
         rows = torch.zeros(1, 1, NF, dtype=torch.int32)
         rows[0, 0, PRE_LEN], rows[0, 0, TAIL_START] = kept, 50
+        rows[0, 0, NUM_CHUNKS] = 3 + rank
         empty = torch.empty(0, DIM)
         params, affine = torch.empty(0, DIM, dtype=torch.int32), torch.empty(0, 2, DIM)
         if registered:
@@ -182,5 +183,5 @@ def test_ranks_agree_on_registration_and_table_bounds() -> None:
     for decisions, bounds, live in ranks:
         # b: rank 0 had registered it and released it; a: the larger table bound everywhere
         assert decisions == [(True, None), (False, "decode_metadata_full")]
-        assert bounds == (15, 0, 0)
+        assert bounds == (4, 0)
         assert live == 1
