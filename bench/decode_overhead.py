@@ -12,8 +12,9 @@ SGLang's decode CUDA graph runner runs it:
   graph runner calls before a replay);
 - **inside the graph** (what the captured graph replays), per layer: the backend's
   ``init_forward_metadata_in_graph`` once per step divided by 28, plus one layer's
-  ``forward_decode`` (KV write, hybridkv's chunk retrieval and index fill, SGLang's
-  ``decode_attention_fwd``), averaged over the 28 layers.
+  ``forward_decode`` (KV write; hybridkv's chunk retrieval and its folded attention, which
+  derives each row's entries itself; stock's ``decode_attention_fwd``), averaged over the 28
+  layers.
 
 Both systems are real objects: stock is SGLang's own ``TritonAttnBackend`` built on CPU from a
 minimal model runner (a small real ``MHATokenToKVPool``, a real ``KVIndexTranslator``) with its
@@ -48,14 +49,13 @@ systems alternate step by step; 5 rounds spread over the run, a row keeps its lo
 median), Python-side only: Triton launches cost nothing here (on a GPU each costs a few us of
 launch overhead; stock launches two per step outside the graph, hybridkv none), torch ops run on
 CPU.
-``table_bytes``: hybridkv ``FoldedDecode.table_bytes`` (row offsets and split counts of 28 layers,
-one index buffer) after ``HybridKVAttnBackend.init_cuda_graph_state(bs, bs)`` (reserves
-``_graph_table_entries(bs, 4 bs)`` index entries: the whole table at twice stock's bytes) vs
-stock's decode ``cuda_graph_kv_indices`` (``max_num_tokens x max_context_len`` int64) for the
-same max batch. The step buffers start from ``bs x H_kv`` rows and one entry here (``reserve``
-only grows them); ``build_folded_decode`` starts them at every ``req_to_token`` row and
-``context x H_kv`` entries, so a server holds more than the row shows when its largest graph
-batch is 2 or less, or its request pool has more rows than that batch.
+``table_bytes``: hybridkv ``FoldedDecode.table_bytes`` (the split offsets of 28 layers; a row's
+entries are derived inside the attention, never stored) after
+``HybridKVAttnBackend.init_cuda_graph_state(bs, bs)`` vs stock's decode ``cuda_graph_kv_indices``
+(``max_num_tokens x max_context_len`` int64) for the same max batch. The step buffers start from
+``bs x H_kv`` rows here (``reserve`` only grows them); ``build_folded_decode`` starts them at
+every ``req_to_token`` row, so a server holds more than the row shows when its request pool has
+more rows than its largest graph batch.
 
 Run: ``TRITON_INTERPRET=1 python bench/decode_overhead.py`` (``make bench-overhead``, about 80 s
 on 2 CPU cores); ``--quick`` (batches 1 and 8, fewer repeats) for tests. Writes
@@ -309,7 +309,7 @@ class Setup:
             config = bench_config("triton" if use_triton else "torch")
             if self._shape is None:
                 self._shape = build_folded_decode(config, self.model_runner).shape
-            shape = dataclasses.replace(self._shape, max_rows=KV_HEADS, table_entries=1)
+            shape = dataclasses.replace(self._shape, max_rows=KV_HEADS)
             folded = FoldedDecode(
                 self.idle_meta if idle else self.meta,
                 shape,

@@ -1,7 +1,7 @@
 """Compiled Triton kernels against their torch twins on fresh random inputs (CUDA only): the
-Quest top-k and entry gather, the folded-table kernels, and FoldedDecode's Triton path (table
-kernels + SGLang's decode kernel) against its torch path on the same metadata, eager, without
-host syncs, and replayed from a CUDA graph."""
+Quest top-k and entry gather, the folded-table kernels and the folded attention, and
+FoldedDecode's Triton path against its torch path on the same metadata, eager, without host
+syncs, and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -16,26 +16,20 @@ if not torch.cuda.is_available():  # before importing triton: keep CPU sessions 
 
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
+from hybridkv_sglang.kernels.folded_attention import folded_attention, folded_attention_ref
 from hybridkv_sglang.kernels.folded_tables import (
     NUM_CHUNKS,
     NUM_SEL,
     chunk_retrieval,
     chunk_retrieval_ref,
-    fill_folded_indices,
-    fill_folded_indices_ref,
     folded_lengths,
     folded_lengths_ref,
 )
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
 from tests.unit.kernels.folded_meta_testlib import RandomBatch, random_batch
-from tests.unit.kernels.test_kernel_folded_tables import (
-    _dynamic_rows,
-    _exact_scores,
-    _fill,
-    _lengths,
-    _retrieve,
-)
+from tests.unit.kernels.test_kernel_folded_attention import _attend, _split_offsets
+from tests.unit.kernels.test_kernel_folded_tables import _dynamic_rows, _exact_scores, _retrieve
 
 CUDA = "cuda"
 SERVING = dict(batch=16, layers=3, heads=4, group=7, dim=128, chunk=16, ctx=200, padded=2)
@@ -139,10 +133,14 @@ def test_gather_entries_compiled_matches_ref(dtype):
 def test_folded_table_kernels_compiled_match_twins(dtype, width, codes):
     cpu = random_batch(_seed(), dtype=dtype, width=width, codes=codes, **SERVING)
     dev = _on(cpu, CUDA)
-    indptr, splits = _lengths(dev, folded_lengths)
-    indptr_ref, splits_ref = _lengths(cpu, folded_lengths_ref)
+    indptr = _split_offsets(dev, folded_lengths, MAX_SPLITS, 132)
+    indptr_ref = _split_offsets(cpu, folded_lengths_ref, MAX_SPLITS, 132)
     assert torch.equal(indptr.cpu(), indptr_ref)
-    assert torch.equal(splits.cpu(), splits_ref)
+    gen = _seed()
+    heads, dim = cpu.row_meta.shape[2], cpu.q.shape[2]
+    entries = cpu.req_to_token.numel() * heads + 4096 * 2
+    k = torch.randn(entries, dim, generator=gen).to(dtype)
+    v = torch.randn(entries, dim, generator=gen).to(dtype)
     # the same chunks, up to float32 summation order between near-tied scores (and tf32's
     # rounding of the scaled query when the bounds are 8-bit codes)
     tolerance = 2e-3 if codes else 1e-5
@@ -160,27 +158,15 @@ def test_folded_table_kernels_compiled_match_twins(dtype, width, codes):
                 rtol=0,
                 atol=tolerance * magnitude,
             )
-        out = _fill(dev, fill_folded_indices, layer, indptr, top)
-        out_ref = _fill(cpu, fill_folded_indices_ref, layer, indptr_ref, top.cpu())
-        assert torch.equal(out.cpu(), out_ref)
+        args = (layer, k.to(CUDA), v.to(CUDA), indptr, top, MAX_SPLITS, 132)
+        out = _attend(dev, folded_attention, *args)
+        out_ref = _attend(cpu, folded_attention_ref, layer, k, v, indptr_ref, top.cpu(), 8, 132)
+        _assert_close_rel(out.cpu(), out_ref, RTOL[dtype])
 
 
 # ----------------------------------------------------------------------------- FoldedDecode
-def _sglang_decode_importable() -> bool:
-    try:
-        import sglang.kernels.ops.attention.decode_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_sglang_decode = pytest.mark.skipif(
-    not _sglang_decode_importable(),
-    reason="needs sglang.kernels.ops.attention.decode_attention (installed, or staged by "
-    "bench/device_sglang.py and put on PYTHONPATH)",
-)
 RTOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-"""Relative to the largest output magnitude; fp32 too: SGLang's kernel multiplies in TF32."""
+"""Relative to the largest output magnitude; fp32 too: the attention multiplies in TF32."""
 MAX_SPLITS = 8
 
 
@@ -211,11 +197,10 @@ def _metadata(batch: RandomBatch) -> DecodeMetadata:
     return meta
 
 
-def _decoders(batch: RandomBatch, kv_dim: int, slack: int = 0) -> tuple[FoldedDecode, FoldedDecode]:
+def _decoders(batch: RandomBatch, kv_dim: int) -> tuple[FoldedDecode, FoldedDecode]:
     """Triton and torch steps over one shared metadata (the torch one reads the chunks the
-    Triton retrieval chose: attend without retrieve); ``slack`` more entries per row."""
+    Triton retrieval chose: attend without retrieve)."""
     meta = _metadata(batch)
-    indptr, _ = _lengths(_on(batch, "cpu"), folded_lengths_ref)
     rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
     shape = FoldedShape(
         num_layers=batch.num_layers,
@@ -224,7 +209,6 @@ def _decoders(batch: RandomBatch, kv_dim: int, slack: int = 0) -> tuple[FoldedDe
         head_dim=batch.q.shape[2],
         v_head_dim=kv_dim,
         max_rows=rows,
-        table_entries=int(indptr[:, rows].max()) + slack * rows,
         max_kv_splits=MAX_SPLITS,
         chunk_size=batch.chunk_size,
         max_chunks=int(batch.row_meta[..., NUM_CHUNKS].max()),
@@ -253,7 +237,6 @@ def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float)
     assert err <= rtol, f"relative error {float(err):.3g} > {rtol}"
 
 
-@needs_sglang_decode
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_folded_decode_triton_matches_torch_path(dtype):
     gen = _seed()
@@ -263,28 +246,23 @@ def test_folded_decode_triton_matches_torch_path(dtype):
     scale = 1 / math.sqrt(batch.q.shape[2])
     for step in (triton_step, torch_step):
         step.begin_step(batch.req_pool_indices, batch.seq_lens)
-    rows = batch.req_pool_indices.numel() * batch.row_meta.shape[2]
-    assert torch.equal(triton_step.kv_indptr, torch_step.kv_indptr)
-    assert torch.equal(triton_step.num_kv_splits, torch_step.num_kv_splits)
+    assert torch.equal(triton_step.split_indptr, torch_step.split_indptr)
     for layer in range(batch.num_layers):
         q = torch.randn(batch.q.shape, generator=gen).to(dtype).to(CUDA)
         triton_step.retrieve(layer, q)
         got = triton_step.attend(layer, q, k_buffer, v_buffer, batch.req_to_token, scale)
         want = torch_step.attend(layer, q, k_buffer, v_buffer, batch.req_to_token, scale)
-        nnz = int(triton_step.kv_indptr[layer, rows])
-        assert torch.equal(triton_step.kv_indices[:nnz], torch_step.kv_indices[:nnz])
         assert got.dtype == dtype and got.shape == want.shape
         _assert_close_rel(got, want, RTOL[dtype])
 
 
-@needs_sglang_decode
 def test_folded_decode_step_does_not_sync_and_replays_from_a_cuda_graph():
     gen = _seed()
     dtype = torch.bfloat16
     batch = _on(random_batch(gen, dtype=dtype, **SERVING), CUDA)
     k_buffer, v_buffer = _kv(batch, dtype, gen)
     steps = 2
-    triton_step, torch_step = _decoders(batch, k_buffer.shape[-1], slack=steps)
+    triton_step, torch_step = _decoders(batch, k_buffer.shape[-1])
     meta = triton_step.meta
     scale = 1 / math.sqrt(batch.q.shape[2])
     q = torch.zeros(batch.num_layers, *batch.q.shape, dtype=dtype, device=CUDA)
@@ -320,7 +298,7 @@ def test_folded_decode_step_does_not_sync_and_replays_from_a_cuda_graph():
             triton_step.retrieve(layer, q[layer])
         assert torch.equal(meta.chunk_top, chosen)
         torch_step.begin_step(batch.req_pool_indices, batch.seq_lens)
-        assert torch.equal(triton_step.kv_indptr, torch_step.kv_indptr)
+        assert torch.equal(triton_step.split_indptr, torch_step.split_indptr)
         for layer in range(batch.num_layers):
             want = torch_step.attend(layer, q[layer], k_buffer, v_buffer, batch.req_to_token, scale)
             _assert_close_rel(captured[layer], want, RTOL[dtype])

@@ -41,7 +41,8 @@ def _rows(batch: RandomBatch) -> int:
 
 
 def _split_offsets(batch: RandomBatch, fn, cap: int, target: int):
-    indptr = torch.full((batch.num_layers, _rows(batch) + 3), -7, dtype=torch.int32)
+    device = batch.row_meta.device
+    indptr = torch.full((batch.num_layers, _rows(batch) + 3), -7, dtype=torch.int32, device=device)
     fn(
         batch.req_pool_indices,
         batch.seq_lens,
@@ -115,8 +116,8 @@ def _attend(batch: RandomBatch, fn, layer: int, k, v, indptr, top, cap: int, tar
         batch.fixed_values,
         top,
         indptr[layer],
-        torch.full((capacity, batch.q.shape[1], dim_v), float("nan")),
-        torch.full((capacity, batch.q.shape[1]), float("nan")),
+        torch.full((capacity, batch.q.shape[1], dim_v), float("nan"), device=batch.q.device),
+        torch.full((capacity, batch.q.shape[1]), float("nan"), device=batch.q.device),
         layer,
         sm_scale=batch.q.shape[2] ** -0.5,
         chunk_size=batch.chunk_size,
