@@ -24,7 +24,7 @@ from hybridkv_sglang.runtime.decode.crossover import Crossover
 from hybridkv_sglang.runtime.decode.graph_variants import (
     DENSE,
     SPARSE,
-    batch_pool_rows,
+    PoolRowViews,
     capture_variant,
 )
 from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
@@ -69,9 +69,17 @@ class HybridKVAttnBackend(AttentionBackend):
         """This forward's decode runs over the folded tables (else: the dense backend)."""
         self._selected_variant = DENSE
         """The decode-graph variant SGLang chose for the batch it is about to replay."""
-        self._last_rows_cpu: Any = None
+        self._pool_rows = PoolRowViews()
+        self._last_batch: tuple[Any, int] = (None, -1)
+        """The last decode batch looked up: its host pool-row tensor (SGLang keeps one while
+        the batch does not change) and the metadata's version then (see batch_is_sparse)."""
         self._last_rows = np.zeros(0, dtype=np.int64)
-        """Host pool rows of the batch ``_last_rows_cpu`` came with (see batch_is_sparse)."""
+        self._last_compressed = False
+        self._last_retrieval = (0, 0)
+        """The last compressed batch's most (chunks, selected chunks) of a dynamic row."""
+        self._last_may_cross = False
+        """The last batch is small enough, and all in place, to decode dense below the
+        crossover (which then depends on its context, checked every step)."""
         self._last_sparse = False
         self._last_crossover = False
         """The last batch holds compressed requests but decodes dense: below the crossover."""
@@ -106,28 +114,34 @@ class HybridKVAttnBackend(AttentionBackend):
     # Which decode batches are sparse (host only) ---------------------------------------------
 
     def batch_is_sparse(self, forward_batch: Any) -> bool:
-        """Whether any request of this decode batch is compressed (host mirror lookup, once
-        per batch: SGLang asks for the graph check, the variant and the metadata in turn)."""
+        """Whether this decode batch decodes over the folded tables: it holds a compressed
+        request and is not below the crossover. Host only, and looked up again only when the
+        batch or the metadata changed (SGLang asks for the graph check, the variant and the
+        metadata of every step, and keeps the batch's pool-row tensor while the batch stays)."""
         rows_cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
-        if rows_cpu is None or self.decode_meta is None:
+        meta = self.decode_meta
+        if rows_cpu is None or meta is None:
             return False
-        if rows_cpu is not self._last_rows_cpu:
-            self._last_rows_cpu = rows_cpu
-            rows = self._last_rows = batch_pool_rows(forward_batch)
-            compressed = self.decode_meta.batch_has_compressed(rows)
-            self._last_crossover = compressed and self._dense_is_faster(forward_batch, rows)
-            self._last_sparse = compressed and not self._last_crossover
+        if rows_cpu is not self._last_batch[0] or meta.version != self._last_batch[1]:
+            self._last_batch = (rows_cpu, meta.version)
+            rows = self._last_rows = self._pool_rows.of(forward_batch)
+            self._last_compressed = meta.batch_has_compressed(rows)
+            if self._last_compressed:
+                self._last_retrieval = meta.retrieval_bounds(rows)
+            self._last_may_cross = (
+                self._last_compressed
+                and len(rows) < self.crossover.largest_min_batch
+                and not meta.compact_rows[rows].any()
+            )
+        self._last_crossover = self._last_may_cross and self._dense_is_faster(forward_batch)
+        self._last_sparse = self._last_compressed and not self._last_crossover
         return self._last_sparse
 
-    def _dense_is_faster(self, forward_batch: Any, rows: Any) -> bool:
-        """Below the device's crossover a batch of in-place requests decodes dense (host only:
-        batch size and the host's sequence lengths)."""
-        if len(rows) >= self.crossover.largest_min_batch:
-            return False
-        if self.decode_meta.compact_rows[rows].any():
-            return False
+    def _dense_is_faster(self, forward_batch: Any) -> bool:
+        """Below the device's crossover a small batch of in-place requests decodes dense (host
+        only: batch size and the host's sequence lengths)."""
         context = int(_host_seq_lens(forward_batch).max())
-        return self.crossover.prefers_dense(len(rows), context)
+        return self.crossover.prefers_dense(len(self._last_rows), context)
 
     def _count_dense_step(self) -> None:
         self.stats.count("dense_decode_steps")
@@ -148,7 +162,7 @@ class HybridKVAttnBackend(AttentionBackend):
         assert self.decode_meta is not None
         rows = self._last_rows
         reason = None
-        retrieval = self.decode_meta.retrieval_bounds(rows)
+        retrieval = self._last_retrieval
         if not self.folded.fits(len(rows), retrieval):
             reason = (
                 f"{len(rows)} requests or (chunks, top-k) {retrieval} exceed the graph's buffers"
@@ -174,13 +188,9 @@ class HybridKVAttnBackend(AttentionBackend):
         self._begin_forward()
         mode = forward_batch.forward_mode
         if mode.is_decode() and self.folded is not None and self.batch_is_sparse(forward_batch):
-            assert self.decode_meta is not None
-            rows = self._last_rows
             self._sparse_step = True
             self.folded.begin_step(
-                forward_batch.req_pool_indices,
-                forward_batch.seq_lens,
-                self.decode_meta.retrieval_bounds(rows),
+                forward_batch.req_pool_indices, forward_batch.seq_lens, self._last_retrieval
             )
             self.stats.count("sparse_decode_steps")
             return

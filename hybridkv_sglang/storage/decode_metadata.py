@@ -349,6 +349,8 @@ class DecodeMetadata:
         self.compact_rows = np.zeros(pool_rows, dtype=np.bool_)
         """Host mirror: rows whose request reads compact entries (no dense prefix to fall back
         on)."""
+        self.version = 0
+        """Bumped whenever a host mirror changes: lookups over a batch hold while it stays."""
         self._lock = threading.Lock()
         self._free_slots = list(range(max_requests - 1, -1, -1))
         self._fixed = RangeAllocator(fixed_capacity)
@@ -383,8 +385,9 @@ class DecodeMetadata:
 
     @property
     def live_requests(self) -> int:
-        with self._lock:
-            return len(self._held)
+        """Requests held (read without the lock: a dict's length is one atomic read, and a
+        decode batch asks every step)."""
+        return len(self._held)
 
     def usage(self) -> dict[str, int]:
         """Live requests and free / total capacity of each pool (stats; leak checks)."""
@@ -488,6 +491,7 @@ class DecodeMetadata:
         self.num_chunks[pool_row] = int(rows.meta[..., NUM_CHUNKS].max())
         self.num_selected[pool_row] = int(rows.meta[..., NUM_SEL].max())
         self.compact_rows[pool_row] = bool(rows.meta[..., DIRECT].any())
+        self.version += 1
         return True
 
     def release(self, pool_row: int) -> None:
@@ -502,6 +506,7 @@ class DecodeMetadata:
             self.num_chunks[pool_row] = 0
             self.num_selected[pool_row] = 0
             self.compact_rows[pool_row] = False
+            self.version += 1
 
     def table_bounds(self, pool_row: int) -> tuple[int, int]:
         """Host mirror: a row's most chunks and most selected chunks of a dynamic row (both 0
@@ -517,6 +522,7 @@ class DecodeMetadata:
                 raise ValueError(f"pool row {pool_row} holds no compressed request")
         self.num_chunks[pool_row] = max(num_chunks, int(self.num_chunks[pool_row]))
         self.num_selected[pool_row] = max(num_selected, int(self.num_selected[pool_row]))
+        self.version += 1
 
     def apply_releases(self) -> None:
         """Clear released rows on the device (one op, only when there are any)."""

@@ -10,8 +10,12 @@ declares two variants:
   (:mod:`hybridkv_sglang.attention.folded_decode`), for batches holding compressed requests.
 
 The choice is a host lookup of the batch's pool rows in the metadata's host mirror. The pool
-rows reach the host through the ``ForwardBatch.init_new`` hook (the ``Req`` objects are there;
-the device tensor is never read back). Batches the fixed buffers cannot hold run eagerly through
+rows reach the host through the ``ForwardBatch.init_new`` hook: the ``ScheduleBatch``'s own CPU
+mirror of its pool rows (SGLang keeps it through allocation, filtering and merging, and keeps
+the same tensor while the batch does not change), put in the ``ForwardBatch``'s
+``req_pool_indices_cpu`` field (SGLang fills it for extend batches only; a field, so every copy
+of the batch carries it), so a step adds no tensor op and no per-request loop (the device
+tensor is never read back). Batches the fixed buffers cannot hold run eagerly through
 the same kernels (the ``can_run_graph`` hook).
 """
 
@@ -39,20 +43,35 @@ class HybridKVGraphVariants:
         return self.backend.select_graph_variant(forward_batch)
 
 
-def pool_rows_of(reqs: Sequence[Any]) -> torch.Tensor:
-    """The ``req_to_token`` rows of a batch's ``Req`` objects, on the host."""
+def pool_rows_of(batch: Any) -> torch.Tensor:
+    """A ``ScheduleBatch``'s ``req_to_token`` rows on the host: SGLang's own CPU mirror, or
+    read off the ``Req`` objects where the mirror is absent or stale."""
+    reqs: Sequence[Any] = batch.reqs
+    mirror = getattr(batch, "req_pool_indices_cpu", None)
+    if isinstance(mirror, torch.Tensor) and mirror.numel() == len(reqs):
+        return mirror
     return torch.from_numpy(
         np.fromiter((r.kv.req_pool_idx for r in reqs), dtype=np.int64, count=len(reqs))
     )
 
 
-def batch_pool_rows(forward_batch: Any) -> np.ndarray | None:
-    """The batch's ``req_to_token`` rows on the host, or ``None`` when they were not recorded
-    (the batch then has no compressed request: see :func:`pool_rows_of`)."""
-    rows = getattr(forward_batch, "req_pool_indices_cpu", None)
-    if rows is None:
-        return None
-    return rows.numpy()[: forward_batch.batch_size]
+class PoolRowViews:
+    """Numpy views of recorded pool rows, made once per tensor (``.numpy()`` dispatches an
+    op; the mirror tensor outlives many steps)."""
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._view = np.zeros(0, dtype=np.int64)
+
+    def of(self, forward_batch: Any) -> np.ndarray | None:
+        """The batch's ``req_to_token`` rows on the host, or ``None`` when they were not
+        recorded (the batch then has no compressed request: see :func:`pool_rows_of`)."""
+        rows = getattr(forward_batch, "req_pool_indices_cpu", None)
+        if rows is None:
+            return None
+        if rows is not self._tensor:
+            self._tensor, self._view = rows, rows.numpy()
+        return self._view[: forward_batch.batch_size]
 
 
 def capture_variant() -> str | None:

@@ -19,8 +19,11 @@ from hybridkv_sglang.runtime.startup.memory_accounting import decode_metadata_by
 
 def schedule_batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The ``ScheduleBatch`` among ``ForwardBatch.init_new``'s arguments (``None``: absent)."""
-    candidates = [*args, kwargs.get("batch")]
-    return next((a for a in candidates if hasattr(a, "reqs") and hasattr(a, "forward_mode")), None)
+    for candidate in args:
+        if hasattr(candidate, "reqs") and hasattr(candidate, "forward_mode"):
+            return candidate
+    batch = kwargs.get("batch")
+    return batch if hasattr(batch, "reqs") and hasattr(batch, "forward_mode") else None
 
 
 def record_forward_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -30,18 +33,15 @@ def record_forward_batch(forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     if session is None or forward_batch is None:
         return forward_batch
     mode = forward_batch.forward_mode
-    if mode.is_extend():
+    if mode.is_decode():  # every step: the cheap test first
+        if session.decodes_compressed:
+            batch = schedule_batch_of(args, kwargs)
+            if batch is not None:
+                forward_batch.req_pool_indices_cpu = pool_rows_of(batch)
+    elif mode.is_extend():
         batch = schedule_batch_of(args, kwargs)
         if batch is not None and forward_batch.rids is not None:
             session.extend_batches.record(ScheduledExtend.of(forward_batch.rids, batch.reqs))
-    elif (
-        mode.is_decode()
-        and session.decodes_compressed
-        and getattr(forward_batch, "req_pool_indices_cpu", None) is None
-    ):
-        batch = schedule_batch_of(args, kwargs)
-        if batch is not None:
-            forward_batch.req_pool_indices_cpu = pool_rows_of(batch.reqs)
     return forward_batch
 
 

@@ -247,7 +247,13 @@ def test_batches_the_buffers_cannot_hold_run_eagerly(served):
 def test_pool_rows_reach_the_host_only_while_requests_are_compressed(served):
     backend, _ = served
     reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in (3, 1)]
-    batch = SimpleNamespace(reqs=reqs, forward_mode=ForwardMode.DECODE)
+    mirror = torch.tensor([3, 1])  # SGLang's ScheduleBatch.req_pool_indices_cpu: taken as is
+    with_mirror = SimpleNamespace(
+        reqs=reqs, forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=mirror
+    )
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
+    assert record_forward_batch(fb, type(fb), with_mirror).req_pool_indices_cpu is mirror
+    batch = SimpleNamespace(reqs=reqs, forward_mode=ForwardMode.DECODE)  # no mirror: the reqs
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices_cpu=None)
     assert record_forward_batch(fb, type(fb), batch).req_pool_indices_cpu.tolist() == [3, 1]
     for row in (2, 3):
