@@ -88,8 +88,8 @@ class _ConfigBase(BaseModel):
 
     decode_kernel: DecodeKernel = Field(
         "auto",
-        description="decode attention over the folded tables: triton (SGLang's own Triton decode "
-        "kernel and the table kernels; no host plan, CUDA-graph safe), torch (the reference "
+        description="decode attention over the folded tables: triton (the retrieval and "
+        "folded-attention Triton kernels; no host plan, CUDA-graph safe), torch (the reference "
         "twins; the CPU path) or auto (triton on GPUs, torch on CPU)",
     )
     dense_below_crossover: bool = Field(
