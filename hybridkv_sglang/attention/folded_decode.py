@@ -225,12 +225,11 @@ class FoldedDecode:
             max_selected=min(self._retrieval[1], self.shape.max_stage_slots),  # NUM_SEL <= slots
         )
 
-    def row_entries(self, layer: int, req_to_token: Tensor) -> tuple[Tensor, Tensor]:
-        """``(kv_indptr, kv_indices)``: the folded entries each row of ``layer`` reads this step
-        (after :meth:`retrieve`), listed by the twin's definition; for checks, not the step."""
-        assert self._req_pool_indices is not None and self._seq_lens is not None
+    def _rows(self, req_to_token: Tensor) -> tuple[Tensor, ...]:
+        """What describes this step's rows: SGLang's tables, then the records and arenas."""
+        assert self._req_pool_indices is not None and self._seq_lens is not None, "begin_step"
         meta = self.meta
-        return folded_entries_ref(
+        return (
             req_to_token,
             self._req_pool_indices,
             self._seq_lens,
@@ -238,9 +237,13 @@ class FoldedDecode:
             meta.row_meta,
             meta.fixed_values,
             meta.chunk_top,
-            layer,
-            chunk_size=self.shape.chunk_size,
         )
+
+    def row_entries(self, layer: int, req_to_token: Tensor) -> tuple[Tensor, Tensor]:
+        """``(kv_indptr, kv_indices)``: the folded entries each row of ``layer`` reads this step
+        (after :meth:`retrieve`), listed by the twin's definition; for checks, not the step."""
+        rows = self._rows(req_to_token)
+        return folded_entries_ref(*rows, layer, chunk_size=self.shape.chunk_size)
 
     def attend(
         self,
@@ -253,19 +256,11 @@ class FoldedDecode:
     ) -> Tensor:
         """``q_rows [B * H_kv, G, D]`` (after :meth:`retrieve`) -> ``[B * H_kv, G, D_v]``."""
         self.stage(layer, k_buffer, v_buffer)
-        assert self._req_pool_indices is not None and self._seq_lens is not None
-        meta = self.meta
         return self._attend(
             q_rows,
             k_buffer.view(-1, k_buffer.shape[-1]),
             v_buffer.view(-1, v_buffer.shape[-1]),
-            req_to_token,
-            self._req_pool_indices,
-            self._seq_lens,
-            meta.slot_of_row,
-            meta.row_meta,
-            meta.fixed_values,
-            meta.chunk_top,
+            *self._rows(req_to_token),
             self.split_indptr[layer],
             self.partial_out,
             self.partial_lse,
