@@ -95,7 +95,7 @@ class HostSyncCounter(TorchDispatchMode):
             return f"{packet.__name__} (bool mask)"
         if packet in (aten._to_copy, aten.copy_) and not kwargs.get("non_blocking", False):
             src = args[1] if packet is aten.copy_ else args[0]
-            dst = args[0].device if packet is aten.copy_ else kwargs.get("device", src.device)
+            dst = args[0].device if packet is aten.copy_ else kwargs.get("device") or src.device
             if src.device.type != torch.device(dst).type:
                 return f"{packet.__name__} {src.device.type}->{torch.device(dst).type}"
         return None

@@ -8,14 +8,19 @@
 2. the whole hybridkv step (table build + 28 layers of retrieval, index fill and attention)
    captured in a CUDA graph and replayed on new inputs, equal to the same step run eagerly;
 3. speed at Qwen2.5-VL-7B attention shapes (28 layers, 28 q / 4 kv heads, D 128, bf16), 10 %
-   budget, batch 1/8/32 at 32K and 1/8 at 128K: a whole 28-layer attention step, dense (torch
-   SDPA flash decoding, the best dense kernel without FlashInfer, plus stock's index build) and
-   hybridkv (table build + folded attention), each one CUDA graph; device ms (CUDA events) and
-   host ms (what runs on the host per step: the variant lookup and the replay call) apart,
-   medians of repeats. An all-dense batch replays the wrapped backend's own graph (the
-   ``dense`` variant): timed the same way with hybridkv's host lookup in front. Dynamic heads'
-   chunk index in 2 and 3: ``--bound-channels`` key channels at ``--bound-precision`` (default
-   8-bit codes over 16 channels).
+   budget, batch 1/8/32 at 32K and 1/8 at 128K: a whole 28-layer attention step, each one CUDA
+   graph, interleaved: stock SGLang Triton decode over the paged pool (what ``--attention-backend
+   triton`` runs, :class:`StockTriton`), torch SDPA flash decoding over contiguous KV (the best
+   dense kernel without FlashInfer), hybridkv's ``dense`` variant (stock's step as a graph of
+   its own behind hybridkv's host work: must be within 2 % of stock) and hybridkv ``in_place``
+   rows with the retrieval grid sized for the server's 128K context; device ms (CUDA events)
+   and host ms, medians of repeats; bytes per step by category and TB/s. Dynamic heads' chunk
+   index in 2 and 3: ``--bound-channels`` key channels at ``--bound-precision`` (default 8-bit
+   codes over 16 channels);
+4. the 7B linear part (every layer's projections and the lm_head) in a CUDA graph per batch
+   size, and each shape's projected per-token ratio (attention + linear, dense over hybridkv);
+5. one 32K request's compression at prefill end (``bench/compression_cost.py``) per storage,
+   timed by stage with its host syncs counted, beside the request's dense prefill.
 
 The device has torch and triton but no sglang: ``bench/device_sglang.py stage .device`` copies
 SGLang's decode kernel files with tiny stand-ins beside the tree, and ``gpu_check.sh`` puts them
