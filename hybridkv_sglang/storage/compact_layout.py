@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hybridkv_sglang.storage.compressed_layout import CompressedLayout
-from hybridkv_sglang.storage.page_tables import DynamicRowLayout, PositionsCSR
+from hybridkv_sglang.storage.page_tables import DynamicRowLayout, PositionsCSR, _h2d
 
 
 @dataclass(frozen=True)
@@ -168,11 +168,16 @@ def build_compact_layout(
         1
     ) * rows.chunk_size + torch.arange(rows.chunk_size, device=device)
     host_ids = host_chunk_ids if on_host else torch.empty(0, dtype=torch.int64)
+    # The region offsets copied from the prompt, as indices built once on the host: a boolean
+    # mask would read the device once per layer.
+    host_src = _region_source_positions(rows, staging, torch.device("cpu"))
+    copy_at = _h2d(torch.nonzero(host_src >= 0).reshape(-1), device)
+    region_copied = region_src[copy_at]
     host_used = 0
     layers, entry_src, entry_dst, chunk_src, chunk_dst = [], [], [], [], []
     for lay in plan.layers:
         kept = lay.static_kept
-        static_heads = lay.static_heads.to(device)
+        static_heads = _h2d(lay.static_heads, device)
         per_entry_head = torch.repeat_interleave(
             static_heads, kept.indptr.to(torch.int64).diff(), output_size=kept.nnz
         )
@@ -180,10 +185,9 @@ def build_compact_layout(
         dst_static = entry_of[: kept.nnz]
         static_entries = PositionsCSR(kept.indptr_host, kept.indptr, dst_static.to(torch.int32))
         n_dyn = int(lay.dynamic_heads.numel())
-        dyn_heads = lay.dynamic_heads.to(device)
+        dyn_heads = _h2d(lay.dynamic_heads, device)
         regions = entry_of[kept.nnz : kept.nnz + n_dyn * region_len].reshape(n_dyn, region_len)
-        copy_at = region_src >= 0
-        src_dyn = prompt_folded[region_src[copy_at]].reshape(1, -1) + dyn_heads.unsqueeze(1)
+        src_dyn = prompt_folded[region_copied].reshape(1, -1) + dyn_heads.unsqueeze(1)
         dst_dyn = regions[:, copy_at]
         entry_src.append(torch.cat([src_static, src_dyn.reshape(-1)]))
         entry_dst.append(torch.cat([dst_static, dst_dyn.reshape(-1)]))

@@ -64,27 +64,33 @@ class CompressedLayout:
             plan.prompt_len, plan.sink, plan.window, plan.chunk_size
         )
         first, end = dyn_rows.first_chunk, dyn_rows.end_chunk
-        is_dynamic = plan.is_dynamic.cpu()
+        # One read of the head types and row offsets for the whole plan: the loop below reads
+        # no device value (a sync per layer or head would stall prefill end L x H_kv times).
+        is_dynamic = plan.is_dynamic.cpu().tolist()
+        indptr = plan.kept_indptr.cpu().tolist()
+        heads = plan.num_kv_heads
         layers = []
         read = 0
-        for layer in range(plan.num_layers):
-            dyn_mask = is_dynamic[layer]
-            static_heads = torch.nonzero(~dyn_mask).reshape(-1)
-            dynamic_heads = torch.nonzero(dyn_mask).reshape(-1)
-            rows = [plan.kept_positions_of(layer, int(h)) for h in static_heads]
-            static_kept = PositionsCSR.from_lists(rows, device)
+        for layer, dyn_mask in enumerate(is_dynamic):
+            static = [h for h, dyn in enumerate(dyn_mask) if not dyn]
+            static_heads = torch.tensor(static, dtype=torch.int64)
+            dynamic_heads = torch.tensor(
+                [h for h, dyn in enumerate(dyn_mask) if dyn], dtype=torch.int64
+            )
+            bounds = [(indptr[layer * heads + h], indptr[layer * heads + h + 1]) for h in static]
+            static_kept = _static_csr(plan.kept_positions, bounds, device)
             read += static_kept.nnz
             kmin = kmax = channels = offset = scale = None
             if dynamic_heads.numel():
                 assert plan.chunk_kmin is not None and plan.chunk_kmax is not None
                 assert plan.bound_channels is not None and plan.bound_offset is not None
                 assert plan.bound_scale is not None
-                heads = dynamic_heads.to(plan.chunk_kmin.device)
-                kmin = plan.chunk_kmin[layer, heads, first:end].to(device)
-                kmax = plan.chunk_kmax[layer, heads, first:end].to(device)
-                channels = plan.bound_channels[layer, heads].to(device)
-                offset = plan.bound_offset[layer, heads].to(device)
-                scale = plan.bound_scale[layer, heads].to(device)
+                dyn = dynamic_heads.to(plan.chunk_kmin.device, non_blocking=True)
+                kmin = plan.chunk_kmin[layer, dyn, first:end].to(device)
+                kmax = plan.chunk_kmax[layer, dyn, first:end].to(device)
+                channels = plan.bound_channels[layer, dyn].to(device)
+                offset = plan.bound_offset[layer, dyn].to(device)
+                scale = plan.bound_scale[layer, dyn].to(device)
                 per_row = dyn_rows.row_length(plan.prompt_len, plan.top_k_chunks)
                 read += int(dynamic_heads.numel()) * per_row
             layers.append(
@@ -107,3 +113,20 @@ class CompressedLayout:
         """Prompt entries read per decode step over the dense prompt entries."""
         dense = len(self.layers) * self.num_kv_heads * self.prompt_len
         return self.read_entries_per_step / dense
+
+
+def _static_csr(
+    positions: Tensor, bounds: list[tuple[int, int]], device: torch.device | str
+) -> PositionsCSR:
+    """The static heads' kept positions of one layer (``bounds``: each head's ``[lo, hi)`` in
+    ``positions``, host ints), sliced and joined on the device without reading it back."""
+    lengths = [hi - lo for lo, hi in bounds]
+    indptr_host = torch.zeros(len(bounds) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=indptr_host[1:])
+    parts = [positions[lo:hi] for lo, hi in bounds]
+    joined = torch.cat(parts) if parts else positions[:0]
+    return PositionsCSR(
+        indptr_host,
+        indptr_host.to(device=device, dtype=torch.int32, non_blocking=True),
+        joined.to(device=device, dtype=torch.int32, non_blocking=True),
+    )

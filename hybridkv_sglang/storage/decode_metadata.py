@@ -153,8 +153,9 @@ def request_rows(plan: CompressedLayout, compact: CompactLayout | None = None) -
     for layer, lay in enumerate(plan.layers):
         stored = None if compact is None else compact.layers[layer]
         kept = lay.static_kept if stored is None else stored.static_entries
+        bounds_host = kept.indptr_host.tolist()  # host mirror: one read per layer, no sync
         for i, h in enumerate(lay.static_heads.tolist()):
-            lo, hi = int(kept.indptr_host[i]), int(kept.indptr_host[i + 1])
+            lo, hi = bounds_host[i], bounds_host[i + 1]
             values.append(kept.positions[lo:hi])
             row = meta[layer, h]
             row[FIXED_START], row[PRE_LEN], row[TAIL_START] = used, hi - lo, plan.prompt_len

@@ -71,7 +71,8 @@ class PositionsCSR:
 
     @property
     def nnz(self) -> int:
-        return int(self.indptr_host[-1])
+        """``indptr_host[-1]``, read from the shape: no tensor value is read."""
+        return self.positions.numel()
 
     @property
     def device(self) -> torch.device:

@@ -27,8 +27,9 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
     result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
     assert result["dry_run"] is True
     names = [c["check"] for c in result["checks"]]
-    assert len(names) == 9 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert len(names) == 10 and all(c["passed"] for c in result["checks"]), result["checks"]
     assert any("captured hybridkv step" in n for n in names)
+    assert any("paged pool (stock)" in n for n in names)
     assert any("captured compact host-tier step" in n for n in names)
     (host,) = result["host_tier"]
     assert host["graph_captured"] is False and host["host_tier_ms"] > 0  # eager on CPU
@@ -41,8 +42,39 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
     ]
     assert result["chunk_index"] == {"bound_channels": 16, "bound_precision": "uint8"}
     for row in result["speed"]:
-        assert row["dense_ms"] > 0 and row["hybridkv_ms"] > 0 and row["tables_ms"] > 0
+        for key in ("stock_triton_ms", "dense_sdpa_ms", "dense_variant_ms", "hybridkv_ms"):
+            assert row[key] > 0, key
+        assert row["tables_ms"] > 0 and row["linear_ms"] > 0
+        # in place, the retrieval grid sized for the server's context, not this one
+        assert row["placement"] == "in_place" and row["max_chunks"] == 256 // 16
         # 256-token prompts: the dynamic heads' prefix, 8 chunks and window exceed the 10 %
         assert 0 < row["read_fraction"] < 1
-    assert set(result["goals"]) >= {"all-dense batch within 2 % of dense"}
+        moved = row["bytes_per_step"]
+        assert set(moved["hybridkv"]) == {
+            "retrieval_metadata",
+            "kv_entries",
+            "row_metadata_indices",
+            "split_scratch",
+        }
+        assert moved["hybridkv"]["kv_entries"] < moved["stock_triton"]["kv_entries"]
+        assert set(row["tb_per_s"]) == {"stock_triton", "sdpa", "hybridkv"}
+        assert row["projected_ratio"] > 0 and row["projected_ratio_vs_sdpa"] > 0
+    assert [r["batch"] for r in result["linear"]] == [1, 2]
+    assert result["prefill"]["prefill_ms"] > 0
+    assert [r["storage"] for r in result["compression"]] == ["in_place", "compact"]
+    for row in result["compression"]:
+        assert row["total_ms"] > 0 and row["host_syncs"] > 0 and row["share_of_prefill"] > 0
+    assert "paged pool" in result["dense_variant_compares"]
+    assert set(result["goals"]) >= {
+        "dense_batch_within_2pct",
+        "ge_1x_stock_triton_every_shape",
+        "ge_1x_sdpa_every_shape",
+        "speedup_b8_32k_ge_3",
+        "speedup_b32_32k_ge_5",
+        "speedup_b1_128k_ge_1_5",
+        "projected_ratio_b8_ge_1_3",
+        "projected_ratio_b32_ge_2",
+        "compression_le_5pct_of_prefill",
+    }
+    assert result["goals"]["speedup_b8_32k_ge_3"] is None  # not a dry-run shape
     assert (tmp_path / "gpu_check_cpu-dry-run.png").stat().st_size > 0
