@@ -1,11 +1,11 @@
 """One prepared device check: hybridkv's decode step on a GPU, checked and timed in one call.
 
 1. compiled kernels against their torch twins on fresh random inputs: the folded-table kernels
-   (row offsets and split counts, chunk retrieval over both chunk indexes: 8-bit codes over a
-   few key channels and KV-dtype bounds over all of them, index fill), SGLang's Triton decode
-   kernel over the folded tables against the torch reference attention, Quest ``chunk_topk``
+   (split offsets, chunk retrieval over both chunk indexes: 8-bit codes over a few key channels
+   and KV-dtype bounds over all of them), the folded attention (each row's entries derived
+   from its record) against the torch reference attention, Quest ``chunk_topk``
    and ``gather_entries`` (compaction);
-2. the whole hybridkv step (table build + 28 layers of retrieval, index fill and attention)
+2. the whole hybridkv step (split offsets + 28 layers of retrieval and attention)
    captured in a CUDA graph and replayed on new inputs, equal to the same step run eagerly;
 3. speed at Qwen2.5-VL-7B attention shapes (28 layers, 28 q / 4 kv heads, D 128, bf16), 10 %
    budget, batch 1/8/32 at 32K and 1/8 at 128K: a whole 28-layer attention step, each one CUDA
@@ -66,6 +66,7 @@ from tqdm import tqdm
 
 from hybridkv_sglang.attention.folded_decode import FoldedDecode, FoldedShape
 from hybridkv_sglang.kernels.chunk_topk import chunk_topk, chunk_topk_ref
+from hybridkv_sglang.kernels.folded_attention import folded_attention, folded_attention_ref
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
     DIRECT,
@@ -82,10 +83,9 @@ from hybridkv_sglang.kernels.folded_tables import (
     TOP_START,
     chunk_retrieval,
     chunk_retrieval_ref,
-    fill_folded_indices,
-    fill_folded_indices_ref,
     folded_lengths,
     folded_lengths_ref,
+    row_split_cap,
 )
 from hybridkv_sglang.kernels.gather_entries import gather_entries, gather_entries_ref
 from hybridkv_sglang.kernels.sparse_decode import sparse_decode_reference
@@ -277,7 +277,6 @@ class Step:
             )
             self.evict_top, self.evict_base = _evicted_slots(self.meta.row_meta, miss_rate)
         self.read_fraction = sum(r.prompt_entries for r in rows) / (batch * KV_HEADS * context)
-        self.table_entries = max(r.prompt_entries for r in rows) * batch
         self.req_pool_indices = torch.arange(1, batch + 1, device=device)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int64, device=device)
         # pool row b + 1 (row 0 unused) holds request b's slots [b N, (b + 1) N)
@@ -296,7 +295,6 @@ class Step:
                 head_dim=HEAD_DIM,
                 v_head_dim=HEAD_DIM,
                 max_rows=batch * KV_HEADS,
-                table_entries=self.table_entries,
                 max_kv_splits=MAX_KV_SPLITS,
                 chunk_size=CHUNK,
                 max_chunks=(max_context or context) // CHUNK,
@@ -338,19 +336,14 @@ class Step:
             self.folded.retrieve(layer, self.q.view(-1, GROUP, HEAD_DIM))
         return []
 
-    def tables(self) -> list[torch.Tensor]:
-        """Breakdown: the whole table build (offsets, retrieval, index fill), no attention."""
-        self.folded.begin_step(self.req_pool_indices, self.seq_lens)
-        for layer in range(self.layers):
-            self.folded.retrieve(layer, self.q.view(-1, GROUP, HEAD_DIM))
-            self.folded.fill(layer, self.req_to_token)
-        return []
-
     def attention(self) -> list[torch.Tensor]:
-        """Breakdown: every layer's attention over an already built table."""
+        """Breakdown: every layer's attention over the chunks already retrieved (each row's
+        entries derived inside the kernel)."""
         q_rows = self.q.view(-1, GROUP, HEAD_DIM)
         return [
-            self.folded.attention(layer, q_rows, self.keys[layer], self.values[layer], SCALE)
+            self.folded.attend(
+                layer, q_rows, self.keys[layer], self.values[layer], self.req_to_token, SCALE
+            )
             for layer in range(self.layers)
         ]
 
@@ -521,16 +514,11 @@ def check_tables(
     rows = batch * KV_HEADS
     out: list[dict[str, Any]] = []
     args = (step.req_pool_indices, step.seq_lens, meta.slot_of_row, meta.row_meta)
+    cap = row_split_cap(rows, folded.target_programs, MAX_KV_SPLITS)
     indptr = [torch.zeros(layers, rows + 1, dtype=torch.int32, device=device) for _ in range(2)]
-    splits = [torch.zeros(layers, rows, dtype=torch.int32, device=device) for _ in range(2)]
-    for fn, ip, sp in zip((folded_lengths, folded_lengths_ref), indptr, splits, strict=True):
-        fn(*args, ip, sp, chunk_size=CHUNK, max_kv_splits=MAX_KV_SPLITS, target_programs=528)
-    out.append(
-        {
-            "check": "folded_lengths compiled vs ref",
-            "exact": bool(torch.equal(indptr[0], indptr[1]) and torch.equal(splits[0], splits[1])),
-        }
-    )
+    for fn, ip in zip((folded_lengths, folded_lengths_ref), indptr, strict=True):
+        fn(*args, ip, chunk_size=CHUNK, max_row_splits=cap, target_programs=folded.target_programs)
+    out.append({"check": "folded_lengths compiled vs ref", "exact": bool(torch.equal(*indptr))})
     q_rows = step.q.view(-1, GROUP, HEAD_DIM)
     for probe_index in dict.fromkeys([index, (HEAD_DIM, dtype)]):
         probe = (
@@ -543,35 +531,34 @@ def check_tables(
         meta.chunk_ids, top, step.req_pool_indices, *args[2:], 0, max_chunks=context // CHUNK,
         max_selected=TOP_K,
     )  # fmt: skip
-    filled = []
-    for fn in (fill_folded_indices, fill_folded_indices_ref):
-        indices = torch.full((step.table_entries + 8,), -1, dtype=torch.int64, device=device)
-        fn(
-            step.req_to_token, step.req_pool_indices, step.seq_lens, meta.slot_of_row,
-            meta.row_meta, meta.fixed_values, top, indptr[1][0], indices, 0, chunk_size=CHUNK,
-        )  # fmt: skip
-        filled.append(indices)
-    out.append(
-        {"check": "fill_folded_indices compiled vs ref", "exact": bool(torch.equal(*filled))}
-    )
+    attention_args = (
+        q_rows, step.keys[0].view(-1, HEAD_DIM), step.values[0].view(-1, HEAD_DIM),
+        step.req_to_token, *args, meta.fixed_values, top, indptr[1][0], folded.partial_out,
+        folded.partial_lse, 0,
+    )  # fmt: skip
+    attended = [
+        fn(*attention_args, sm_scale=SCALE, chunk_size=CHUNK, max_row_splits=cap)
+        for fn in (folded_attention, folded_attention_ref)
+    ]
+    out.append({"check": "folded_attention compiled vs ref", "rel_err": _rel_err(*attended)})
     eager = step.hybridkv()
     reference = []
     for layer in range(layers):
         folded.retrieve(layer, q_rows)
         folded.attend(layer, q_rows, step.keys[layer], step.values[layer], step.req_to_token, SCALE)
+        entries = folded.row_entries(layer, step.req_to_token)
         reference.append(
             sparse_decode_reference(
                 q_rows,
                 step.keys[layer].view(-1, HEAD_DIM),
                 step.values[layer].view(-1, HEAD_DIM),
-                folded.kv_indptr[layer, : rows + 1],
-                folded.kv_indices,
+                *entries,
                 SCALE,
             )
         )
     out.append(
         {
-            "check": "SGLang decode kernel over folded tables vs torch reference",
+            "check": "hybridkv step (retrieval and folded attention) vs torch reference",
             "rel_err": max(_rel_err(e, r) for e, r in zip(eager, reference, strict=True)),
         }
     )
@@ -663,8 +650,10 @@ def step_bytes(step: Step, stock: StockTriton, elt: int) -> dict[str, dict[str, 
     """Bytes each system moves per step, by category, counted from its tables and buffers (a
     model of the kernels' traffic, not a profiler's reading): KV entries read, retrieval
     metadata (chunk bounds, their parameters, candidate and selected scratch written and
-    read), row metadata and indices (records, kept positions, ``req_to_token``, ``kv_indices``
-    written and read, offsets) and split scratch (partial outputs written and read)."""
+    read), row metadata and indices (records, kept positions and ``req_to_token`` read by the
+    attention as it derives each row's entries, split offsets; stock: its ``kv_indices``
+    written and read, offsets) and split scratch (partial outputs of split rows written and
+    read)."""
     b, n, layers = step.batch, step.context, step.layers
     entry = 2 * HEAD_DIM * elt  # K and V of one (token, kv head)
     splits = stock.num_kv_splits.long().sum().item()
@@ -689,16 +678,16 @@ def step_bytes(step: Step, stock: StockTriton, elt: int) -> dict[str, dict[str, 
     through_rows = int((m[..., PRE_LEN] + m[..., POST_LEN]).sum())  # fixed values read
     direct = bool(m[..., DIRECT].any())
     rows = b * KV_HEADS
-    row_splits = step.folded.num_kv_splits[:, :rows].long().sum().item()
+    splits = step.folded.split_indptr[:, 1 : rows + 1] - step.folded.split_indptr[:, :rows]
+    split_rows = int(splits[splits > 1].sum())  # rows of one split write no scratch
     hybridkv_bytes = {
         "retrieval_metadata": retrieval,
         "kv_entries": total_entries * entry,
         "row_metadata_indices": layers * rows * NF * 4
         + through_rows * 4
         + (0 if direct else total_entries * 4)
-        + total_entries * 8 * 2
-        + layers * (2 * rows + 1) * 4,
-        "split_scratch": row_splits * GROUP * (HEAD_DIM + 1) * 4 * 2,
+        + layers * (rows + 1) * 4,
+        "split_scratch": split_rows * GROUP * (HEAD_DIM + 1) * 4 * 2,
     }
     sdpa = {"kv_entries": stock_bytes["kv_entries"]}
     return {"stock_triton": stock_bytes, "sdpa": sdpa, "hybridkv": hybridkv_bytes}
@@ -734,7 +723,7 @@ def speed(
         )
         (sdpa_ms, sdpa_host), (stock_ms, stock_host), (variant_ms, variant_host) = timed[:3]
         sparse_ms, sparse_host = timed[3]
-        parts = [Runner(fn, device) for fn in (step.retrieval, step.tables, step.attention)]
+        parts = [Runner(fn, device) for fn in (step.retrieval, step.attention)]
         breakdown = time_runners([(p, lambda: None) for p in parts], device, repeats)
         moved = step_bytes(step, stock, elt)
         times = {"stock_triton": stock_ms, "sdpa": sdpa_ms, "hybridkv": sparse_ms}
@@ -758,8 +747,7 @@ def speed(
                 "hybridkv_ms": sparse_ms,
                 "hybridkv_host_ms": sparse_host,
                 "retrieval_ms": breakdown[0][0],
-                "tables_ms": breakdown[1][0],
-                "attention_ms": breakdown[2][0],
+                "attention_ms": breakdown[1][0],
                 "speedup": stock_ms / sparse_ms,
                 "speedup_vs_sdpa": sdpa_ms / sparse_ms,
                 "bytes_per_step": moved,
