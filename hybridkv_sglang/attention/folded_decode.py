@@ -3,11 +3,11 @@
 Per step, :meth:`FoldedDecode.begin_step` computes every layer's ``kv_indptr`` and KV split
 counts in one launch from SGLang's ``req_pool_indices`` and ``seq_lens`` and the per-request
 metadata (:class:`~hybridkv_sglang.storage.decode_metadata.DecodeMetadata`). Per layer,
-:meth:`FoldedDecode.attend` retrieves the dynamic rows' chunks, stages ``compact`` host-tier
-rows' chunks into their device slots (:mod:`hybridkv_sglang.kernels.host_staging`, with a host
-tier only), fills the layer's ``kv_indices`` into one buffer that every layer reuses, and
-attends. Nothing reads the device
-from the host, so the same calls run inside a captured decode graph.
+:meth:`FoldedDecode.retrieve` retrieves the dynamic rows' chunks and, with a host tier, stages
+``compact`` host-tier rows' chunks into their device slots
+(:mod:`hybridkv_sglang.kernels.host_staging`), in one launch; :meth:`FoldedDecode.attend` fills
+the layer's ``kv_indices`` into one buffer that every layer reuses, and attends. Nothing reads
+the device from the host, so the same calls run inside a captured decode graph.
 
 Kernels: SGLang's own Triton decode kernel (``decode_attention_fwd``, the stock ``triton``
 backend's; no host plan) over the folded view ``k_buffer.view(slots * H_kv, 1, D)`` with the
@@ -27,9 +27,6 @@ from torch import Tensor
 
 from hybridkv_sglang.attention.sparse_decode import sparse_decode_reference
 from hybridkv_sglang.kernels.folded_tables import (
-    HOST_START,
-    STAGE_SLOTS,
-    STAGE_START,
     chunk_retrieval,
     chunk_retrieval_ref,
     fill_folded_indices,
@@ -37,7 +34,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     folded_lengths,
     folded_lengths_ref,
 )
-from hybridkv_sglang.kernels.host_staging import stage_host_chunks, stage_host_chunks_ref
+from hybridkv_sglang.kernels.host_staging import HostStaging
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
 
 
@@ -87,9 +84,6 @@ class FoldedDecode:
         self._fill: Callable[..., None] = (
             fill_folded_indices if use_triton else fill_folded_indices_ref
         )
-        self._stage: Callable[..., None] = (
-            stage_host_chunks if use_triton else stage_host_chunks_ref
-        )
         self._host_tier: tuple[Tensor, Tensor] | None = None
         self._req_pool_indices: Tensor | None = None
         self._seq_lens: Tensor | None = None
@@ -98,8 +92,11 @@ class FoldedDecode:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the step buffers: the tables plus the attention's split scratch."""
-        scratch = (self.attn_logits, self.attn_lse) if self.use_triton else ()
+        """Device bytes of the step buffers: the tables plus the retrieval's block counters and
+        the attention's split scratch."""
+        scratch = [self.retrieval_done]
+        if self.use_triton:
+            scratch += [self.attn_logits, self.attn_lse]
         return self.table_bytes + sum(t.numel() * t.element_size() for t in scratch)
 
     def _allocate_rows(self, device: torch.device | str) -> None:
@@ -107,6 +104,8 @@ class FoldedDecode:
         rows, layers = shape.max_rows, shape.num_layers
         self.kv_indptr = torch.zeros(layers, rows + 1, dtype=torch.int32, device=device)
         self.num_kv_splits = torch.ones(layers, rows, dtype=torch.int32, device=device)
+        # per row, the retrieval's finished blocks of chunks (zeros between launches)
+        self.retrieval_done = torch.zeros(rows, dtype=torch.int32, device=device)
         if self.use_triton:
             splits, dv = shape.max_kv_splits, shape.v_head_dim
             self.attn_logits = torch.empty(
@@ -175,10 +174,27 @@ class FoldedDecode:
             and selected <= self.shape.max_selected
         )
 
-    def retrieve(self, layer: int, q_rows: Tensor) -> None:
-        """The dynamic rows' chunks of ``layer`` into ``meta.chunk_top``."""
+    def retrieve(self, layer: int, q_rows: Tensor, k_buffer: Tensor, v_buffer: Tensor) -> None:
+        """The dynamic rows' chunks of ``layer`` into ``meta.chunk_top`` and, with a host tier,
+        the host-tier rows' selected chunks staged into their slots (copied from the host tier
+        into ``k_buffer`` / ``v_buffer`` where a slot does not hold them yet; ``chunk_top`` then
+        names the slots). One launch; nothing read back."""
         assert self._req_pool_indices is not None, "begin_step first"
         meta = self.meta
+        staging = None
+        if self._host_tier is not None:
+            staging = HostStaging(
+                meta.staged,
+                meta.stage_age,
+                meta.host_chunk_ids,
+                meta.fixed_values,
+                *self._host_tier,
+                k_buffer.view(-1, k_buffer.shape[-1]),
+                v_buffer.view(-1, v_buffer.shape[-1]),
+                meta.moves,
+                chunk_size=self.shape.chunk_size,
+                max_slots=self.shape.max_stage_slots,
+            )
         self._retrieve(
             q_rows,
             meta.kmin,
@@ -192,8 +208,10 @@ class FoldedDecode:
             meta.slot_of_row,
             meta.row_meta,
             layer,
+            self.retrieval_done,
             max_chunks=self._retrieval[0],
             max_selected=self._retrieval[1],
+            staging=staging,
         )
 
     def attach_host_tier(self, host_k: Tensor, host_v: Tensor) -> None:
@@ -202,38 +220,6 @@ class FoldedDecode:
         if self.shape.max_stage_slots <= 0:
             raise ValueError("a host tier needs max_stage_slots > 0 in the decode shape")
         self._host_tier = (host_k, host_v)
-
-    def stage(self, layer: int, k_buffer: Tensor, v_buffer: Tensor) -> None:
-        """Host-tier rows of ``layer`` (after :meth:`retrieve`): the selected chunks into their
-        staging slots, copied from the host tier where a slot does not hold them yet, and
-        ``chunk_top`` pointed at the slots. One launch; nothing read back."""
-        if self._host_tier is None:
-            return
-        assert self._req_pool_indices is not None, "begin_step first"
-        meta = self.meta
-        host_k, host_v = self._host_tier
-        self._stage(
-            self._req_pool_indices,
-            meta.slot_of_row,
-            meta.row_meta,
-            layer,
-            meta.chunk_top,
-            meta.staged,
-            meta.stage_age,
-            meta.host_chunk_ids,
-            meta.fixed_values,
-            host_k,
-            host_v,
-            k_buffer.view(-1, k_buffer.shape[-1]),
-            v_buffer.view(-1, v_buffer.shape[-1]),
-            meta.moves,
-            chunk_size=self.shape.chunk_size,
-            stage_start_field=STAGE_START,
-            stage_slots_field=STAGE_SLOTS,
-            host_start_field=HOST_START,
-            max_slots=self.shape.max_stage_slots,
-            max_selected=min(self._retrieval[1], self.shape.max_stage_slots),  # NUM_SEL <= slots
-        )
 
     def fill(self, layer: int, req_to_token: Tensor) -> None:
         """``layer``'s ``kv_indices`` (after :meth:`retrieve`)."""
@@ -263,7 +249,6 @@ class FoldedDecode:
         sm_scale: float,
     ) -> Tensor:
         """``q_rows [B * H_kv, G, D]`` (after :meth:`retrieve`) -> ``[B * H_kv, G, D_v]``."""
-        self.stage(layer, k_buffer, v_buffer)
         self.fill(layer, req_to_token)
         return self.attention(layer, q_rows, k_buffer, v_buffer, sm_scale)
 
