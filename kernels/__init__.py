@@ -22,9 +22,13 @@ Ops:
 - ``chunk_topk``: Quest chunk scores ``[R, C_max]`` for dynamic heads + top-k chunk ids.
 - ``gather_entries``: copy kept KV entries into compact entries (folded view).
 - ``folded_tables``: one decode step's folded tables built on the device from per-request row
-  records: ``folded_lengths`` (every layer's ``kv_indptr`` and KV split counts),
-  ``chunk_retrieval`` (each dynamic row's top chunks by the Quest bound) and
+  records: ``folded_lengths`` (every layer's ``kv_indptr`` and KV split counts, one launch),
+  ``chunk_retrieval`` (one launch per layer: each dynamic row's top chunks by the Quest bound
+  and, given a ``host_staging.HostStaging``, the host-tier rows' chunks staged into their device
+  slots; its twin is ``chunk_retrieval_ref`` then ``host_staging.stage_host_chunks_ref``) and
   ``fill_folded_indices`` (one layer's ``kv_indices``).
+- ``host_staging``: the staging rules, their per-row Triton body (called inside
+  ``chunk_retrieval``) and their twin ``stage_host_chunks_ref``; no launch of its own.
 """
 
 from .chunk_topk import chunk_topk, chunk_topk_auto, chunk_topk_ref
@@ -37,8 +41,10 @@ from .folded_tables import (
     folded_lengths_ref,
 )
 from .gather_entries import gather_entries, gather_entries_auto, gather_entries_ref
+from .host_staging import HostStaging, stage_host_chunks_ref
 
 __all__ = [
+    "HostStaging",
     "chunk_retrieval",
     "chunk_retrieval_ref",
     "chunk_topk",
@@ -51,4 +57,5 @@ __all__ = [
     "gather_entries",
     "gather_entries_auto",
     "gather_entries_ref",
+    "stage_host_chunks_ref",
 ]

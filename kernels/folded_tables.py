@@ -15,8 +15,8 @@ candidates (``chunk_scores`` float32 and ``chunk_ids`` int32 from ``CAND_START``
 :meth:`hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes` charges. A ``compact`` dynamic
 row whose chunks live on the host tier also has ``STAGE_SLOTS`` staging slots (their chunks and
 ages from ``STAGE_START``) and the host chunk of each retrievable chunk (from ``HOST_START``):
-``kernels.host_staging`` fills the slots on the device each step. A row lists, in
-order::
+the retrieval launch fills the slots on the device each step (rules:
+:mod:`hybridkv_sglang.kernels.host_staging`). A row lists, in order::
 
     fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
     its NUM_SEL retrieved chunks of C values each          # dynamic rows only
@@ -32,11 +32,12 @@ descending Quest score) gives values ``(FIRST_CHUNK + c) * C + i``, mapped throu
 Three kernels, each with a torch twin of the same contract:
 
 - :func:`folded_lengths`: every layer's ``kv_indptr`` and KV split counts in one launch;
-- :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
-  top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
-  ``NUM_SEL``, at the row's own stride, then per row the best of those; other rows exit at
-  once), written into the row's own ranges of the candidate and ``chunk_top`` arenas, so
-  scratch is sized by each row's chunks and selection, never by the batch's largest;
+- :func:`chunk_retrieval`: per layer, one launch: Quest scores of each dynamic row's chunks and
+  their top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
+  ``NUM_SEL``, at the row's own stride, then, in the row's last block to finish, the best of
+  those; other rows exit at once), written into the row's own ranges of the candidate and
+  ``chunk_top`` arenas, so scratch is sized by each row's chunks and selection, never by the
+  batch's largest; with a host tier the same program then stages the row's chunks;
 - :func:`fill_folded_indices`: per layer, the ``kv_indices``.
 """
 
@@ -320,28 +321,28 @@ def _ranked_scores(keys):
 
 
 @triton.jit
-def _rounded(x, LOW: tl.constexpr):
-    """float32 ``x`` rounded to ``LOW`` (to nearest, ties to even), as float32. bfloat16 by bits,
+def _rounded(x, low: tl.constexpr):
+    """float32 ``x`` rounded to ``low`` (to nearest, ties to even), as float32. bfloat16 by bits,
     so the interpreter (whose float32 -> bfloat16 cast truncates) rounds as a GPU does."""
-    if LOW == tl.bfloat16:
+    if low == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         return bits.to(tl.float32, bitcast=True)
-    elif LOW == tl.float16:
+    elif low == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:
         return x
 
 
 @triton.jit
-def _dot_operand(x, LOW: tl.constexpr, DOT: tl.constexpr):
-    """A tile whose values are exact in ``LOW`` (codes, stored bounds, rounded ``q * scale``) in
-    the dot's dtype ``DOT``: ``LOW``, or float32 where ``DOT`` is (the interpreter reads uint8
+def _dot_operand(x, low: tl.constexpr, dot: tl.constexpr):
+    """A tile whose values are exact in ``low`` (codes, stored bounds, rounded ``q * scale``) in
+    the dot's dtype ``dot``: ``low``, or float32 where ``dot`` is (the interpreter reads uint8
     -> bfloat16 casts as raw bits, so its tiles go through float32, exactly)."""
-    if DOT == tl.float32:
+    if dot == tl.float32:
         return x.to(tl.float32)
     else:
-        return x.to(LOW)
+        return x.to(low)
 
 
 @triton.jit
