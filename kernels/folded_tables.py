@@ -385,7 +385,8 @@ def _select_chunks(
                 take = m > best_val
                 best_at = tl.where(take, c0 + i, best_at)
                 best_val = tl.where(take, m, best_val)
-            tl.store(top_ptr + tstart + j, tl.load(cand_id_ptr + cstart + best_at))
+            best_id = tl.load(cand_id_ptr + cstart + best_at, cache_modifier=".cg")
+            tl.store(top_ptr + tstart + j, best_id)
             tl.store(cand_score_ptr + cstart + best_at, float("-inf"))
             tl.debug_barrier()  # the next pass's threads read what this one struck out
 
@@ -574,6 +575,8 @@ _LOW = {torch.uint8: torch.bfloat16, torch.float16: torch.float16, torch.bfloat1
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TILE_BYTES = 16384
 """Bytes of one bound tile (``BLOCK_C x BLOCK_R`` in the dot's dtype) a program aims for."""
+_SELECT_SORT = 4096
+"""Most candidates a row's selection ranks in one register sort (more: one scan per chunk)."""
 
 
 def _retrieval_tiles(
@@ -585,9 +588,9 @@ def _retrieval_tiles(
     chunks, the cost model's count, and the selection; at most 128 chunks, one sort). Warps
     follow the registers a program holds, the larger of a bound tile and the ``[G, BLOCK_C]``
     float32 scores, about 4 KiB per warp (32 registers a thread): the 16-channel uint8 tiles
-    (128 chunks x 16 codes, 4 KiB as bfloat16) take 2 warps instead of the default 4, whose
-    extra warps would only split a 16 x 128 x 16 dot and a 128-key sort finer; 128-channel
-    16-bit or float32 tiles take 4."""
+    (128 chunks x 16 codes, 4 KiB as bfloat16, beside 8 KiB of scores for up to 16 query heads)
+    take 2 warps instead of the default 4, whose extra warps would only split a 16 x 128 x 16
+    dot and a 128-key sort finer; 128-channel 16-bit or float32 tiles (16 KiB) take 4."""
     block_r = max(16, triton.next_power_of_2(width))
     size = _LOW.get(bound_dtype, torch.float32).itemsize
     block_c = max(CANDIDATE_BLOCK, min(128, _TILE_BYTES // (block_r * size)))
@@ -745,7 +748,7 @@ def chunk_retrieval(
         BLOCK_C=block_c,
         BLOCK_R=block_r,
         BLOCK_G=block_g,
-        BLOCK_SEL=triton.next_power_of_2(min(max(candidates, 16), 4096)),
+        BLOCK_SEL=triton.next_power_of_2(min(max(candidates, 16), _SELECT_SORT)),
         LOW=_TL[low],
         DOT=_TL[dot],
         PRECISION="ieee" if dot == torch.float32 else "tf32",

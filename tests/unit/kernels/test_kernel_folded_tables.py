@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from hybridkv_sglang.kernels import folded_tables
 from hybridkv_sglang.kernels._common import interpret_enabled
 from hybridkv_sglang.kernels.folded_tables import (
     BOUNDS_START,
@@ -236,6 +237,18 @@ def test_retrieval_kernel_equals_twins_bit_for_bit(dtype, dim, width, codes, ctx
     if staging is not None:
         moved, chosen = staging.moves.sum(0).tolist()
         assert 0 < moved < chosen  # misses copied, hits kept
+
+
+@needs_interpreter
+def test_retrieval_kernel_selects_by_scans_past_one_sort(monkeypatch):
+    """Rows with more candidates than one sort ranks take the scan path (one pass per chunk,
+    reading other blocks' candidates): the same chunks as the twin, exactly."""
+    monkeypatch.setattr(folded_tables, "_SELECT_SORT", 16)
+    batch = random_batch(_seed(), ctx=700, codes=True, width=16, layers=1, exact=True)
+    blocks = -(-batch.row_meta[..., NUM_CHUNKS] // 128)  # 16 codes: 128-chunk blocks
+    assert int((blocks * batch.row_meta[..., NUM_SEL]).max()) > 16
+    top = _retrieve(batch, chunk_retrieval, 0)
+    assert torch.equal(top, _retrieve(batch, chunk_retrieval_ref, 0))
 
 
 def _assert_same_staging(got: HostStaging, want: HostStaging) -> None:
