@@ -321,7 +321,7 @@ class Step:
         q_rows = self.q.view(-1, GROUP, HEAD_DIM)
         outs = []
         for layer in range(self.layers):
-            folded.retrieve(layer, q_rows)
+            folded.retrieve(layer, q_rows, self.keys[layer], self.values[layer])
             outs.append(
                 folded.attend(
                     layer, q_rows, self.keys[layer], self.values[layer], self.req_to_token, SCALE
@@ -330,10 +330,11 @@ class Step:
         return outs
 
     def retrieval(self) -> list[torch.Tensor]:
-        """Breakdown: the row offsets and every layer's chunk retrieval alone."""
+        """Breakdown: the row offsets and every layer's chunk retrieval (and staging) alone."""
         self.folded.begin_step(self.req_pool_indices, self.seq_lens)
         for layer in range(self.layers):
-            self.folded.retrieve(layer, self.q.view(-1, GROUP, HEAD_DIM))
+            q_rows = self.q.view(-1, GROUP, HEAD_DIM)
+            self.folded.retrieve(layer, q_rows, self.keys[layer], self.values[layer])
         return []
 
     def attention(self) -> list[torch.Tensor]:
@@ -466,7 +467,8 @@ def check_retrieval(step: Step, context: int) -> dict[str, Any]:
     by the definition), must carry the same scores (ids may differ between near-ties)."""
     meta = step.meta
     q_rows = step.q.view(-1, GROUP, HEAD_DIM)
-    args = (step.req_pool_indices, meta.slot_of_row, meta.row_meta, 0)
+    done = torch.zeros(step.batch * KV_HEADS, dtype=torch.int32, device=q_rows.device)
+    args = (step.req_pool_indices, meta.slot_of_row, meta.row_meta, 0, done)
     tops = []
     for fn in (chunk_retrieval, chunk_retrieval_ref):
         top = torch.full_like(meta.chunk_top, -1)
@@ -528,8 +530,8 @@ def check_tables(
     top = torch.full_like(meta.chunk_top, -1)
     chunk_retrieval_ref(
         q_rows, meta.kmin, meta.kmax, meta.bound_channels, meta.bound_affine, meta.chunk_scores,
-        meta.chunk_ids, top, step.req_pool_indices, *args[2:], 0, max_chunks=context // CHUNK,
-        max_selected=TOP_K,
+        meta.chunk_ids, top, step.req_pool_indices, *args[2:], 0, folded.retrieval_done,
+        max_chunks=context // CHUNK, max_selected=TOP_K,
     )  # fmt: skip
     attention_args = (
         q_rows, step.keys[0].view(-1, HEAD_DIM), step.values[0].view(-1, HEAD_DIM),
@@ -544,7 +546,7 @@ def check_tables(
     eager = step.hybridkv()
     reference = []
     for layer in range(layers):
-        folded.retrieve(layer, q_rows)
+        folded.retrieve(layer, q_rows, step.keys[layer], step.values[layer])
         folded.attend(layer, q_rows, step.keys[layer], step.values[layer], step.req_to_token, SCALE)
         entries = folded.row_entries(layer, step.req_to_token)
         reference.append(

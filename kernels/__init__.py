@@ -22,8 +22,12 @@ Ops:
 - ``chunk_topk``: Quest chunk scores ``[R, C_max]`` for dynamic heads + top-k chunk ids.
 - ``gather_entries``: copy kept KV entries into compact entries (folded view).
 - ``folded_tables``: one decode step's folded tables built on the device from per-request row
-  records: ``folded_lengths`` (every layer's split offsets: each row's KV splits) and
-  ``chunk_retrieval`` (each dynamic row's top chunks by the Quest bound).
+  records: ``folded_lengths`` (every layer's split offsets: each row's KV splits, one launch)
+  and ``chunk_retrieval`` (one launch per layer: each dynamic row's top chunks by the Quest
+  bound and, given a ``host_staging.HostStaging``, the host-tier rows' chunks staged into their
+  device slots; its twin is ``chunk_retrieval_ref`` then ``host_staging.stage_host_chunks_ref``).
+- ``host_staging``: the staging rules, their per-row Triton body (called inside
+  ``chunk_retrieval``) and their twin ``stage_host_chunks_ref``; no launch of its own.
 - ``folded_attention``: one layer's decode attention over those rows, each row's entries derived
   from its record inside the kernel (no index buffer); ``folded_entries_ref`` lists them.
 - ``sparse_decode``: ``sparse_decode_reference``, attention over explicit entry lists (the
@@ -39,9 +43,11 @@ from .folded_tables import (
     folded_lengths_ref,
 )
 from .gather_entries import gather_entries, gather_entries_auto, gather_entries_ref
+from .host_staging import HostStaging, stage_host_chunks_ref
 from .sparse_decode import sparse_decode_reference
 
 __all__ = [
+    "HostStaging",
     "chunk_retrieval",
     "chunk_retrieval_ref",
     "chunk_topk",
@@ -56,4 +62,5 @@ __all__ = [
     "gather_entries_auto",
     "gather_entries_ref",
     "sparse_decode_reference",
+    "stage_host_chunks_ref",
 ]

@@ -15,8 +15,8 @@ candidates (``chunk_scores`` float32 and ``chunk_ids`` int32 from ``CAND_START``
 :meth:`hybridkv_sglang.policy.byte_cost.ByteCosts.scratch_bytes` charges. A ``compact`` dynamic
 row whose chunks live on the host tier also has ``STAGE_SLOTS`` staging slots (their chunks and
 ages from ``STAGE_START``) and the host chunk of each retrievable chunk (from ``HOST_START``):
-``kernels.host_staging`` fills the slots on the device each step. A row lists, in
-order::
+the retrieval launch fills the slots on the device each step (rules:
+:mod:`hybridkv_sglang.kernels.host_staging`). A row lists, in order::
 
     fixed[FIXED_START : FIXED_START + PRE_LEN]            # kept positions / resident prefix
     its NUM_SEL retrieved chunks of C values each          # dynamic rows only
@@ -33,11 +33,12 @@ Two kernels, each with a torch twin of the same contract (the attention, which r
 is :mod:`hybridkv_sglang.kernels.folded_attention`):
 
 - :func:`folded_lengths`: every layer's split offsets (each row's KV splits) in one launch;
-- :func:`chunk_retrieval`: per layer, Quest scores of each dynamic row's chunks and their
-  top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
-  ``NUM_SEL``, at the row's own stride, then per row the best of those; other rows exit at
-  once), written into the row's own ranges of the candidate and ``chunk_top`` arenas, so
-  scratch is sized by each row's chunks and selection, never by the batch's largest.
+- :func:`chunk_retrieval`: per layer, one launch: Quest scores of each dynamic row's chunks and
+  their top ``NUM_SEL`` (per block of at least ``CANDIDATE_BLOCK`` chunks the block's best
+  ``NUM_SEL``, at the row's own stride, then, in the row's last block to finish, the best of
+  those; other rows exit at once), written into the row's own ranges of the candidate and
+  ``chunk_top`` arenas, so scratch is sized by each row's chunks and selection, never by the
+  batch's largest; with a host tier the same program then stages the row's chunks.
 """
 
 from __future__ import annotations
@@ -47,7 +48,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import require_triton_device
+from ._common import interpret_enabled, require_triton_device
+from .host_staging import (
+    _MAX_AGE,
+    _NOT_FREE,
+    _SLOT_BITS,
+    HostStaging,
+    _as_bits,
+    _check_host_tier,
+    _check_staging,
+    _stage_row,
+    stage_host_chunks_ref,
+)
 
 __all__ = [
     "CANDIDATE_BLOCK",
@@ -329,7 +341,78 @@ def _ranked_scores(keys):
 
 
 @triton.jit
-def _chunk_candidates_kernel(
+def _rounded(x, low: tl.constexpr):
+    """float32 ``x`` rounded to ``low`` (to nearest, ties to even), as float32. bfloat16 by bits,
+    so the interpreter (whose float32 -> bfloat16 cast truncates) rounds as a GPU does."""
+    if low == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    elif low == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _dot_operand(x, low: tl.constexpr, dot: tl.constexpr):
+    """A tile whose values are exact in ``low`` (codes, stored bounds, rounded ``q * scale``) in
+    the dot's dtype ``dot``: ``low``, or float32 where ``dot`` is (the interpreter reads uint8
+    -> bfloat16 casts as raw bits, so its tiles go through float32, exactly)."""
+    if dot == tl.float32:
+        return x.to(tl.float32)
+    else:
+        return x.to(low)
+
+
+@triton.jit
+def _select_chunks(
+    cand_score_ptr,
+    cand_id_ptr,
+    top_ptr,
+    n,
+    nsel,
+    cstart,
+    tstart,
+    BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A row's ``nsel`` best candidates (``nsel`` per block of ``BLOCK_C`` chunks from
+    ``cstart``), by descending score (ties: the lower chunk id), into ``chunk_top[tstart:]``. Up
+    to ``BLOCK`` candidates are ranked by one sort in registers; more are scanned block by block,
+    one pass per chunk taken. Candidates are read with ``.cg`` (L2, never a stale L1 line):
+    other programs of the launch wrote them."""
+    total = tl.cdiv(n, BLOCK_C) * nsel
+    if total <= BLOCK:
+        c = tl.arange(0, BLOCK)
+        ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
+        s = tl.load(cand_score_ptr + cstart + c, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        ids = tl.load(cand_id_ptr + cstart + c, mask=ok, other=0x7FFFFFFF, cache_modifier=".cg")
+        ranked = tl.sort(_rank_keys(s, ids), dim=0, descending=True)
+        tl.store(top_ptr + tstart + c, _ranked_ids(ranked), mask=c < nsel)
+    else:
+        for j in range(0, nsel):
+            best_val = float("-inf")
+            best_at = 0
+            for c0 in range(0, total, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
+                s = tl.load(
+                    cand_score_ptr + cstart + c, mask=ok, other=float("-inf"), cache_modifier=".cg"
+                )
+                m = tl.max(s, axis=0)
+                i = tl.argmax(s, axis=0)
+                take = m > best_val
+                best_at = tl.where(take, c0 + i, best_at)
+                best_val = tl.where(take, m, best_val)
+            best_id = tl.load(cand_id_ptr + cstart + best_at, cache_modifier=".cg")
+            tl.store(top_ptr + tstart + j, best_id)
+            tl.store(cand_score_ptr + cstart + best_at, float("-inf"))
+            tl.debug_barrier()  # the next pass's threads read what this one struck out
+
+
+@triton.jit
+def _chunk_retrieval_kernel(
     q_ptr,
     kmin_ptr,
     kmax_ptr,
@@ -337,9 +420,20 @@ def _chunk_candidates_kernel(
     affine_ptr,
     cand_score_ptr,
     cand_id_ptr,
+    top_ptr,
+    done_ptr,
     req_pool_ptr,
     slot_of_row_ptr,
     meta_ptr,
+    staged_ptr,
+    age_ptr,
+    host_ids_ptr,
+    fixed_ptr,
+    host_k_ptr,
+    host_v_ptr,
+    k_ptr,
+    v_ptr,
+    moves_ptr,
     layer,
     num_layers,
     G,
@@ -350,16 +444,57 @@ def _chunk_candidates_kernel(
     stride_channels,
     stride_affine,
     stride_affine_part,
+    dim_k,
+    dim_v,
+    stride_hk_chunk,
+    stride_hk_pos,
+    stride_hv_chunk,
+    stride_hv_pos,
+    stride_k,
+    stride_v,
+    stride_moves,
     H: tl.constexpr,
     NF_: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_SEL: tl.constexpr,
+    LOW: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_HOST_TIER: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_CC: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MAX_AGE: tl.constexpr,
+    SLOT_BITS: tl.constexpr,
+    NOT_FREE: tl.constexpr,
 ):
-    """Stage 1, one program per (row, block of chunks): Quest scores of the block and its best
-    ``min(NUM_SEL, valid)`` chunks (one sort), at ``CAND_START + block * NUM_SEL + j`` (the
-    row's own stride, so its candidates fit the slots the cost model charges)."""
+    """One program per (row, block of ``BLOCK_C`` chunks): the block's Quest scores and its best
+    ``min(NUM_SEL, valid)`` chunks (one sort) at ``CAND_START + block * NUM_SEL + j`` (the row's
+    own stride, so its candidates fit the slots the cost model charges); then the row's last
+    program to finish selects the row's chunks and, with ``HAS_HOST_TIER``, stages them.
+
+    Last-block pattern (``done[r]`` counts a row's finished blocks): a program stores its
+    candidates, ``tl.debug_barrier()`` (every thread of the CTA has issued its stores), then one
+    ``atomic_add(done + r, 1)`` with ``acq_rel`` semantics at GPU scope: the release orders the
+    CTA's candidate stores before the count, and the program that reads ``blocks - 1`` acquires
+    every other block's release, so after its own barrier all its threads see every candidate
+    (read with ``.cg``, from L2). It then resets ``done[r]`` to 0, the only write after the
+    count is complete, so the next layer and the next graph replay start from zeros. Programs of
+    blocks past the row's chunks, and rows that are not dynamic, exit at once without counting.
+    Verified under the Triton interpreter only (which runs programs one by one) until a GPU run.
+
+    Scores at the bounds' byte cost: a bound tile is never widened to float32. uint8 codes go
+    to bfloat16 (exact: 8 significant bits), 16-bit bounds stay as stored, and ``q * scale`` is
+    rounded once to ``LOW`` (bfloat16, or float16 for float16 bounds), so both dots take 16-bit
+    inputs and accumulate in float32; float32 bounds keep float32 with ``PRECISION`` "ieee".
+    ``DOT`` is the operands' dtype at the dot: ``LOW``, or float32 under the interpreter, whose
+    numpy dot reads bfloat16 as raw bits (the values are the same ``LOW`` values either way, and
+    their products are exact in float32)."""
     r = tl.program_id(0)
     blk = tl.program_id(1)
     slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
@@ -379,8 +514,8 @@ def _chunk_candidates_kernel(
         scale = tl.load(affine + stride_affine_part, mask=mask_r, other=0.0)
         where = (bstart + offs_c)[:, None] * stride_bound + offs_r[None, :]
         mask = mask_c[:, None] & mask_r[None, :]
-        lo = tl.load(kmin_ptr + where, mask=mask, other=0).to(tl.float32)
-        hi = tl.load(kmax_ptr + where, mask=mask, other=0).to(tl.float32)
+        lo = _dot_operand(tl.load(kmin_ptr + where, mask=mask, other=0), LOW, DOT)
+        hi = _dot_operand(tl.load(kmax_ptr + where, mask=mask, other=0), LOW, DOT)
         offs_g = tl.arange(0, BLOCK_G)
         mask_g = offs_g < G
         q = tl.load(
@@ -389,10 +524,9 @@ def _chunk_candidates_kernel(
             other=0.0,
         ).to(tl.float32)
         # sum_i max(q_i lo_i, q_i hi_i) with lo, hi = off + s * stored (s >= 0, stored hi >= lo)
-        # = (q+ s) . hi + (q- s) . lo + q . off: two small matmuls over the stored values (codes
-        # and 16-bit values are exact in tf32; q s is rounded to tf32 only when s != 1, far
-        # below the codes' own step), then the offsets' dot per query head
-        qs = q * scale[None, :]
+        # = (q s)+ . hi + (q s)- . lo + q . off: two small dots over the stored values, then
+        # the offsets' dot per query head (a [G, r] tile, float32)
+        qs = _dot_operand(_rounded(q * scale[None, :], LOW), LOW, DOT)
         per_head = tl.dot(tl.maximum(qs, 0.0), tl.trans(hi), input_precision=PRECISION)
         per_head += tl.dot(tl.minimum(qs, 0.0), tl.trans(lo), input_precision=PRECISION)
         per_head += tl.sum(q * offset[None, :], axis=1)[:, None]
@@ -404,60 +538,86 @@ def _chunk_candidates_kernel(
         out = cstart + blk * nsel + j
         tl.store(cand_score_ptr + out, _ranked_scores(ranked), mask=keep)
         tl.store(cand_id_ptr + out, _ranked_ids(ranked), mask=keep)
-
-
-@triton.jit
-def _chunk_select_kernel(
-    cand_score_ptr,
-    cand_id_ptr,
-    top_ptr,
-    req_pool_ptr,
-    slot_of_row_ptr,
-    meta_ptr,
-    layer,
-    num_layers,
-    H: tl.constexpr,
-    NF_: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Stage 2, one program per row: the row's ``NUM_SEL`` best candidates (``NUM_SEL`` per
-    block from ``CAND_START``), by descending score (ties: the lower chunk id), into
-    ``chunk_top[TOP_START:]``. Up to ``BLOCK`` candidates are ranked by one sort in registers;
-    more are scanned block by block, one pass per chunk taken."""
-    r = tl.program_id(0)
-    slot, base = _row_record(req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_)
-    nsel = tl.load(meta_ptr + base + 5, mask=slot >= 0, other=0)
-    if nsel > 0:
-        n = tl.load(meta_ptr + base + 6)
-        cstart = tl.load(meta_ptr + base + 12).to(tl.int64)
-        tstart = tl.load(meta_ptr + base + 13).to(tl.int64)
-        total = tl.cdiv(n, BLOCK_C) * nsel
-        if total <= BLOCK:
-            c = tl.arange(0, BLOCK)
-            ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
-            s = tl.load(cand_score_ptr + cstart + c, mask=ok, other=float("-inf"))
-            ids = tl.load(cand_id_ptr + cstart + c, mask=ok, other=0x7FFFFFFF)
-            ranked = tl.sort(_rank_keys(s, ids), dim=0, descending=True)
-            tl.store(top_ptr + tstart + c, _ranked_ids(ranked), mask=c < nsel)
-        else:
-            for j in range(0, nsel):
-                best_val = float("-inf")
-                best_at = 0
-                for c0 in range(0, total, BLOCK):
-                    c = c0 + tl.arange(0, BLOCK)
-                    ok = (c < total) & (c % nsel < tl.minimum(n - (c // nsel) * BLOCK_C, nsel))
-                    s = tl.load(cand_score_ptr + cstart + c, mask=ok, other=float("-inf"))
-                    m = tl.max(s, axis=0)
-                    i = tl.argmax(s, axis=0)
-                    take = m > best_val
-                    best_at = tl.where(take, c0 + i, best_at)
-                    best_val = tl.where(take, m, best_val)
-                tl.store(top_ptr + tstart + j, tl.load(cand_id_ptr + cstart + best_at))
-                tl.store(cand_score_ptr + cstart + best_at, float("-inf"))
+        tl.debug_barrier()
+        finished = tl.atomic_add(done_ptr + r, 1, sem="acq_rel")
+        if finished == tl.cdiv(n, BLOCK_C) - 1:
+            tl.debug_barrier()
+            tstart = tl.load(meta_ptr + base + 13).to(tl.int64)
+            _select_chunks(
+                cand_score_ptr, cand_id_ptr, top_ptr, n, nsel, cstart, tstart, BLOCK_C, BLOCK_SEL
+            )
+            if HAS_HOST_TIER:
+                tl.debug_barrier()
+                _stage_row(
+                    top_ptr,
+                    staged_ptr,
+                    age_ptr,
+                    host_ids_ptr,
+                    fixed_ptr,
+                    host_k_ptr,
+                    host_v_ptr,
+                    k_ptr,
+                    v_ptr,
+                    moves_ptr,
+                    slot,
+                    nsel,
+                    tl.load(meta_ptr + base + 15),
+                    tstart,
+                    tl.load(meta_ptr + base + 14).to(tl.int64),
+                    tl.load(meta_ptr + base + 16).to(tl.int64),
+                    tl.load(meta_ptr + base + 7).to(tl.int64),
+                    tl.load(meta_ptr + base + 9).to(tl.int64),
+                    dim_k,
+                    dim_v,
+                    stride_hk_chunk,
+                    stride_hk_pos,
+                    stride_hv_chunk,
+                    stride_hv_pos,
+                    stride_k,
+                    stride_v,
+                    stride_moves,
+                    C,
+                    BLOCK_N,
+                    BLOCK_S,
+                    BLOCK_CC,
+                    BLOCK_DK,
+                    BLOCK_DV,
+                    MAX_AGE,
+                    SLOT_BITS,
+                    NOT_FREE,
+                )
+            tl.store(done_ptr + r, 0)
 
 
 _BOUND_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+_LOW = {torch.uint8: torch.bfloat16, torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
+"""The 16-bit dtype of the scores' dot per bound dtype (float32 bounds: float32)."""
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_TILE_BYTES = 16384
+"""Bytes of one bound tile (``BLOCK_C x BLOCK_R`` in the dot's dtype) a program aims for."""
+_SELECT_SORT = 4096
+"""Most candidates a row's selection ranks in one register sort (more: one scan per chunk)."""
+
+
+def _retrieval_tiles(
+    width: int, bound_dtype: torch.dtype, groups: int, max_selected: int
+) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_C, BLOCK_G, num_warps)`` from the bounds' shape.
+
+    A bound tile holds up to ``_TILE_BYTES`` in the dot's dtype (at least ``CANDIDATE_BLOCK``
+    chunks, the cost model's count, and the selection; at most 128 chunks, one sort). Warps
+    follow the registers a program holds, the larger of a bound tile and the ``[G, BLOCK_C]``
+    float32 scores, about 4 KiB per warp (32 registers a thread): the 16-channel uint8 tiles
+    (128 chunks x 16 codes, 4 KiB as bfloat16, beside 8 KiB of scores for up to 16 query heads)
+    take 2 warps instead of the default 4, whose extra warps would only split a 16 x 128 x 16
+    dot and a 128-key sort finer; 128-channel 16-bit or float32 tiles (16 KiB) take 4."""
+    block_r = max(16, triton.next_power_of_2(width))
+    size = _LOW.get(bound_dtype, torch.float32).itemsize
+    block_c = max(CANDIDATE_BLOCK, min(128, _TILE_BYTES // (block_r * size)))
+    block_c = max(block_c, triton.next_power_of_2(max_selected))
+    block_g = max(16, triton.next_power_of_2(groups))
+    held = max(block_c * block_r * size, block_g * block_c * 4)
+    return block_r, block_c, block_g, min(8, max(1, triton.next_power_of_2(held // 4096)))
 
 
 def _check_retrieval_args(
@@ -467,6 +627,7 @@ def _check_retrieval_args(
     bound_channels: Tensor,
     bound_affine: Tensor,
     row_meta: Tensor,
+    blocks_done: Tensor,
 ) -> None:
     if q.dim() != 3:
         raise ValueError(f"q: expected [rows, G, D], got shape {tuple(q.shape)}")
@@ -498,6 +659,15 @@ def _check_retrieval_args(
         )
     if q.shape[0] % row_meta.shape[2]:
         raise ValueError(f"q: expected a multiple of {row_meta.shape[2]} rows, got {q.shape[0]}")
+    if blocks_done.dim() != 1 or blocks_done.dtype != torch.int32:
+        raise ValueError(
+            f"blocks_done: expected 1-D int32, got {blocks_done.dtype} {tuple(blocks_done.shape)}"
+        )
+    if blocks_done.numel() < q.shape[0]:
+        raise ValueError(
+            f"blocks_done: expected >= {q.shape[0]} counters (one per row), got "
+            f"{blocks_done.numel()}"
+        )
 
 
 def chunk_retrieval(
@@ -513,18 +683,23 @@ def chunk_retrieval(
     slot_of_row: Tensor,
     row_meta: Tensor,
     layer: int,
+    blocks_done: Tensor,
     *,
     max_chunks: int,
     max_selected: int,
+    staging: HostStaging | None = None,
 ) -> None:
-    """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[TOP_START:]``.
+    """Each dynamic row's top ``NUM_SEL`` chunks of ``layer`` into ``chunk_top[TOP_START:]`` and,
+    with ``staging``, its host-tier rows' chunks staged: one launch.
 
-    Two launches: per (row, block of at least ``CANDIDATE_BLOCK`` chunks) the block's best
-    ``NUM_SEL`` candidates into ``chunk_scores`` / ``chunk_ids`` from ``CAND_START``, then per
-    row the best of the candidates. Rows that are not dynamic exit at once. Chunk ``c`` of a
-    row scores ``max_g sum_i max(q[g, ch_i] lo_i, q[g, ch_i] hi_i)`` with
-    ``lo = offset + scale * kmin[c]``, ``hi = offset + scale * kmax[c]`` (float32) over its
-    parameter row.
+    Per (row, block of at least ``CANDIDATE_BLOCK`` chunks) the block's best ``NUM_SEL``
+    candidates into ``chunk_scores`` / ``chunk_ids`` from ``CAND_START``; the row's last block
+    to finish (counted in ``blocks_done``) takes the best of the candidates and stages them
+    (:mod:`hybridkv_sglang.kernels.host_staging`: ``chunk_top`` then holds staging slots). Rows
+    that are not dynamic exit at once. Chunk ``c`` of a row scores ``max_g (q[g] . off +
+    sum_i max(qs_i kmin[c, i], qs_i kmax[c, i]))`` over its parameter row, ``qs = q[g, ch] *
+    scale`` rounded to bfloat16 (float16 for float16 bounds; float32 bounds: not rounded), the
+    rest in float32 (see :func:`chunk_retrieval_ref`).
 
     Args:
         q: ``[B * H_kv, G, D]`` this layer's queries (rows request-major); last dim contiguous.
@@ -537,25 +712,33 @@ def chunk_retrieval(
         chunk_scores: ``[M]`` float32, chunk_ids: ``[M]`` int32: candidate scratch,
             ``ceil(NUM_CHUNKS / CANDIDATE_BLOCK) * NUM_SEL`` slots per dynamic row.
         chunk_top: ``[T]`` int32, written: relative chunk ids by descending score (ties: the
-            lower id), ``NUM_SEL`` per dynamic row.
+            lower id), ``NUM_SEL`` per dynamic row (host-tier rows: their staging slots).
         req_pool_indices, slot_of_row, row_meta: as in :func:`folded_lengths`.
+        blocks_done: ``[>= B * H_kv]`` int32, per row the blocks finished: zeros on entry, zeros
+            again on return (the row's last block resets its counter); not read on the host.
         max_chunks: at least every row's ``NUM_CHUNKS`` (sizes the grid).
         max_selected: at least every row's ``NUM_SEL`` (sizes the blocks).
+        staging: the host tier and staging state (None: no host tier, nothing staged).
     """
-    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
+    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta, blocks_done)
     unit = (q.stride(2), kmin.stride(1), kmax.stride(1), bound_channels.stride(1))
     if unit != (1, 1, 1, 1) or bound_affine.stride(2) != 1:
         raise ValueError("q, kmin, kmax, bound_channels, bound_affine: expected a unit last stride")
-    require_triton_device("chunk_retrieval", q, kmin, bound_affine, chunk_top, row_meta)
+    devices = (q, kmin, bound_affine, chunk_top, row_meta, blocks_done)
+    if staging is not None:
+        _check_staging(row_meta, chunk_top, staging, max_selected)
+        devices += (staging.staged, staging.k_entries, staging.v_entries, staging.moves)
+    require_triton_device("chunk_retrieval", *devices)
     rows, groups, _ = q.shape
     if rows == 0 or max_selected == 0:
         return
     width = kmin.shape[1]
-    block_r = max(16, triton.next_power_of_2(width))
-    block_c = max(CANDIDATE_BLOCK, min(128, 16384 // block_r), triton.next_power_of_2(max_selected))
-    meta_args = (req_pool_indices, slot_of_row, row_meta, layer, row_meta.shape[1])
-    consts = {"H": row_meta.shape[2], "NF_": NF, "BLOCK_C": block_c}
-    _chunk_candidates_kernel[(rows, triton.cdiv(max(max_chunks, 1), block_c))](
+    block_r, block_c, block_g, num_warps = _retrieval_tiles(width, kmin.dtype, groups, max_selected)
+    low = _LOW.get(kmin.dtype, torch.float32)
+    dot = torch.float32 if interpret_enabled() and low == torch.bfloat16 else low
+    candidates = triton.cdiv(max(max_chunks, 1), block_c) * max_selected
+    stage_args, stage_consts = _staging_launch_args(staging, chunk_top, q, max_selected)
+    _chunk_retrieval_kernel[(rows, triton.cdiv(max(max_chunks, 1), block_c))](
         q,
         kmin,
         kmax,
@@ -563,7 +746,14 @@ def chunk_retrieval(
         bound_affine,
         chunk_scores,
         chunk_ids,
-        *meta_args,
+        chunk_top,
+        blocks_done,
+        req_pool_indices,
+        slot_of_row,
+        row_meta,
+        *stage_args[:9],
+        layer,
+        row_meta.shape[1],
         groups,
         width,
         q.stride(0),
@@ -572,20 +762,81 @@ def chunk_retrieval(
         bound_channels.stride(0),
         bound_affine.stride(0),
         bound_affine.stride(1),
+        *stage_args[9:],
+        H=row_meta.shape[2],
+        NF_=NF,
+        BLOCK_C=block_c,
         BLOCK_R=block_r,
-        BLOCK_G=max(16, triton.next_power_of_2(groups)),
-        PRECISION="ieee" if kmin.dtype == torch.float32 else "tf32",
-        **consts,
+        BLOCK_G=block_g,
+        BLOCK_SEL=triton.next_power_of_2(min(max(candidates, 16), _SELECT_SORT)),
+        LOW=_TL[low],
+        DOT=_TL[dot],
+        PRECISION="ieee" if dot == torch.float32 else "tf32",
+        num_warps=num_warps,
+        **stage_consts,
     )
-    candidates = triton.cdiv(max(max_chunks, 1), block_c) * max_selected
-    _chunk_select_kernel[(rows,)](
-        chunk_scores,
-        chunk_ids,
-        chunk_top,
-        *meta_args,
-        BLOCK=triton.next_power_of_2(min(max(candidates, 16), 4096)),
-        **consts,
+
+
+def _staging_launch_args(
+    staging: HostStaging | None, chunk_top: Tensor, q: Tensor, max_selected: int
+) -> tuple[tuple, dict[str, int]]:
+    """The retrieval kernel's staging arguments: 9 tensors, then 9 sizes and strides, and the
+    constants (no host tier: placeholders the kernel never reads, ``HAS_HOST_TIER=False``)."""
+    if staging is None:
+        tensors = (chunk_top,) * 4 + (q,) * 4 + (chunk_top,)
+        return tensors + (0,) * 9, {
+            "HAS_HOST_TIER": False,
+            **dict.fromkeys(("C", "BLOCK_N", "BLOCK_S", "BLOCK_CC", "BLOCK_DK", "BLOCK_DV"), 1),
+            "MAX_AGE": _MAX_AGE,
+            "SLOT_BITS": _SLOT_BITS,
+            "NOT_FREE": _NOT_FREE,
+        }
+    _check_host_tier(staging.host_k, staging.host_v)
+    host_k, host_v, k_entries, v_entries = (
+        staging.host_k,
+        staging.host_v,
+        staging.k_entries,
+        staging.v_entries,
     )
+    chunk_size = staging.chunk_size
+    block_cc = triton.next_power_of_2(chunk_size)
+    dim_k, dim_v = k_entries.shape[1], v_entries.shape[1]
+    tile = max(16, 4096 // block_cc)
+    tensors = (
+        staging.staged,
+        staging.stage_age,
+        staging.host_chunk_ids,
+        staging.fixed_values,
+        _as_bits(host_k),
+        _as_bits(host_v),
+        _as_bits(k_entries),
+        _as_bits(v_entries),
+        staging.moves,
+    )
+    sizes = (
+        dim_k,
+        dim_v,
+        host_k.stride(0),
+        host_k.stride(1),
+        host_v.stride(0),
+        host_v.stride(1),
+        k_entries.stride(0),
+        v_entries.stride(0),
+        staging.moves.stride(0),
+    )
+    selected = min(max_selected, staging.max_slots)  # a staging row's NUM_SEL <= STAGE_SLOTS
+    return tensors + sizes, {
+        "HAS_HOST_TIER": True,
+        "C": chunk_size,
+        "BLOCK_N": max(16, triton.next_power_of_2(selected)),
+        "BLOCK_S": max(16, triton.next_power_of_2(staging.max_slots)),
+        "BLOCK_CC": block_cc,
+        "BLOCK_DK": min(triton.next_power_of_2(max(dim_k, 1)), tile),
+        "BLOCK_DV": min(triton.next_power_of_2(max(dim_v, 1)), tile),
+        "MAX_AGE": _MAX_AGE,
+        "SLOT_BITS": _SLOT_BITS,
+        "NOT_FREE": _NOT_FREE,
+    }
 
 
 def chunk_retrieval_ref(
@@ -601,24 +852,36 @@ def chunk_retrieval_ref(
     slot_of_row: Tensor,
     row_meta: Tensor,
     layer: int,
+    blocks_done: Tensor,
     *,
     max_chunks: int,
     max_selected: int,
+    staging: HostStaging | None = None,
 ) -> None:
     """Torch twin of :func:`chunk_retrieval`, the definition (reads row counts on the host: CPU
-    path): bounds dequantised to float32, then the Quest bound over the bounded channels."""
-    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta)
+    path; ``chunk_scores``, ``chunk_ids`` and ``blocks_done`` untouched): per dynamic row, ``qs =
+    q[:, ch] * scale`` rounded to the kernel's 16-bit dtype, then exactly in float32 (16-bit
+    products are exact) ``max_g (qs+ . kmax + qs- . kmin + q . off)`` over the stored bounds,
+    the top ``NUM_SEL`` by a stable sort; then, with ``staging``,
+    :func:`~hybridkv_sglang.kernels.host_staging.stage_host_chunks_ref`."""
+    _check_retrieval_args(q, kmin, kmax, bound_channels, bound_affine, row_meta, blocks_done)
     _, _, slot, meta = _batch_rows(req_pool_indices, slot_of_row, row_meta, layer, q.shape[0])
     dynamic = torch.nonzero((slot >= 0) & (meta[:, NUM_SEL] > 0)).reshape(-1).tolist()
+    low = _LOW.get(kmin.dtype, torch.float32)
     qf = q.float()
     for r in dynamic:
         n, nsel, start, param, top = (
             int(meta[r, f]) for f in (NUM_CHUNKS, NUM_SEL, BOUNDS_START, PARAM_ROW, TOP_START)
         )
         offset, scale = bound_affine[param]
-        lo = offset + scale * kmin[start : start + n].float()
-        hi = offset + scale * kmax[start : start + n].float()
         qr = qf[r][:, bound_channels[param].to(torch.int64)]
-        scores = (qr.clamp(min=0) @ hi.T + qr.clamp(max=0) @ lo.T).amax(dim=0)
+        qs = (qr * scale).to(low).float()
+        lo, hi = kmin[start : start + n].float(), kmax[start : start + n].float()
+        scores = (qs.clamp(min=0) @ hi.T + qs.clamp(max=0) @ lo.T + (qr @ offset)[:, None]).amax(0)
         order = torch.sort(scores, descending=True, stable=True).indices[:nsel]
         chunk_top[top : top + nsel] = order.to(chunk_top.dtype)
+    if staging is not None:
+        stage_host_chunks_ref(
+            req_pool_indices, slot_of_row, row_meta, layer, chunk_top, staging,
+            max_selected=max_selected,
+        )  # fmt: skip

@@ -3,11 +3,12 @@
 Per step, :meth:`FoldedDecode.begin_step` computes every layer's split offsets (each row's KV
 splits) in one launch from SGLang's ``req_pool_indices`` and ``seq_lens`` and the per-request
 metadata (:class:`~hybridkv_sglang.storage.decode_metadata.DecodeMetadata`). Per layer,
-:meth:`FoldedDecode.retrieve` selects the dynamic rows' chunks, stages ``compact`` host-tier
-rows' chunks into their device slots (:mod:`hybridkv_sglang.kernels.host_staging`, with a host
-tier only), and :meth:`FoldedDecode.attend` attends, each row's entries derived from its record
-inside the attention kernel (no index buffer). Nothing reads the device from the host, so the
-same calls run inside a captured decode graph.
+:meth:`FoldedDecode.retrieve` retrieves the dynamic rows' chunks and, with a host tier, stages
+``compact`` host-tier rows' chunks into their device slots
+(:mod:`hybridkv_sglang.kernels.host_staging`), in one launch; :meth:`FoldedDecode.attend`
+attends, each row's entries derived from its record inside the attention kernel (no index
+buffer). Nothing reads the device from the host, so the same calls run inside a captured decode
+graph.
 
 Kernels: :mod:`hybridkv_sglang.kernels.folded_attention` (SGLang's grouped Triton decode
 arithmetic over the folded view ``k_buffer.view(slots * H_kv, D)``) with the table kernels of
@@ -30,9 +31,6 @@ from hybridkv_sglang.kernels.folded_attention import (
     folded_entries_ref,
 )
 from hybridkv_sglang.kernels.folded_tables import (
-    HOST_START,
-    STAGE_SLOTS,
-    STAGE_START,
     chunk_retrieval,
     chunk_retrieval_ref,
     folded_lengths,
@@ -40,7 +38,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     row_split_cap,
     split_capacity,
 )
-from hybridkv_sglang.kernels.host_staging import stage_host_chunks, stage_host_chunks_ref
+from hybridkv_sglang.kernels.host_staging import HostStaging
 from hybridkv_sglang.storage.decode_metadata import DecodeMetadata
 
 
@@ -88,9 +86,6 @@ class FoldedDecode:
         self._attend: Callable[..., Tensor] = (
             folded_attention if use_triton else folded_attention_ref
         )
-        self._stage: Callable[..., None] = (
-            stage_host_chunks if use_triton else stage_host_chunks_ref
-        )
         self._host_tier: tuple[Tensor, Tensor] | None = None
         self._req_pool_indices: Tensor | None = None
         self._seq_lens: Tensor | None = None
@@ -99,15 +94,17 @@ class FoldedDecode:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the step buffers: the split offsets plus the attention's split
-        scratch."""
-        scratch = (self.partial_out, self.partial_lse) if self.use_triton else ()
+        """Device bytes of the step buffers: the split offsets plus the retrieval's block counters
+        and the attention's split scratch."""
+        scratch = (self.retrieval_done, self.partial_out, self.partial_lse)
         return self.table_bytes + sum(t.numel() * t.element_size() for t in scratch)
 
     def _allocate_rows(self, device: torch.device | str) -> None:
         shape = self.shape
         rows, layers = shape.max_rows, shape.num_layers
         self.split_indptr = torch.zeros(layers, rows + 1, dtype=torch.int32, device=device)
+        # per row, the retrieval's finished blocks of chunks (zeros between launches)
+        self.retrieval_done = torch.zeros(rows, dtype=torch.int32, device=device)
         splits = split_capacity(rows, self.target_programs) if self.use_triton else 0
         self.partial_out = torch.empty(
             splits, shape.group_size, shape.v_head_dim, dtype=torch.float32, device=device
@@ -165,10 +162,27 @@ class FoldedDecode:
             and selected <= self.shape.max_selected
         )
 
-    def retrieve(self, layer: int, q_rows: Tensor) -> None:
-        """The dynamic rows' chunks of ``layer`` into ``meta.chunk_top``."""
+    def retrieve(self, layer: int, q_rows: Tensor, k_buffer: Tensor, v_buffer: Tensor) -> None:
+        """The dynamic rows' chunks of ``layer`` into ``meta.chunk_top`` and, with a host tier,
+        the host-tier rows' selected chunks staged into their slots (copied from the host tier
+        into ``k_buffer`` / ``v_buffer`` where a slot does not hold them yet; ``chunk_top`` then
+        names the slots). One launch; nothing read back."""
         assert self._req_pool_indices is not None, "begin_step first"
         meta = self.meta
+        staging = None
+        if self._host_tier is not None:
+            staging = HostStaging(
+                meta.staged,
+                meta.stage_age,
+                meta.host_chunk_ids,
+                meta.fixed_values,
+                *self._host_tier,
+                k_buffer.view(-1, k_buffer.shape[-1]),
+                v_buffer.view(-1, v_buffer.shape[-1]),
+                meta.moves,
+                chunk_size=self.shape.chunk_size,
+                max_slots=self.shape.max_stage_slots,
+            )
         self._retrieve(
             q_rows,
             meta.kmin,
@@ -182,8 +196,10 @@ class FoldedDecode:
             meta.slot_of_row,
             meta.row_meta,
             layer,
+            self.retrieval_done,
             max_chunks=self._retrieval[0],
             max_selected=self._retrieval[1],
+            staging=staging,
         )
 
     def attach_host_tier(self, host_k: Tensor, host_v: Tensor) -> None:
@@ -192,38 +208,6 @@ class FoldedDecode:
         if self.shape.max_stage_slots <= 0:
             raise ValueError("a host tier needs max_stage_slots > 0 in the decode shape")
         self._host_tier = (host_k, host_v)
-
-    def stage(self, layer: int, k_buffer: Tensor, v_buffer: Tensor) -> None:
-        """Host-tier rows of ``layer`` (after :meth:`retrieve`): the selected chunks into their
-        staging slots, copied from the host tier where a slot does not hold them yet, and
-        ``chunk_top`` pointed at the slots. One launch; nothing read back."""
-        if self._host_tier is None:
-            return
-        assert self._req_pool_indices is not None, "begin_step first"
-        meta = self.meta
-        host_k, host_v = self._host_tier
-        self._stage(
-            self._req_pool_indices,
-            meta.slot_of_row,
-            meta.row_meta,
-            layer,
-            meta.chunk_top,
-            meta.staged,
-            meta.stage_age,
-            meta.host_chunk_ids,
-            meta.fixed_values,
-            host_k,
-            host_v,
-            k_buffer.view(-1, k_buffer.shape[-1]),
-            v_buffer.view(-1, v_buffer.shape[-1]),
-            meta.moves,
-            chunk_size=self.shape.chunk_size,
-            stage_start_field=STAGE_START,
-            stage_slots_field=STAGE_SLOTS,
-            host_start_field=HOST_START,
-            max_slots=self.shape.max_stage_slots,
-            max_selected=min(self._retrieval[1], self.shape.max_stage_slots),  # NUM_SEL <= slots
-        )
 
     def _rows(self, req_to_token: Tensor) -> tuple[Tensor, ...]:
         """What describes this step's rows: SGLang's tables, then the records and arenas."""
@@ -255,7 +239,6 @@ class FoldedDecode:
         sm_scale: float,
     ) -> Tensor:
         """``q_rows [B * H_kv, G, D]`` (after :meth:`retrieve`) -> ``[B * H_kv, G, D_v]``."""
-        self.stage(layer, k_buffer, v_buffer)
         return self._attend(
             q_rows,
             k_buffer.view(-1, k_buffer.shape[-1]),

@@ -257,12 +257,14 @@ class HybridKVAttnBackend(AttentionBackend):
         heads, dim = pool.head_num, layer.qk_head_dim
         group = layer.tp_q_head_num // heads
         q_rows = q.reshape(-1, heads * group, dim).reshape(-1, group, dim)
-        self.folded.retrieve(layer.layer_id, q_rows)
+        k_buffer = pool.get_key_buffer(layer.layer_id)
+        v_buffer = pool.get_value_buffer(layer.layer_id)
+        self.folded.retrieve(layer.layer_id, q_rows, k_buffer, v_buffer)
         out = self.folded.attend(
             layer.layer_id,
             q_rows,
-            pool.get_key_buffer(layer.layer_id),
-            pool.get_value_buffer(layer.layer_id),
+            k_buffer,
+            v_buffer,
             self.dense.req_to_token_pool.req_to_token,
             layer.scaling,
         )

@@ -19,6 +19,7 @@ from hybridkv_sglang.kernels.folded_tables import (
     DIRECT,
     FIRST_CHUNK,
     FIXED_START,
+    HOST_START,
     NF,
     NUM_CHUNKS,
     NUM_SEL,
@@ -26,9 +27,12 @@ from hybridkv_sglang.kernels.folded_tables import (
     POST_LEN,
     POST_START,
     PRE_LEN,
+    STAGE_SLOTS,
+    STAGE_START,
     TAIL_START,
     TOP_START,
 )
+from hybridkv_sglang.kernels.host_staging import HostStaging
 
 SCRATCH_PAD = 3
 """Scratch slots before the first row's (so offsets start past 0) and after the last one's:
@@ -73,21 +77,30 @@ def random_batch(
     width: int | None = None,
     codes: bool = False,
     min_selected: int = 1,
+    exact: bool = False,
 ) -> RandomBatch:
     """``batch`` requests (the first one dense, then random kinds) plus ``padded`` graph
     padding requests (pool row 0, length 1); bounds over ``width`` (default ``dim``) channels,
     uint8 ``codes`` or ``dtype`` values; a dynamic row selects at least ``min_selected`` of its
-    chunks (or all of them)."""
+    chunks (or all of them). ``exact``: queries, bounds, offsets and scales are short dyadic
+    numbers, so every score is exact in float32 whatever the order of its sums (kernel and
+    twin then rank the same scores, ties included)."""
 
     def randint(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi, (1,), generator=gen))
 
     r = width or dim
 
+    def dyadic(shape: tuple[int, ...], bound: int, step: float) -> Tensor:
+        return torch.randint(-bound, bound + 1, shape, generator=gen) * step
+
     def random_bounds(count: int) -> tuple[Tensor, Tensor]:
         if codes:
             lo = torch.randint(0, 200, (count, r), generator=gen)
             return lo, lo + torch.randint(0, 56, (count, r), generator=gen)
+        if exact:
+            lo = dyadic((count, r), 32, 0.125)
+            return lo, lo + torch.randint(0, 9, (count, r), generator=gen) * 0.125
         lo = torch.randn(count, r, generator=gen)
         return lo, lo + torch.rand(count, r, generator=gen)
 
@@ -95,6 +108,9 @@ def random_batch(
         channels = torch.randperm(dim, generator=gen)[:r].to(torch.int32)
         if not codes:
             return channels, torch.stack([torch.zeros(r), torch.ones(r)])
+        if exact:
+            scale = 2.0 ** -torch.randint(4, 9, (r,), generator=gen).float()
+            return channels, torch.stack([dyadic((r,), 8, 0.25), scale])
         scale = torch.rand(r, generator=gen) * 0.05
         return channels, torch.stack([torch.randn(r, generator=gen), scale])
 
@@ -162,7 +178,9 @@ def random_batch(
     kmax = torch.cat([pair[1] for pair in bounds]).to(bound_dtype)
     pool_idx = torch.cat([rows_of, torch.zeros(padded, dtype=torch.int64)])
     lens = torch.tensor(seq_lens + [1] * padded, dtype=torch.int64)
-    q = torch.randn(pool_idx.numel() * heads, group, dim, generator=gen).to(dtype)
+    q_shape = (pool_idx.numel() * heads, group, dim)
+    q = dyadic(q_shape, 16, 0.125) if exact else torch.randn(q_shape, generator=gen)
+    q = q.to(dtype)
     return RandomBatch(
         req_to_token,
         pool_idx,
@@ -178,4 +196,67 @@ def random_batch(
         chunk,
         used_cand + SCRATCH_PAD,
         used_top + SCRATCH_PAD,
+    )
+
+
+INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    """Every bit pattern of ``dtype`` (NaN payloads, -0, infinities): copies must move bits."""
+    info = torch.iinfo(INT_OF[dtype])
+    bits = torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64)
+    return bits.to(INT_OF[dtype]).view(dtype)
+
+
+def attach_host_tier(
+    batch: RandomBatch, gen: torch.Generator, kv_dtype: torch.dtype = torch.bfloat16, dim_v: int = 5
+) -> HostStaging:
+    """The first and about two thirds of the other compact dynamic rows of ``batch`` moved to a
+    host tier (``NUM_SEL``
+    to ``NUM_SEL + 3`` staging slots, some empty, some holding random chunks at random ages;
+    fresh entries of their own, so no two rows share one), and the staging state over them;
+    ``batch.row_meta`` and ``batch.fixed_values`` are updated in place."""
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    pad = torch.full((SCRATCH_PAD,), -7, dtype=torch.int32)
+    meta, c = batch.row_meta, batch.chunk_size
+    fixed, staged, ages, host_ids = [batch.fixed_values], [pad], [pad], [pad]
+    used_fixed, used_stage, used_host = batch.fixed_values.numel(), SCRATCH_PAD, SCRATCH_PAD
+    entries = tier = max_slots = 0
+    for record in meta.view(-1, NF):
+        eligible = int(record[DIRECT]) and int(record[NUM_SEL]) > 0
+        if not eligible or (max_slots > 0 and randint(0, 3) == 0):  # the first always moves
+            continue
+        n, num_chunks = int(record[NUM_SEL]), int(record[NUM_CHUNKS])
+        slots = n + randint(0, 4)
+        held = torch.cat([torch.randperm(num_chunks, generator=gen), torch.full((slots,), -1)])
+        held = held[:slots][torch.randperm(slots, generator=gen)]
+        held[torch.rand(slots, generator=gen) < 0.4] = -1
+        staged.append(held.to(torch.int32))
+        ages.append(torch.randint(0, 4, (slots,), generator=gen, dtype=torch.int32))
+        region = (int(record[FIRST_CHUNK]) + slots) * c
+        fixed.append((entries + torch.randperm(region, generator=gen)).to(torch.int32))
+        host_ids.append((tier + torch.randperm(num_chunks, generator=gen)).to(torch.int32))
+        record[CHUNK_BASE], record[STAGE_START], record[STAGE_SLOTS] = used_fixed, used_stage, slots
+        record[HOST_START] = used_host
+        used_fixed, used_stage = used_fixed + region, used_stage + slots
+        used_host += num_chunks
+        entries, tier, max_slots = entries + region, tier + num_chunks, max(max_slots, slots)
+    batch.fixed_values = torch.cat(fixed)
+    dim_k = batch.q.shape[2]
+    return HostStaging(
+        staged=torch.cat([*staged, pad]),
+        stage_age=torch.cat([*ages, pad]),
+        host_chunk_ids=torch.cat([*host_ids, pad]),
+        fixed_values=batch.fixed_values,
+        host_k=random_bits((tier + 2, c, dim_k), kv_dtype, gen),
+        host_v=random_bits((tier + 2, c, dim_v), kv_dtype, gen),
+        k_entries=random_bits((entries + 5, dim_k), kv_dtype, gen),
+        v_entries=random_bits((entries + 5, dim_v), kv_dtype, gen),
+        moves=torch.zeros(meta.shape[0], 2, dtype=torch.int64),
+        chunk_size=c,
+        max_slots=max_slots,
     )

@@ -72,6 +72,7 @@ def _top(batch: RandomBatch, layer: int):
         batch.slot_of_row,
         batch.row_meta,
         layer,
+        torch.zeros(_rows(batch), dtype=torch.int32),
         max_chunks=1 << 12,
         max_selected=int(batch.row_meta[..., NUM_SEL].max()),
     )

@@ -85,7 +85,7 @@ def decode_layer(
     sm_scale: float,
 ) -> Tensor:
     """One layer of a step whose :meth:`FoldedDecode.begin_step` already ran."""
-    folded.retrieve(layer, q)
+    folded.retrieve(layer, q, k_buffer, v_buffer)
     return folded.attend(layer, q, k_buffer, v_buffer, req_to_token, sm_scale)
 
 

@@ -3,7 +3,9 @@ variants, the in-graph table build equal to the eager step, and eager fallbacks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,6 +175,50 @@ class _HostReads(TorchDispatchMode):
         if name in self.FORBIDDEN or (name == "_to_copy" and "device" in (kwargs or {})):
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _triton_launches() -> Iterator[list[str]]:
+    """The kernels launched in the block, one name per launch (under the interpreter, by
+    wrapping its per-launch entry point, as ``bench/decode_overhead.py`` counts them)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+    launched: list[str] = []
+
+    def counted(fn, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launched.append(fn.fn.__name__)
+        return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = counted
+    try:
+        yield launched
+    finally:
+        InterpretedFunction.run = run
+
+
+def test_retrieval_and_staging_are_one_launch_per_layer(served):
+    """``FoldedDecode.retrieve`` launches one kernel per layer, host-tier staging included, and
+    leaves its block counters at zero."""
+    backend, pool = served
+    folded = backend.folded
+    rows = [1, 2, 3, 4]
+    backend.init_forward_metadata(_forward_batch(rows))
+    gen = torch.Generator().manual_seed(5)
+    moves = backend.decode_meta.moves.sum(dim=0).clone()
+    for layer in range(LAYERS):
+        q_rows = torch.randn(len(rows) * HEADS, GROUP, DIM, generator=gen)
+        k_buffer, v_buffer = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        with _triton_launches() as launched:
+            folded.retrieve(layer, q_rows, k_buffer, v_buffer)
+        assert launched == ["_chunk_retrieval_kernel"]
+        assert not bool(folded.retrieval_done.any())
+    moved, selected = (backend.decode_meta.moves.sum(dim=0) - moves).tolist()
+    if folded._host_tier is not None:
+        assert 0 < moved <= selected  # staged in that launch
+    else:
+        assert moved == selected == 0
 
 
 def test_the_host_read_check_sees_a_sync():
