@@ -9,6 +9,8 @@ Pinned memory needs CUDA; elsewhere the buffer is ordinary memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -61,13 +63,30 @@ class HostTier:
     def free(self, ids: Tensor) -> None:
         self._free = torch.cat([self._free, ids.to(torch.int64)])
 
-    def write(self, ids: Tensor, k_entries: Tensor, v_entries: Tensor) -> None:
-        """Copy ``[m, C, D]`` device K/V into host chunks ``ids``.
+    def write(self, ids: list[Tensor], entries: Callable[[int], tuple[Tensor, Tensor]]) -> None:
+        """Copy part ``i``'s ``[m_i, C, D]`` device K/V (``entries(i)``, made when its copy is
+        queued and dropped right after) into host chunks ``ids[i]`` (parts: the layers of a
+        compaction).
 
-        The copy completes before this returns (one stream sync per compaction), so the dense
-        prefix may be released right after and staging never reads a half-written chunk.
+        Every part's copy is queued into one pinned buffer, then the stream is waited on once:
+        one sync per compaction, not one per layer. The copy completes before this returns, so
+        the dense prefix may be released right after and staging never reads a half-written
+        chunk.
         """
-        if ids.numel() == 0:
+        total = sum(part.numel() for part in ids)
+        if total == 0:
             return
-        self.k[ids] = k_entries.cpu()
-        self.v[ids] = v_entries.cpu()
+        pinned = self.k.is_pinned()
+        k_host = torch.empty((total, *self.k.shape[1:]), dtype=self.k.dtype, pin_memory=pinned)
+        v_host = torch.empty((total, *self.v.shape[1:]), dtype=self.v.dtype, pin_memory=pinned)
+        at = 0
+        for i, part in enumerate(ids):
+            k_entries, v_entries = entries(i)
+            k_host[at : at + part.numel()].copy_(k_entries, non_blocking=pinned)
+            v_host[at : at + part.numel()].copy_(v_entries, non_blocking=pinned)
+            at += part.numel()
+        if pinned:
+            torch.cuda.current_stream().synchronize()
+        every_id = torch.cat(ids).to(torch.int64)
+        self.k[every_id] = k_host
+        self.v[every_id] = v_host

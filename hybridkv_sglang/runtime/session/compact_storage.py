@@ -156,19 +156,28 @@ class CompactStorage:
             self.live_slots -= int(layout.slots.numel())
 
     def fill(self, copies: CompactCopies) -> None:
-        """Run the copies that fill a compact layout (current stream)."""
+        """Run the copies that fill a compact layout (current stream; the host tier's copies of
+        every layer waited on once)."""
         for layer in range(self.num_layers):
-            k = self.kv_pool.get_key_buffer(layer)
-            v = self.kv_pool.get_value_buffer(layer)
-            k_entries, v_entries = k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+            k_entries, v_entries = self._entries(layer)
             src, dst = copies.entry_src[layer], copies.entry_dst[layer]
             if src.numel():
                 gather_entries_auto(k_entries, v_entries, k_entries, v_entries, src, dst)
-            chunk_src = copies.chunk_src[layer]
-            if chunk_src.numel():
-                self.host_tier.write(
-                    copies.chunk_dst[layer], k_entries[chunk_src], v_entries[chunk_src]
-                )
+        to_host = [layer for layer in range(self.num_layers) if copies.chunk_src[layer].numel()]
+        if to_host:
+
+            def chunk_entries(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                k_entries, v_entries = self._entries(to_host[i])
+                chunk_src = copies.chunk_src[to_host[i]]
+                return k_entries[chunk_src], v_entries[chunk_src]
+
+            self.host_tier.write([copies.chunk_dst[layer] for layer in to_host], chunk_entries)
+
+    def _entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s K and V buffers as folded entries ``[slots * H_kv, D]``."""
+        k = self.kv_pool.get_key_buffer(layer)
+        v = self.kv_pool.get_value_buffer(layer)
+        return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
 
     def merge_evicted(self, compact: CompactLayout, prompt_slots: torch.Tensor) -> None:
         """Fold each static head's evicted prompt KV into its compact entries (LOOK-M's merge,
@@ -177,7 +186,7 @@ class CompactStorage:
         for layer, (lay, stored) in enumerate(zip(plan.layers, compact.layers, strict=True)):
             k = self.kv_pool.get_key_buffer(layer)
             v = self.kv_pool.get_value_buffer(layer)
-            k_entries, v_entries = k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+            k_entries, v_entries = self._entries(layer)
             bounds = lay.static_kept.indptr_host.tolist()
             for i, head in enumerate(lay.static_heads.tolist()):
                 kept = lay.static_kept.positions[bounds[i] : bounds[i + 1]].to(torch.int64)
