@@ -90,6 +90,7 @@ def test_dense_batch_costs_what_stock_costs_when_nothing_is_compressed(result):
 
 def test_goals_on_ops_and_table_bytes(result):
     goals = result["goals"]
+    assert goals["launches_per_layer_in_graph_le_3"]
     assert goals["ops_outside_le_stock_plus_5_every_batch"]
     assert goals["ops_outside_same_at_batch_1_and_8"]
     assert goals["table_bytes_le_2x_stock_kv_indices"], goals["table_bytes_ratio"]
