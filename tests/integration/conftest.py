@@ -2,7 +2,8 @@
 
 - ``stock_server``: stock ``sglang.launch_server --attention-backend torch_native``.
 - ``keep_all_server``: ``hybridkv-serve`` with a budget that keeps every token, so compression and
-  the sparse decode path run on every image request and outputs must equal stock's.
+  the sparse decode path run on every image request and outputs must equal stock's;
+  ``keep_all_triton_server`` the same through the Triton kernels under the interpreter.
 - ``compressing_server``: ``hybridkv-serve`` at a 10 % budget, with SGLang's strict busy-time
   memory check on.
 
@@ -76,6 +77,15 @@ def stock_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]
 def keep_all_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
     config = HybridKVConfig(budget=1.0, min_prompt_tokens=64)
     with serve(tiny_model, server_logs, "keep_all", config) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def keep_all_triton_server(tiny_model: Path, server_logs: Path) -> Iterator[RunningServer]:
+    """``keep_all_server`` decoding through the Triton kernels (the GPU path), run by Triton's
+    interpreter on CPU."""
+    config = HybridKVConfig(budget=1.0, min_prompt_tokens=64, decode_kernel="triton")
+    with serve(tiny_model, server_logs, "keep_all_triton", config, TRITON_INTERPRET="1") as server:
         yield server
 
 

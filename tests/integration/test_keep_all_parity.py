@@ -60,6 +60,20 @@ def test_generate_output_ids_equal_stock(stock_server, keep_all_server):
     assert set(by_rid) <= set(seen)
 
 
+def test_triton_kernels_through_the_server_equal_stock(stock_server, keep_all_triton_server):
+    """The GPU decode path (one-launch retrieval, folded attention deriving each row's entries
+    from its record) inside a real server, run by Triton's interpreter: stock's tokens."""
+    cases = CASES[:2]
+    for i, (name, text, n) in enumerate(cases):
+        stock = generate(stock_server.base_url, text, images(n, IMAGE_SIDE, seed=10 * i))
+        hybrid = generate(keep_all_triton_server.base_url, text, images(n, IMAGE_SIDE, seed=10 * i))
+        assert hybrid["output_ids"] == stock["output_ids"], name
+        record = keep_all_triton_server.hybridkv_stats()["requests"][hybrid["meta_info"]["id"]]
+        assert record["compressed"] and record["decode_steps"] == 11, name
+    totals = keep_all_triton_server.hybridkv_stats()["totals"]
+    assert totals["sparse_decode_steps"] >= 22
+
+
 def test_hooks_see_every_chunk_and_exact_spans(keep_all_server, tiny_model):
     prompt = chat_prompt("Which picture is brighter?", images=2)
     response = generate(keep_all_server.base_url, prompt, images(2, IMAGE_SIDE, seed=3))
