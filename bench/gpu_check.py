@@ -1077,28 +1077,10 @@ def main(argv: list[str] | None = None) -> int:
         min(args.bound_channels, HEAD_DIM),
         torch.uint8 if args.bound_precision == "uint8" else dtype,
     )
-    checks = check_kernels(device, dtype, args.dry_run)
-    checks += check_tables(device, dtype, args.dry_run, index)
-    repeats = 2 if args.dry_run else args.repeats
-    checks.append(check_stock(device, dtype, args.dry_run))
-    rows = speed(device, dtype, args.dry_run, repeats, index)
-    host_rows = host_tier(device, dtype, args.dry_run, repeats, index, args.miss_rate)
-    batches = sorted({r["batch"] for r in rows})
-    linear, prefill = linear_part(device, dtype, args.dry_run, repeats, batches)
-    project(rows, linear)
-    compression = compression_cost(device, dtype, args.dry_run, 1 if args.dry_run else 3, prefill)
-    checks += [
-        {
-            "check": f"captured compact host-tier step vs the eager step (batch {r['batch']})",
-            "graph_captured": r["graph_captured"],
-            "rel_err_graph": r["rel_err_graph"],
-        }
-        for r in host_rows
-    ]
-    for check in checks:
-        check["passed"] = passed(check, dtype)
     name = device_name(device)
-    payload = {
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"gpu_check_{name}.json"
+    payload: dict[str, Any] = {
         "benchmark": "gpu_check",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
         "dry_run": args.dry_run,
@@ -1110,20 +1092,41 @@ def main(argv: list[str] | None = None) -> int:
         },
         "dtype": str(dtype).replace("torch.", ""),
         "chunk_index": {"bound_channels": index[0], "bound_precision": args.bound_precision},
-        "seconds": time.monotonic() - started,
-        "checks": checks,
-        "speed": rows,
+        "complete": False,
         "dense_variant_compares": DENSE_VARIANT_COMPARES,
-        "host_tier": host_rows,
-        "linear": linear,
-        "prefill": prefill,
-        "compression": compression,
-        "crossover": crossover_points(rows),
-        "goals": goals(rows, host_rows, compression),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu_check_{name}.json"
-    path.write_text(json.dumps(payload, indent=1))
+
+    def save(**parts: Any) -> None:
+        """Write what is measured so far: a run stopped by its time limit still returns it
+        (``complete`` false)."""
+        payload.update(parts, seconds=time.monotonic() - started)
+        for check in payload.get("checks", []):
+            check["passed"] = passed(check, dtype)
+        path.write_text(json.dumps(payload, indent=1))
+
+    checks = check_kernels(device, dtype, args.dry_run)
+    checks += check_tables(device, dtype, args.dry_run, index)
+    repeats = 2 if args.dry_run else args.repeats
+    checks.append(check_stock(device, dtype, args.dry_run))
+    save(checks=checks)
+    rows = speed(device, dtype, args.dry_run, repeats, index)
+    save(speed=rows, crossover=crossover_points(rows))
+    host_rows = host_tier(device, dtype, args.dry_run, repeats, index, args.miss_rate)
+    checks += [
+        {
+            "check": f"captured compact host-tier step vs the eager step (batch {r['batch']})",
+            "graph_captured": r["graph_captured"],
+            "rel_err_graph": r["rel_err_graph"],
+        }
+        for r in host_rows
+    ]
+    save(checks=checks, host_tier=host_rows)
+    batches = sorted({r["batch"] for r in rows})
+    linear, prefill = linear_part(device, dtype, args.dry_run, repeats, batches)
+    project(rows, linear)
+    save(speed=rows, linear=linear, prefill=prefill)
+    compression = compression_cost(device, dtype, args.dry_run, 1 if args.dry_run else 3, prefill)
+    save(compression=compression, goals=goals(rows, host_rows, compression), complete=True)
     plot(rows, payload["device"], path.with_suffix(".png"))
     for check in checks:
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}")

@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_passes_and_writes_results(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
-    assert result["dry_run"] is True
+    assert result["dry_run"] is True and result["complete"] is True
     names = [c["check"] for c in result["checks"]]
     assert len(names) == 10 and all(c["passed"] for c in result["checks"]), result["checks"]
     assert any("captured hybridkv step" in n for n in names)
