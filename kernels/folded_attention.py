@@ -58,6 +58,7 @@ from .folded_tables import (
     TOP_START,
     _batch_rows,
     _row_lengths,
+    _row_record,
 )
 from .sparse_decode import sparse_decode_reference
 
@@ -180,9 +181,10 @@ def _folded_attention_stage1(
         h = r % H
         pool = tl.load(req_pool_ptr + r // H).to(tl.int64)
         seq = tl.load(seq_lens_ptr + r // H).to(tl.int64)
-        slot = tl.load(slot_of_row_ptr + pool)
+        slot, base = _row_record(
+            req_pool_ptr, slot_of_row_ptr, meta_ptr, r, layer, num_layers, H, NF_
+        )
         comp = slot >= 0
-        base = ((tl.maximum(slot, 0).to(tl.int64) * num_layers + layer) * H + h) * NF_
         fstart = tl.load(meta_ptr + base + _FIXED_START, mask=comp, other=0).to(tl.int64)
         pre = tl.load(meta_ptr + base + _PRE_LEN, mask=comp, other=0).to(tl.int64)
         pstart = tl.load(meta_ptr + base + _POST_START, mask=comp, other=0).to(tl.int64)

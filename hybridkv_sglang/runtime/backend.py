@@ -24,7 +24,6 @@ from hybridkv_sglang.runtime.decode.crossover import Crossover
 from hybridkv_sglang.runtime.decode.graph_variants import (
     DENSE,
     SPARSE,
-    PoolRowViews,
     capture_variant,
 )
 from hybridkv_sglang.runtime.prefill.compression import PrefillCompression
@@ -69,7 +68,6 @@ class HybridKVAttnBackend(AttentionBackend):
         """This forward's decode runs over the folded tables (else: the dense backend)."""
         self._selected_variant = DENSE
         """The decode-graph variant SGLang chose for the batch it is about to replay."""
-        self._pool_rows = PoolRowViews()
         self._last_batch: tuple[Any, int] = (None, -1)
         """The last decode batch looked up: its host pool-row tensor (SGLang keeps one while
         the batch does not change) and the metadata's version then (see batch_is_sparse)."""
@@ -80,7 +78,6 @@ class HybridKVAttnBackend(AttentionBackend):
         self._last_may_cross = False
         """The last batch is small enough, and all in place, to decode dense below the
         crossover (which then depends on its context, checked every step)."""
-        self._last_sparse = False
         self._last_crossover = False
         """The last batch holds compressed requests but decodes dense: below the crossover."""
         self.crossover = crossover or Crossover()
@@ -124,7 +121,7 @@ class HybridKVAttnBackend(AttentionBackend):
             return False
         if rows_cpu is not self._last_batch[0] or meta.version != self._last_batch[1]:
             self._last_batch = (rows_cpu, meta.version)
-            rows = self._last_rows = self._pool_rows.of(forward_batch)
+            rows = self._last_rows = rows_cpu.numpy()[: forward_batch.batch_size]
             self._last_compressed = meta.batch_has_compressed(rows)
             if self._last_compressed:
                 self._last_retrieval = meta.retrieval_bounds(rows)
@@ -134,8 +131,7 @@ class HybridKVAttnBackend(AttentionBackend):
                 and not meta.compact_rows[rows].any()
             )
         self._last_crossover = self._last_may_cross and self._dense_is_faster(forward_batch)
-        self._last_sparse = self._last_compressed and not self._last_crossover
-        return self._last_sparse
+        return self._last_compressed and not self._last_crossover
 
     def _dense_is_faster(self, forward_batch: Any) -> bool:
         """Below the device's crossover a small batch of in-place requests decodes dense (host

@@ -55,25 +55,6 @@ def pool_rows_of(batch: Any) -> torch.Tensor:
     )
 
 
-class PoolRowViews:
-    """Numpy views of recorded pool rows, made once per tensor (``.numpy()`` dispatches an
-    op; the mirror tensor outlives many steps)."""
-
-    def __init__(self) -> None:
-        self._tensor: torch.Tensor | None = None
-        self._view = np.zeros(0, dtype=np.int64)
-
-    def of(self, forward_batch: Any) -> np.ndarray | None:
-        """The batch's ``req_to_token`` rows on the host, or ``None`` when they were not
-        recorded (the batch then has no compressed request: see :func:`pool_rows_of`)."""
-        rows = getattr(forward_batch, "req_pool_indices_cpu", None)
-        if rows is None:
-            return None
-        if rows is not self._tensor:
-            self._tensor, self._view = rows, rows.numpy()
-        return self._view[: forward_batch.batch_size]
-
-
 def capture_variant() -> str | None:
     """The variant SGLang is capturing or replaying (``None`` outside a graph runner)."""
     from sglang.srt.model_executor.runner_utils.capture_mode import (
